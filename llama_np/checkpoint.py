@@ -1,0 +1,666 @@
+"""Reading and writing Llama weights stored as safetensors (REFERENCE.md section 2).
+
+A safetensors file is an 8-byte little-endian header length N, then N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
+raw little-endian tensor bytes; offsets count from the end of the header.
+
+Opening a checkpoint reads and validates the headers only. Each file is memory-mapped once, the
+first time one of its tensors is used, and every tensor is a view into that mapping, so a 13 GB
+float16 checkpoint opens in moments and a weight is widened to the compute dtype only when a
+layer asks for it.
+
+Pickled PyTorch weights (``pytorch_model.bin``, ``consolidated.00.pth``) are never loaded:
+unpickling a file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import math
+import mmap
+import os
+import struct
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from llama_np.errors import CheckpointError
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_FILE_NAME = "model.safetensors.index.json"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+# How each supported safetensors dtype is laid out on disk. BF16 has no NumPy dtype: its bytes
+# are read as the uint16 bit pattern and widened by hand (see _widen_bf16).
+STORAGE_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+}
+COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+HEADER_LENGTH_BYTES = 8
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are kilobytes; more means a corrupt length
+IGNORED_TENSOR_SUFFIX = "rotary_emb.inv_freq"  # a buffer old conversions saved; recomputed
+
+PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl")
+
+
+# --------------------------------------------------------------------------------------------
+# Header
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it.
+
+    ``start`` and ``stop`` are absolute byte positions in the file (the header's data_offsets
+    plus 8 + N), so ``file_bytes[start:stop]`` are the tensor's bytes.
+    """
+
+    name: str
+    dtype: str  # "F32", "F16", "BF16" or "F64"
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.stop - self.start
+
+
+def read_safetensors_header(
+    path: str | os.PathLike,
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and validate the header of one safetensors file without touching its tensor bytes.
+
+    Returns ``(tensors, metadata)``: ``tensors`` maps each tensor name to a TensorInfo whose byte
+    range lies inside the file and overlaps no other tensor's; ``metadata`` is the optional
+    ``__metadata__`` dict of str -> str (empty when absent).
+
+    Every problem is a CheckpointError naming the file and what is wrong, so a corrupt file can
+    never cause an out-of-bounds read later.
+    """
+    path = Path(path)
+    header_bytes, file_size = _read_header_bytes(path)
+    header = _parse_header_json(path, header_bytes)
+    metadata = _validate_metadata(path, header.pop("__metadata__", {}))
+    data_start = HEADER_LENGTH_BYTES + len(header_bytes)
+    data_size = file_size - data_start
+    tensors = {
+        name: _validate_entry(path, name, entry, data_start, data_size)
+        for name, entry in header.items()
+    }
+    _check_no_overlaps(path, tensors.values())
+    return tensors, metadata
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, int]:
+    """The N JSON bytes after the 8-byte length, and the file's total size in bytes."""
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            if file_size < HEADER_LENGTH_BYTES:
+                raise CheckpointError(
+                    f"{path} is {file_size} bytes long; a safetensors file starts with an "
+                    f"{HEADER_LENGTH_BYTES}-byte header length, so the file is truncated or not "
+                    "safetensors"
+                )
+            (header_length,) = struct.unpack("<Q", f.read(HEADER_LENGTH_BYTES))
+            if header_length > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path} declares a {header_length}-byte header, more than the "
+                    f"{MAX_HEADER_BYTES}-byte limit; the file is corrupt or not safetensors"
+                )
+            if HEADER_LENGTH_BYTES + header_length > file_size:
+                raise CheckpointError(
+                    f"{path} declares a {header_length}-byte header but the file is only "
+                    f"{file_size} bytes long; the file is truncated"
+                )
+            return f.read(header_length), file_size
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object hook: a name given twice would silently keep only one of the two tensors."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _parse_header_json(path: Path, header_bytes: bytes) -> dict:
+    try:
+        text = header_bytes.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"the header of {path} is not valid UTF-8: {error}") from error
+    try:
+        header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except ValueError as error:
+        raise CheckpointError(f"the header of {path} is not valid JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"the header of {path} is a JSON {type(header).__name__}; expected an object "
+            "mapping tensor names to {dtype, shape, data_offsets}"
+        )
+    return header
+
+
+def _validate_metadata(path: Path, metadata: object) -> dict[str, str]:
+    if not isinstance(metadata, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
+    ):
+        raise CheckpointError(
+            f"__metadata__ in {path} must be an object of string keys and string values; "
+            f"got {metadata!r}"
+        )
+    return metadata
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_entry(
+    path: Path, name: str, entry: object, data_start: int, data_size: int
+) -> TensorInfo:
+    """Check one header entry against the format and the data section of ``data_size`` bytes."""
+    where = f"tensor {name!r} in {path}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(
+            f"{where} is described by {entry!r}; expected an object with dtype, shape and "
+            "data_offsets"
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in STORAGE_DTYPES:
+        raise CheckpointError(
+            f"{where} has dtype {dtype!r}; llama_np reads {', '.join(STORAGE_DTYPES)} "
+            "(integer, quantized and float8 weights are not supported)"
+        )
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise CheckpointError(f"{where} has shape {shape!r}; expected a list of non-negative ints")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise CheckpointError(
+            f"{where} has data_offsets {offsets!r}; expected two ints [begin, end]"
+        )
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise CheckpointError(
+            f"{where} has data_offsets [{begin}, {end}], outside the data section of "
+            f"{data_size} bytes (0 <= begin <= end <= {data_size}); the file is truncated or "
+            "corrupt"
+        )
+    expected_bytes = math.prod(shape) * STORAGE_DTYPES[dtype].itemsize
+    if end - begin != expected_bytes:
+        raise CheckpointError(
+            f"{where} has shape {tuple(shape)} of {dtype} ({expected_bytes} bytes) but its "
+            f"data_offsets [{begin}, {end}] hold {end - begin} bytes"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_no_overlaps(path: Path, tensors: Iterable[TensorInfo]) -> None:
+    """Sorted by start, each non-empty byte range must begin where the previous ones ended."""
+    previous = None
+    for tensor in sorted((t for t in tensors if t.nbytes > 0), key=lambda t: (t.start, t.stop)):
+        if previous is not None and tensor.start < previous.stop:
+            raise CheckpointError(
+                f"tensors {previous.name!r} and {tensor.name!r} in {path} overlap: their "
+                "data_offsets share bytes; the file is corrupt"
+            )
+        if previous is None or tensor.stop > previous.stop:
+            previous = tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Memory-mapped tensors
+# --------------------------------------------------------------------------------------------
+
+
+class _MappedFile:
+    """One safetensors file, memory-mapped read-only the first time any tensor in it is used."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size  # at header-reading time; a file that changed since cannot be trusted
+        self._bytes: np.ndarray | None = None
+
+    @property
+    def bytes(self) -> np.ndarray:
+        """The whole file as a read-only uint8 array, shape (file size,)."""
+        if self._bytes is None:
+            self._bytes = self._map()
+        return self._bytes
+
+    def _map(self) -> np.ndarray:
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != self.size:
+                    raise CheckpointError(
+                        f"{self.path} changed size from {self.size} to {size} bytes since its "
+                        "header was read; open the checkpoint again"
+                    )
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as error:
+            raise CheckpointError(f"cannot memory-map {self.path}: {error}") from error
+        return np.frombuffer(mapping, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of one safetensors file, read from the file's memory mapping when asked for."""
+
+    name: str
+    file: Path
+    dtype: str  # storage dtype: "F32", "F16", "BF16" or "F64"
+    shape: tuple[int, ...]
+    _mapped: _MappedFile = field(repr=False, compare=False)
+    _start: int = field(repr=False)
+    _stop: int = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor occupies in the file."""
+        return self._stop - self._start
+
+    def stored(self) -> np.ndarray:
+        """The tensor exactly as stored, shape ``self.shape``, a read-only view of the mapping.
+
+        BF16 comes back as its uint16 bit pattern, since NumPy has no bfloat16.
+        """
+        storage = STORAGE_DTYPES[self.dtype]
+        if self.nbytes == 0:  # nothing to map; np.frombuffer rejects empty buffers
+            return np.empty(self.shape, dtype=storage)
+        raw = self._mapped.bytes[self._start : self._stop]
+        return raw.view(storage).reshape(self.shape)
+
+    def numpy(self, dtype=np.float32) -> np.ndarray:
+        """The tensor widened to the compute dtype (float32 or float64), shape ``self.shape``.
+
+        When the stored dtype already is the compute dtype (F32 -> float32) this is the
+        read-only memory-mapped view itself, no copy; otherwise a new array.
+        """
+        compute = np.dtype(dtype)
+        if compute not in COMPUTE_DTYPES:
+            raise CheckpointError(
+                f"cannot read {self.name!r} as {compute}; the compute dtype is float32 or float64"
+            )
+        stored = self.stored()
+        if self.dtype == "BF16":
+            return _widen_bf16(stored).astype(compute, copy=False)
+        return stored.astype(compute, copy=False)
+
+
+def _widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16, any shape) -> the same values as float32, exactly.
+
+    bfloat16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits), so shifting
+    the pattern 16 bits left gives the float32 with the same value.
+    """
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values (any shape) -> BF16 bit patterns (uint16), rounding to nearest even.
+
+    Adding 0x7FFF plus the lowest kept bit before dropping the low 16 bits rounds halfway cases
+    to the even neighbour, as torch does. NaN stays a (quiet) NaN instead of rounding to inf.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    bits = values.view(np.uint32).astype(np.uint64)  # 64 bits so adding the bias cannot wrap
+    lowest_kept_bit = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lowest_kept_bit) >> 16).astype(np.uint16)
+    quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
+    return np.where(np.isnan(values), quiet_nan, rounded)
+
+
+# --------------------------------------------------------------------------------------------
+# A checkpoint directory
+# --------------------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """All tensors of one checkpoint (one file or shards with an index), headers read, data mapped.
+
+    Attributes:
+        directory: where the weights were found.
+        files: the safetensors files, in the order first used.
+        tensors: tensor name -> StoredTensor.
+    """
+
+    def __init__(self, directory: Path, files: list[Path], tensors: dict[str, StoredTensor]):
+        self.directory = directory
+        self.files = files
+        self.tensors = tensors
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        """Open ``model.safetensors`` or the shards of ``model.safetensors.index.json``.
+
+        ``path`` is a model directory, or a single ``.safetensors`` file. Only headers are read.
+        """
+        path = Path(path)
+        if path.is_file() and path.suffix == ".safetensors":
+            return cls._open_files(path.parent, {path: None})
+        if path.is_file():
+            raise CheckpointError(
+                f"{path} is neither a checkpoint directory nor a .safetensors file"
+            )
+        if not path.is_dir():
+            raise CheckpointError(
+                f"checkpoint directory {path} does not exist; expected a directory holding "
+                f"{SINGLE_FILE_NAME} or {INDEX_FILE_NAME}"
+            )
+        if (path / SINGLE_FILE_NAME).is_file():
+            return cls._open_files(path, {path / SINGLE_FILE_NAME: None})
+        if (path / INDEX_FILE_NAME).is_file():
+            return cls._open_files(path, _read_index(path / INDEX_FILE_NAME))
+        raise _no_weights_error(path)
+
+    @classmethod
+    def _open_files(cls, directory: Path, shards: dict[Path, list[str] | None]) -> "Checkpoint":
+        """Read each file's header once. ``shards`` maps a file to the tensor names the index
+        places in it, or to None to take every tensor in the file."""
+        tensors: dict[str, StoredTensor] = {}
+        for file, wanted in shards.items():
+            infos, _ = read_safetensors_header(file)
+            mapped = _MappedFile(file, file.stat().st_size)
+            if wanted is not None:
+                _check_shard_matches_index(directory, file, infos, wanted)
+                infos = {name: infos[name] for name in wanted}
+            for info in infos.values():
+                tensors[info.name] = StoredTensor(
+                    info.name, file, info.dtype, info.shape, mapped, info.start, info.stop
+                )
+        return cls(directory, list(shards), tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> StoredTensor:
+        if name not in self.tensors:
+            close = difflib.get_close_matches(name, self.tensors, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise CheckpointError(
+                f"the checkpoint in {self.directory} has no tensor {name!r} "
+                f"({len(self.tensors)} tensors){hint}"
+            )
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def storage_dtypes(self) -> set[str]:
+        """The stored dtypes present, e.g. {"F16"} for a Llama 2 hub checkpoint."""
+        return {tensor.dtype for tensor in self.tensors.values()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensors occupy on disk (headers not counted)."""
+        return sum(tensor.nbytes for tensor in self.tensors.values())
+
+    def check_shapes(
+        self, expected: Mapping[str, tuple[int, ...]], optional: Iterable[str] = ()
+    ) -> None:
+        """Compare tensor names and shapes with those the config implies.
+
+        Missing tensors and wrong shapes are one CheckpointError listing every problem;
+        tensors nobody expects are one warning. Names in ``optional`` may be absent (lm_head
+        with tied embeddings); ``...rotary_emb.inv_freq`` buffers are ignored.
+        """
+        optional = set(optional)
+        present = {name for name in self.tensors if not name.endswith(IGNORED_TENSOR_SUFFIX)}
+        missing = [name for name in expected if name not in present and name not in optional]
+        wrong = [
+            f"{name} has shape {self.tensors[name].shape}; the config expects {tuple(shape)}"
+            for name, shape in expected.items()
+            if name in present and self.tensors[name].shape != tuple(shape)
+        ]
+        problems = []
+        if missing:
+            problems.append(
+                f"{len(missing)} tensors the config expects are missing: {', '.join(missing)}"
+            )
+        problems.extend(wrong)
+        if problems:
+            raise CheckpointError(
+                f"the checkpoint in {self.directory} does not match its config:\n  "
+                + "\n  ".join(problems)
+            )
+        unexpected = sorted(present - expected.keys() - optional)
+        if unexpected:
+            warnings.warn(
+                f"the checkpoint in {self.directory} has {len(unexpected)} tensors the config "
+                f"does not use, ignored: {', '.join(unexpected)}",
+                stacklevel=2,
+            )
+
+
+def _read_index(index_path: Path) -> dict[Path, list[str]]:
+    """model.safetensors.index.json -> {shard file: tensor names the index places in it}."""
+    directory = index_path.parent
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {index_path} as JSON: {error}") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index_path} has no usable weight_map; expected "
+            '{"weight_map": {"tensor name": "shard file name", ...}}'
+        )
+    shards: dict[Path, list[str]] = {}
+    for name, file_name in weight_map.items():
+        shard = directory / file_name
+        # Shards live next to the index; a name that climbs out of the directory is not a shard.
+        if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+            raise CheckpointError(
+                f"{index_path} places {name!r} in {file_name!r}, outside {directory}"
+            )
+        shards.setdefault(shard, []).append(name)
+    absent = [shard.name for shard in shards if not shard.is_file()]
+    if absent:
+        raise CheckpointError(
+            f"{index_path} names shard files that are not in {directory}: {', '.join(absent)}"
+        )
+    return shards
+
+
+def _check_shard_matches_index(
+    directory: Path, shard: Path, infos: dict[str, TensorInfo], wanted: list[str]
+) -> None:
+    """Every tensor the index places in ``shard`` must be there; extras there are only odd."""
+    absent = [name for name in wanted if name not in infos]
+    if absent:
+        raise CheckpointError(
+            f"{directory / INDEX_FILE_NAME} places these tensors in {shard.name}, which does not "
+            f"contain them: {', '.join(absent)}"
+        )
+    unlisted = sorted(infos.keys() - set(wanted))
+    if unlisted:
+        warnings.warn(
+            f"{shard} holds tensors that {INDEX_FILE_NAME} does not list, ignored: "
+            f"{', '.join(unlisted)}",
+            stacklevel=4,
+        )
+
+
+def _no_weights_error(directory: Path) -> CheckpointError:
+    """The error for a directory without safetensors weights, saying what is there instead."""
+    pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in directory.glob(pattern)})
+    if pickles:
+        return CheckpointError(
+            f"{directory} has only PyTorch pickle weights ({', '.join(pickles)}). llama_np never "
+            "loads pickles, because unpickling a file can run arbitrary code. Convert them once, "
+            "in an environment you trust: load the model with Transformers and call "
+            "model.save_pretrained(directory, safe_serialization=True), or write the state dict "
+            "with safetensors.torch.save_file(state_dict, 'model.safetensors'). Meta's "
+            "consolidated.*.pth files first need Transformers' convert_llama_weights_to_hf.py."
+        )
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    hint = f"; found {', '.join(others)}: pass that file's path to open it" if others else ""
+    return CheckpointError(
+        f"no weights in {directory}: looked for {SINGLE_FILE_NAME} and {INDEX_FILE_NAME}{hint}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+SAVED_DTYPES = {
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+}
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    bf16: bool = False,
+) -> None:
+    """Write ``tensors`` (name -> float64/float32/float16 array) as one safetensors file.
+
+    With ``bf16=True`` every float32 array is stored as BF16 (rounded to nearest even); other
+    arrays keep their dtype. The file appears complete or not at all: it is written to a
+    temporary file in the same directory, flushed to disk, then renamed over ``path``.
+    """
+    path = Path(path)
+    if metadata is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"metadata for {path} must map strings to strings")
+    dtypes = {name: _saved_dtype(path, name, array, bf16) for name, array in tensors.items()}
+    # Widest dtype first, then by name, like the safetensors library: with the data section
+    # starting 8-byte aligned, every tensor then starts aligned to its own item size.
+    order = sorted(tensors, key=lambda name: (-STORAGE_DTYPES[dtypes[name]].itemsize, name))
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    for name in order:
+        nbytes = np.size(tensors[name]) * STORAGE_DTYPES[dtypes[name]].itemsize
+        header[name] = {
+            "dtype": dtypes[name],
+            "shape": list(np.shape(tensors[name])),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    data = (_stored_bytes(tensors[name], dtypes[name]) for name in order)
+    _write_atomically(path, itertools.chain([_encode_header(header)], data))
+
+
+def _saved_dtype(path: Path, name: object, array: np.ndarray, bf16: bool) -> str:
+    if not isinstance(name, str) or name == "__metadata__":
+        raise CheckpointError(f"cannot save a tensor named {name!r} in {path}")
+    dtype = np.asarray(array).dtype
+    if dtype not in SAVED_DTYPES:
+        raise CheckpointError(
+            f"cannot save {name!r} of dtype {dtype} in {path}; expected float64, float32 or "
+            "float16"
+        )
+    return "BF16" if bf16 and dtype == np.float32 else SAVED_DTYPES[dtype]
+
+
+def _encode_header(header: dict) -> bytes:
+    """8-byte little-endian length + JSON padded with spaces to a multiple of 8 bytes."""
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _stored_bytes(array: np.ndarray, dtype: str) -> np.ndarray:
+    """The little-endian bytes of ``array`` in the given safetensors dtype, C order, as uint8."""
+    array = np.asarray(array)
+    if dtype == "BF16":
+        stored = float32_to_bf16_bits(array)
+    else:
+        stored = array.astype(STORAGE_DTYPES[dtype], copy=False)
+    return np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
+
+
+def _write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write the chunks to ``path`` so that readers see the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); platforms that cannot open a directory skip it."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding a model by path or bundled name
+# --------------------------------------------------------------------------------------------
+
+
+def bundled_model_names() -> list[str]:
+    """Names of the models shipped in ``llama_np/assets/``, sorted."""
+    if not ASSETS_DIR.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in ASSETS_DIR.iterdir()
+        if entry.is_dir() and not entry.name.startswith((".", "_"))
+    )
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """An existing directory as given, else the bundled model of that name, else CheckpointError."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    names = bundled_model_names()
+    if str(name_or_path) in names:
+        return ASSETS_DIR / str(name_or_path)
+    if path.exists():
+        raise CheckpointError(
+            f"{path} is a file; a model is named by the directory holding its config.json and "
+            "weights, or by a bundled model name"
+        )
+    available = ", ".join(names) if names else "none are installed"
+    raise CheckpointError(
+        f"{name_or_path} does not exist: it is neither a directory nor a bundled model name "
+        f"(bundled models: {available})"
+    )
