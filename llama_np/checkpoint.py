@@ -567,7 +567,7 @@ def save_safetensors(
         }
         offset += nbytes
     data = (_stored_bytes(tensors[name], dtypes[name]) for name in order)
-    _write_atomically(path, itertools.chain([_encode_header(header)], data))
+    atomic_write(path, itertools.chain([_encode_header(header)], data))
 
 
 def _saved_dtype(path: Path, name: object, array: np.ndarray, bf16: bool) -> str:
@@ -599,7 +599,7 @@ def _stored_bytes(array: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
 
 
-def _write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
+def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     """Write the chunks to ``path`` so that readers see the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -614,6 +614,11 @@ def _write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file (UTF-8) atomically: a temp file in the same folder, then a rename."""
+    atomic_write(Path(path), [text.encode("utf-8")])
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -1,0 +1,303 @@
+"""Text generation: the key/value cache, the logit processors, sampling and ``generate``.
+
+One step of generation runs the model on the newest token only; the keys and values of every
+earlier position are read from the cache, so a step costs O(S) instead of O(S²). Keys are cached
+after RoPE, which is why cached and uncached decoding give the same logits.
+
+The logit processing order is Transformers' (REFERENCE.md §6):
+repetition penalty -> temperature -> top-k -> top-p -> softmax -> sample (or argmax for greedy).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from llama_np.errors import CheckpointError, InputError
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every past position, per layer: (B, KV, S, hd) each.
+
+    Storage grows by doubling, so appending one token is O(1) amortised rather than a copy of
+    the whole history at every step.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[np.ndarray | None] = [None] * num_layers
+        self.values: list[np.ndarray | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    def get_seq_length(self, layer_index: int = 0) -> int:
+        """How many positions the cache holds (S before this call)."""
+        return self.lengths[layer_index]
+
+    def update(self, layer_index: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append k, v (B, KV, T, hd) to layer ``layer_index``; return all (B, KV, S, hd)."""
+        start, new = self.lengths[layer_index], k.shape[2]
+        stored_k = self.keys[layer_index]
+        if stored_k is None or start + new > stored_k.shape[2]:
+            capacity = max(2 * (start + new), 16)
+            grown_k = np.empty(k.shape[:2] + (capacity, k.shape[3]), dtype=k.dtype)
+            grown_v = np.empty(v.shape[:2] + (capacity, v.shape[3]), dtype=v.dtype)
+            if stored_k is not None:
+                grown_k[:, :, :start] = stored_k[:, :, :start]
+                grown_v[:, :, :start] = self.values[layer_index][:, :, :start]
+            self.keys[layer_index], self.values[layer_index] = grown_k, grown_v
+        self.keys[layer_index][:, :, start:start + new] = k
+        self.values[layer_index][:, :, start:start + new] = v
+        self.lengths[layer_index] = start + new
+        end = start + new
+        return self.keys[layer_index][:, :, :end], self.values[layer_index][:, :, :end]
+
+    def __len__(self):
+        return len(self.keys)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults for ``generate``, read from a checkpoint's ``generation_config.json`` when present.
+
+    The field names and defaults are Transformers' (top_k 50 applies only when sampling).
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+    max_length: int = 20
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_model_config(cls, config) -> "GenerationConfig":
+        return cls(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                   pad_token_id=config.pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, directory, config) -> "GenerationConfig":
+        """The checkpoint's generation_config.json over the model config's token ids."""
+        base = cls.from_model_config(config)
+        path = Path(directory) / "generation_config.json"
+        if not path.is_file():
+            return base
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read {path}: {error}") from None
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path} must hold a JSON object")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        for name, value in values.items():
+            if name in known:
+                setattr(base, name, value)
+            else:
+                base.extra[name] = value
+        return base
+
+
+# ---------------------------------------------------------------------------- logit processors
+#
+# Each takes logits (B, V) and returns new logits (B, V); removed tokens get −inf.
+
+
+def apply_repetition_penalty(logits: np.ndarray, input_ids: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL's repetition penalty (Keskar et al., 2019) on every id already in the sequence.
+
+    logits (B, V); input_ids (B, S). A seen token's logit z becomes z / penalty when z > 0 and
+    z · penalty when z <= 0, so penalty > 1 always makes it less likely.
+    """
+    if penalty == 1.0:
+        return logits
+    logits = logits.copy()
+    rows = np.arange(logits.shape[0])[:, None]
+    seen = logits[rows, input_ids]  # (B, S)
+    logits[rows, input_ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+    return logits
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """z / temperature: below 1 sharpens the distribution, above 1 flattens it."""
+    return logits / logits.dtype.type(temperature)
+
+
+def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """Keep the k largest logits of each row (and any tied with the k-th); the rest become −inf."""
+    top_k = min(top_k, logits.shape[-1])
+    kth_largest = np.sort(logits, axis=-1)[:, -top_k][:, None]  # (B, 1)
+    return np.where(logits < kth_largest, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Nucleus sampling (Holtzman et al., 2019): keep the smallest set of most likely tokens whose
+    probabilities add up to at least top_p.
+
+    Sorted ascending, a token is dropped when the cumulative probability up to and including it
+    is <= 1 − top_p; the token that crosses the threshold is kept, and so is the most likely
+    token whatever top_p is.
+    """
+    if top_p >= 1.0:
+        return logits
+    order = np.argsort(logits, axis=-1, kind="stable")  # ascending
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    cumulative = np.cumsum(_softmax(sorted_logits), axis=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[:, -1] = False  # always keep at least one token
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, logits)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token per row drawn from softmax(logits) (B, V) -> (B,), by inverting the CDF."""
+    cumulative = np.cumsum(_softmax(logits), axis=-1)
+    u = rng.random(logits.shape[0])[:, None] * cumulative[:, -1:]
+    return np.minimum((cumulative <= u).sum(axis=-1), logits.shape[-1] - 1)
+
+
+def next_token_logits(logits, input_ids, do_sample, temperature, top_k, top_p, repetition_penalty):
+    """Apply the processors in Transformers' order; greedy decoding uses only the penalty."""
+    logits = apply_repetition_penalty(logits, input_ids, repetition_penalty)
+    if not do_sample:
+        return logits
+    if temperature != 1.0:
+        logits = apply_temperature(logits, temperature)
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    return top_p_filter(logits, top_p)
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_sample=None,
+             temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None,
+             eos_token_id=None, pad_token_id=None, streamer=None, stats=None) -> np.ndarray:
+    """Continue each prompt; returns prompt + new tokens, shape (B, T + new).
+
+    Arguments left as None come from ``model.generation_config`` (the checkpoint's
+    generation_config.json), as in Transformers. Rows stop at an end-of-sequence id (one id or a
+    list); a finished row is filled with ``pad_token_id`` (or the first eos id) while the others
+    go on; generation ends when every row has finished or after ``max_new_tokens``.
+
+    Left-padded batches need ``attention_mask``: positions are then cumsum(mask) − 1 (0 on pads)
+    so every row's first real token sits at position 0. ``seed`` makes sampling reproducible.
+    ``streamer`` gets every step's new tokens (B,): an object with ``put(tokens)``/``end()``
+    (e.g. ``llama_np.tokenizer.TextStreamer``) or a plain callable. ``stats``, a dict if given,
+    receives the prompt and generation times and the number of new tokens.
+    """
+    settings = model.generation_config
+    do_sample = settings.do_sample if do_sample is None else do_sample
+    temperature = settings.temperature if temperature is None else temperature
+    top_k = settings.top_k if top_k is None else top_k
+    top_p = settings.top_p if top_p is None else top_p
+    repetition_penalty = settings.repetition_penalty if repetition_penalty is None else repetition_penalty
+    eos_token_id = settings.eos_token_id if eos_token_id is None else eos_token_id
+    pad_token_id = settings.pad_token_id if pad_token_id is None else pad_token_id
+
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if max_new_tokens is None:
+        max_new_tokens = settings.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = max(settings.max_length - ids.shape[-1], 0)
+    _check_generation_arguments(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+    eos_ids = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
+    if pad_token_id is None and eos_ids.size:
+        pad_token_id = int(eos_ids[0])
+
+    ids = model_input_ids = np.asarray(ids)
+    batch = ids.shape[0]
+    if attention_mask is None:
+        attention_mask = _infer_attention_mask(ids, pad_token_id, eos_ids)
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    if mask.ndim == 1:
+        mask = mask[None, :]
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {mask.shape}; input_ids has shape {ids.shape}")
+    if (mask.sum(axis=-1) == 0).any():
+        raise InputError("a row of attention_mask is all zeros: every prompt needs at least one token")
+    rng = np.random.default_rng(seed)
+
+    positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)
+    unfinished = np.ones(batch, dtype=bool)
+    started = time.perf_counter()
+    out = model(model_input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    prompt_seconds = time.perf_counter() - started
+    cache, sequences = out.past_key_values, ids.astype(np.int64)
+    logits = out.logits[:, -1]
+    steps = 0
+    for steps in range(1, max_new_tokens + 1):
+        scores = next_token_logits(logits.astype(np.float32), sequences, do_sample, temperature,
+                                   top_k, top_p, repetition_penalty)
+        tokens = sample(scores, rng) if do_sample else np.argmax(scores, axis=-1)
+        if pad_token_id is not None:
+            tokens = np.where(unfinished, tokens, pad_token_id)
+        sequences = np.concatenate([sequences, tokens[:, None]], axis=-1)
+        _stream(streamer, tokens)
+        unfinished &= ~np.isin(tokens, eos_ids)
+        if not unfinished.any() or steps == max_new_tokens:
+            break
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=-1)
+        positions = positions[:, -1:] + 1
+        out = model(tokens[:, None], attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    if stats is not None:
+        stats.update(prompt_seconds=prompt_seconds, new_tokens=steps,
+                     generation_seconds=time.perf_counter() - started - prompt_seconds)
+    return sequences
+
+
+def _stream(streamer, tokens: np.ndarray) -> None:
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        streamer.put(tokens)
+    else:
+        streamer(tokens)
+
+
+def _infer_attention_mask(ids, pad_token_id, eos_ids) -> np.ndarray:
+    """Transformers' rule: pads in the prompt are masked when the pad id is not an eos id."""
+    if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in eos_ids:
+        return (ids != pad_token_id).astype(np.int64)
+    return np.ones(ids.shape, dtype=np.int64)
+
+
+def _check_generation_arguments(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise InputError(f"temperature must be > 0 when sampling, got {temperature!r} "
+                         "(use do_sample=False for greedy decoding)")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise InputError(f"top_k must be a non-negative integer or None, got {top_k!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (isinstance(repetition_penalty, (int, float)) and repetition_penalty > 0):
+        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
