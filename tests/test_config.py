@@ -1,0 +1,103 @@
+"""LlamaConfig: both config.json spellings, defaults, round trips, and ConfigError on bad fields."""
+
+import json
+
+import pytest
+
+from llama_np import ConfigError, LlamaConfig
+
+LLAMA2_7B_4X = {  # the config.json of a Llama 2 7B checkpoint (4.x spelling)
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.31.0",
+    "use_cache": True, "vocab_size": 32000,
+}
+
+
+def small(**overrides):
+    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    fields.update(overrides)
+    return fields
+
+
+def test_llama2_7b_config_in_4x_spelling_reads_every_field():
+    config = LlamaConfig.from_dict(LLAMA2_7B_4X)
+    assert (config.hidden_size, config.head_dim, config.num_key_value_groups) == (4096, 128, 1)
+    assert config.rms_norm_eps == 1e-5
+    assert config.rope_theta == 10000.0 and config.rope_scaling is None
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config.torch_dtype == "float16"
+    assert config.architectures == ["LlamaForCausalLM"]  # unknown fields are kept
+
+
+def test_5x_spelling_and_4x_spelling_give_the_same_config():
+    four = LlamaConfig.from_dict(small(rope_theta=500000.0, rope_scaling={
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}, torch_dtype="bfloat16"))
+    five = LlamaConfig.from_dict(small(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, dtype="bfloat16"))
+    assert four == five
+    assert five.rope_theta == 500000.0 and five.rope_scaling["rope_type"] == "llama3"
+
+
+def test_defaults_match_transformers():
+    config = LlamaConfig()
+    assert config.rms_norm_eps == 1e-6  # Llama 2 checkpoints say 1e-5: always read it
+    assert config.num_key_value_heads == config.num_attention_heads == 32
+    assert (config.vocab_size, config.max_position_embeddings, config.num_labels) == (32000, 2048, 2)
+    assert config.pad_token_id is None and (config.bos_token_id, config.eos_token_id) == (1, 2)
+
+
+def test_to_dict_round_trips_through_json(tmp_path):
+    config = LlamaConfig.from_dict(small(rope_scaling={"rope_type": "linear", "factor": 2.0},
+                                         id2label={"0": "comedy", "1": "history", "2": "tragedy"}))
+    config.save_pretrained(tmp_path)
+    again = LlamaConfig.from_pretrained(tmp_path)
+    assert again == config
+    assert again.num_labels == 3 and again.label2id["tragedy"] == 2
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in written and "rope_theta" not in written
+
+
+def test_explicit_head_dim_may_differ_from_hidden_over_heads():
+    config = LlamaConfig.from_dict(small(hidden_size=30, head_dim=16, num_attention_heads=4))
+    assert config.head_dim == 16
+
+
+def test_yarn_original_max_positions_defaults_to_max_position_embeddings():
+    config = LlamaConfig.from_dict(small(max_position_embeddings=128,
+                                         rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    assert config.rope_parameters["original_max_position_embeddings"] == 128
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(num_attention_heads=5), "hidden_size"),
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(vocab_size=-3), "vocab_size"),
+    (dict(num_hidden_layers=2.5), "num_hidden_layers"),
+    (dict(rms_norm_eps=0), "rms_norm_eps"),
+    (dict(rope_scaling={"rope_type": "su", "factor": 2.0}), "'su'"),
+    (dict(rope_scaling={"rope_type": "linear"}), "factor"),
+    (dict(rope_scaling={"type": "llama3", "factor": 8.0}), "low_freq_factor"),
+    (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(rope_scaling="linear"), "rope_scaling"),
+    (dict(eos_token_id="</s>"), "eos_token_id"),
+    (dict(problem_type="ranking"), "problem_type"),
+])
+def test_bad_field_raises_config_error_naming_it(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        LlamaConfig.from_dict(small(**overrides))
+
+
+def test_unreadable_config_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        LlamaConfig.from_pretrained(tmp_path)

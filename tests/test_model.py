@@ -1,0 +1,180 @@
+"""The model classes on small random models: inputs, cache, dtypes, heads, losses, saving.
+
+Agreement with Transformers is checked in test_fixtures.py against stored references; these
+tests check our own invariants and the error paths.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from llama_np import (InputError, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
+                      LlamaModel)
+from llama_np.model import last_non_pad_index
+
+CONFIG = dict(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+              num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LlamaForCausalLM.from_config(LlamaConfig(**CONFIG), seed=3)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(0).integers(3, 50, size=(2, 9))
+
+
+def test_decoding_with_the_cache_gives_the_logits_of_the_whole_sequence(lm, ids):
+    full = lm(ids).logits
+    first = lm(ids[:, :5], use_cache=True)
+    second = lm(ids[:, 5:7], past_key_values=first.past_key_values, use_cache=True)
+    third = lm(ids[:, 7:], past_key_values=second.past_key_values, use_cache=True)
+    stepwise = np.concatenate([first.logits, second.logits, third.logits], axis=1)
+    np.testing.assert_allclose(stepwise, full, rtol=1e-5, atol=1e-5)
+    assert third.past_key_values.get_seq_length() == 9
+
+
+def test_left_padding_with_mask_and_positions_equals_the_unpadded_row(lm, ids):
+    row = ids[:1, 3:]  # 6 tokens
+    padded = np.concatenate([np.zeros((1, 3), dtype=ids.dtype), row], axis=1)
+    mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
+    out = lm(padded, attention_mask=mask, position_ids=positions).logits
+    np.testing.assert_allclose(out[:, 3:], lm(row).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_compute_agrees_with_float32(lm, ids):
+    wide = LlamaForCausalLM(lm.config, lm.weights.__class__(lm.weights.tensors, np.float64))
+    logits64 = wide(ids).logits
+    assert logits64.dtype == np.float64
+    np.testing.assert_allclose(logits64, lm(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_outputs_have_one_hidden_state_per_layer_plus_embeddings(lm, ids):
+    out = lm(ids, output_hidden_states=True, output_attentions=True, logits_to_keep=2)
+    assert len(out.hidden_states) == CONFIG["num_hidden_layers"] + 1
+    assert out.attentions[0].shape == (2, 6, 9, 9)
+    assert out.logits.shape == (2, 2, 50)
+    np.testing.assert_allclose(out.logits, lm(ids).logits[:, -2:], rtol=1e-6)
+    np.testing.assert_allclose(out.attentions[1].sum(-1), 1.0, rtol=1e-5)
+    assert out["logits"] is out.logits
+
+
+def test_causal_lm_loss_is_mean_next_token_cross_entropy_ignoring_minus_100(lm, ids):
+    labels = ids.copy()
+    labels[0, 4] = -100
+    out = lm(ids, labels=labels)
+    log_probs = out.logits - np.log(np.exp(out.logits.astype(np.float64)).sum(-1, keepdims=True))
+    terms = [-log_probs[b, t, labels[b, t + 1]] for b in range(2) for t in range(8) if labels[b, t + 1] != -100]
+    assert out.loss == pytest.approx(np.mean(terms), rel=1e-6)
+
+
+def test_loss_with_every_label_ignored_is_nan_with_a_warning(lm, ids):
+    with pytest.warns(UserWarning, match="-100"):
+        assert np.isnan(lm(ids, labels=np.full_like(ids, -100)).loss)
+
+
+def test_bare_model_returns_final_hidden_states(lm, ids):
+    bare = LlamaModel(lm.config, lm.weights)
+    out = bare(ids, output_hidden_states=True)
+    np.testing.assert_array_equal(out.last_hidden_state, out.hidden_states[-1])
+
+
+def test_save_and_reload_round_trips(lm, ids, tmp_path):
+    lm.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(again(ids).logits, lm(ids).logits)
+    half = tmp_path / "half"
+    lm.save_pretrained(half, storage_dtype=np.float16)
+    assert LlamaForCausalLM.from_pretrained(half).checkpoint.storage_dtypes == {"F16"}
+
+
+def test_resize_token_embeddings_adds_mean_rows_and_updates_the_config(tmp_path):
+    model = LlamaForCausalLM.from_config(LlamaConfig(**CONFIG), seed=1)
+    old = model.weights["model.embed_tokens.weight"].copy()
+    model.resize_token_embeddings(51)
+    new = model.weights["model.embed_tokens.weight"]
+    assert new.shape == (51, 24) and model.config.vocab_size == 51
+    np.testing.assert_allclose(new[50], old.mean(axis=0), rtol=1e-6)
+    assert model.weights["lm_head.weight"].shape == (51, 24)
+    assert model(np.array([[50, 1]])).logits.shape == (1, 2, 51)
+
+
+def test_classification_pools_at_the_rightmost_non_pad_token_for_both_paddings():
+    config = LlamaConfig(**CONFIG, num_labels=3, pad_token_id=0)
+    model = LlamaForSequenceClassification.from_config(config, seed=2)
+    row = np.array([5, 9, 14, 7])
+    right = np.array([[5, 9, 14, 7, 0, 0]])
+    left = np.array([[0, 0, 5, 9, 14, 7]])
+    assert last_non_pad_index(np.concatenate([right, left]), 0).tolist() == [3, 5]
+    alone = model(row[None]).logits
+    np.testing.assert_allclose(model(right, attention_mask=(right != 0)).logits, alone, rtol=1e-5, atol=1e-6)
+    positions = np.array([[0, 0, 0, 1, 2, 3]])
+    np.testing.assert_allclose(model(left, attention_mask=(left != 0), position_ids=positions).logits,
+                               alone, rtol=1e-5, atol=1e-6)
+
+
+def test_classification_losses_infer_the_problem_type():
+    logits_model = LlamaForSequenceClassification.from_config(
+        LlamaConfig(**CONFIG, num_labels=3, pad_token_id=0), seed=2)
+    ids = np.array([[4, 5, 6], [7, 8, 0]])
+    out = logits_model(ids, labels=np.array([2, 0]))
+    z = out.logits.astype(np.float64)
+    log_probs = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    assert out.loss == pytest.approx(-(log_probs[0, 2] + log_probs[1, 0]) / 2, rel=1e-6)
+    assert logits_model.config.problem_type == "single_label_classification"
+
+    multi = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG, num_labels=3, pad_token_id=0), seed=2)
+    targets = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    out = multi(ids, labels=targets)
+    p = 1 / (1 + np.exp(-out.logits.astype(np.float64)))
+    assert out.loss == pytest.approx(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)), rel=1e-6)
+
+    regression = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG, num_labels=1, pad_token_id=0), seed=2)
+    out = regression(ids, labels=np.array([0.5, -1.0]))
+    assert out.loss == pytest.approx(np.mean((out.logits[:, 0] - [0.5, -1.0]) ** 2), rel=1e-6)
+
+
+def test_classifying_a_batch_without_pad_token_is_an_input_error():
+    model = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG), seed=2)
+    assert model(np.array([[3, 4]])).logits.shape == (1, 2)
+    with pytest.raises(InputError, match="pad token"):
+        model(np.array([[3, 4], [5, 6]]))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.array([[1, 50]]), "50"),
+    (np.array([[-1, 2]]), "-1"),
+    (np.array([[1.5, 2.0]]), "integers"),
+    (np.zeros((1, 0), dtype=np.int64), "empty"),
+    ([[1, 2], [3]], "different lengths"),
+    (np.ones((1, 2, 3), dtype=np.int64), "shape"),
+])
+def test_bad_input_ids_raise_input_error_naming_the_value(lm, bad, message):
+    with pytest.raises(InputError, match=message):
+        lm(bad)
+
+
+def test_attention_mask_of_the_wrong_shape_is_an_input_error(lm, ids):
+    with pytest.raises(InputError, match="attention_mask"):
+        lm(ids, attention_mask=np.ones((2, 4)))
+    with pytest.raises(InputError, match="0 .*1"):
+        lm(ids, attention_mask=np.full(ids.shape, 2))
+
+
+def test_positions_past_max_position_embeddings_warn_for_default_rope(lm):
+    long_ids = np.ones((1, 40), dtype=np.int64)
+    with pytest.warns(UserWarning, match="max_position_embeddings"):
+        lm(long_ids)
+    dynamic = LlamaForCausalLM(LlamaConfig(**CONFIG, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), lm.weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dynamic(long_ids)  # dynamic NTK is designed to stretch: no warning
+
+
+def test_compute_dtype_other_than_float32_or_64_is_refused():
+    with pytest.raises(InputError, match="float16"):
+        LlamaForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=np.float16)
