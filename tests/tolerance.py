@@ -1,0 +1,75 @@
+"""The tolerance policy for comparing llama_np with stored Transformers references, stated once.
+
+- float32 logits, hidden states and attention weights: elementwise
+      |ours - reference| <= 1e-4 * max(1, |reference|)
+  i.e. an absolute 1e-4 for values of size up to 1 and a relative 1e-4 above that. Two-sided:
+  the absolute difference is bounded, never just (ours - reference).
+- losses: the same rule with 1e-5.
+- token ids (greedy generations): identical.
+
+Only positions that carry meaning are compared: callers pass `where` to select the rows whose
+attention_mask is 1 (a padded query row has no defined output; REFERENCE.md §3 "Mask").
+"""
+
+import numpy as np
+
+FLOAT32_TOLERANCE = 1e-4
+LOSS_TOLERANCE = 1e-5
+
+
+def scaled_deviation(ours, reference):
+    """|ours - reference| / max(1, |reference|), elementwise, in float64."""
+    ours = np.asarray(ours, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    return np.abs(ours - reference) / np.maximum(1.0, np.abs(reference))
+
+
+def assert_close_to_reference(ours, reference, what, tolerance=FLOAT32_TOLERANCE, where=None):
+    """Fail unless every compared element is within tolerance * max(1, |reference|).
+
+    `where` is a boolean array broadcastable to the reference's shape selecting the elements
+    to compare. Returns the largest scaled deviation, for reporting. The failure message names
+    `what`, the worst element and the share of elements within tolerance.
+    """
+    ours = np.asarray(ours)
+    reference = np.asarray(reference)
+    if ours.shape != reference.shape:
+        raise AssertionError(f"{what}: shape {ours.shape}, reference has shape {reference.shape}")
+    selected = np.ones(reference.shape, dtype=bool) if where is None else np.broadcast_to(where, reference.shape)
+    if not selected.any():
+        raise AssertionError(f"{what}: nothing selected to compare")
+    deviation = np.where(selected, scaled_deviation(ours, reference), 0.0)
+    deviation[selected & ~np.isfinite(ours)] = np.inf  # NaN/inf in our output always fails
+    worst = np.unravel_index(np.argmax(deviation), deviation.shape)
+    largest = float(deviation[worst])
+    if largest > tolerance:
+        within = np.count_nonzero(deviation[selected] <= tolerance) / np.count_nonzero(selected)
+        raise AssertionError(
+            f"{what}: largest deviation {largest:.3e} > {tolerance:g} (|ours - ref| / max(1, |ref|)) "
+            f"at index {tuple(int(i) for i in worst)}: ours {ours[worst]!r}, reference {reference[worst]!r}; "
+            f"{within:.1%} of the compared values are within tolerance"
+        )
+    return largest
+
+
+def assert_loss_close_to_reference(ours, reference, what):
+    """A scalar loss within 1e-5 * max(1, |reference|)."""
+    if ours is None:
+        raise AssertionError(f"{what}: loss is None, reference is {float(reference)!r}")
+    return assert_close_to_reference(np.float64(ours), np.float64(reference), what, tolerance=LOSS_TOLERANCE)
+
+
+def assert_same_token_ids(ours, reference, what):
+    """Token id arrays identical in shape and value; the message names the first difference."""
+    ours = np.asarray(ours)
+    reference = np.asarray(reference)
+    if ours.shape != reference.shape:
+        raise AssertionError(f"{what}: shape {ours.shape}, reference has shape {reference.shape}\n"
+                             f"ours:\n{ours}\nreference:\n{reference}")
+    differ = np.argwhere(ours != reference)
+    if len(differ):
+        row, column = differ[0]
+        raise AssertionError(
+            f"{what}: {len(differ)} token ids differ, first at row {row} position {column}: ours "
+            f"{ours[row, column]}, reference {reference[row, column]}\nours:\n{ours}\nreference:\n{reference}"
+        )
