@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fixture_io  # noqa: E402
-from make_fixtures import FIELD_DESCRIPTIONS, lm_labels, random_ids, store_case, tensor  # noqa: E402
+from make_fixtures import lm_labels, random_ids, store_case, tensor  # noqa: E402
 
 SCRIPT = "tests/reference/make_fixtures_tp.py"
 CASE = "pretraining_tp2"
