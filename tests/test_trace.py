@@ -1,0 +1,181 @@
+"""The activation trace: every hook name is recorded, values equal the layers.py maths, and
+tracing changes no number."""
+
+import numpy as np
+import pytest
+
+from llama_np import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, layers
+from llama_np import model as model_module
+from llama_np.errors import InputError
+from llama_np.trace import ActivationCache, hook_names, logit_lens, run_with_cache
+
+# GQA with 3 query heads per key/value head, odd sizes, two layers.
+CONFIG = dict(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+              num_attention_heads=6, num_key_value_heads=2, head_dim=4, pad_token_id=0,
+              max_position_embeddings=64)
+# Left-padded batch: row 0 has two pads, row 1 none.
+INPUT_IDS = np.array([[0, 0, 5, 17, 3, 42, 8], [7, 11, 13, 19, 23, 29, 31]])
+PADDING = (INPUT_IDS != 0).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaForCausalLM.from_config(LlamaConfig(**CONFIG), seed=3)
+
+
+@pytest.fixture(scope="module")
+def traced(model):
+    return run_with_cache(model, INPUT_IDS, attention_mask=PADDING)
+
+
+def test_every_hook_name_is_recorded_in_forward_order(model, traced):
+    _, cache = traced
+    assert list(cache.keys()) == hook_names(model.config)
+    assert len(hook_names(model.config)) == 2 + 18 * CONFIG["num_hidden_layers"]
+
+
+def test_tracing_leaves_the_logits_bit_identical(model, traced):
+    logits, _ = traced
+    plain = model(INPUT_IDS, attention_mask=PADDING).logits
+    np.testing.assert_array_equal(logits, plain)
+
+
+def test_a_forward_without_a_hook_does_not_take_the_traced_paths(model, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("traced path used without a hook")
+
+    monkeypatch.setattr(model_module, "_traced_attention", refuse)
+    monkeypatch.setattr(model_module, "_traced_swiglu", refuse)
+    model(INPUT_IDS, attention_mask=PADDING)
+
+
+def test_model_method_delegates_to_run_with_cache(model, traced):
+    logits, cache = model.run_with_cache(INPUT_IDS, attention_mask=PADDING)
+    np.testing.assert_array_equal(logits, traced[0])
+    assert list(cache.keys()) == list(traced[1].keys())
+
+
+def test_hook_shapes_follow_the_documented_layout(model, traced):
+    _, cache = traced
+    B, T = INPUT_IDS.shape
+    D, H, KV, hd, I = 24, 6, 2, 4, 40
+    expected = {
+        "hook_embed": (B, T, D), "blocks.1.hook_resid_pre": (B, T, D),
+        "blocks.1.attn.hook_q": (B, T, H, hd), "blocks.1.attn.hook_k": (B, T, KV, hd),
+        "blocks.1.attn.hook_v": (B, T, KV, hd), "blocks.1.attn.hook_rot_q": (B, T, H, hd),
+        "blocks.1.attn.hook_rot_k": (B, T, KV, hd), "blocks.1.attn.hook_attn_scores": (B, H, T, T),
+        "blocks.1.attn.hook_pattern": (B, H, T, T), "blocks.1.attn.hook_z": (B, T, H, hd),
+        "blocks.1.mlp.hook_pre": (B, T, I), "blocks.1.mlp.hook_post": (B, T, I),
+        "ln_final.hook_normalized": (B, T, D),
+    }
+    assert {name: cache[name].shape for name in expected} == expected
+
+
+def _recompute_layer(model, cache, layer):
+    """Every activation of one layer, recomputed from its resid_pre with layers.py."""
+    config, w = model.config, model.layer_weights(layer)
+    B, T = INPUT_IDS.shape
+    H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    inv_freq, _ = layers.rope_frequencies(hd, config.rope_parameters, config.max_position_embeddings, T)
+    cos, sin = layers.rope_cos_sin(np.arange(T)[None].repeat(B, 0), inv_freq)
+    mask = layers.attention_mask(PADDING, T, 0, B)
+
+    x = cache[f"blocks.{layer}.hook_resid_pre"]
+    out = {"ln1.hook_normalized": layers.rms_norm(x, w.input_layernorm, config.rms_norm_eps)}
+    normed = out["ln1.hook_normalized"]
+    out["attn.hook_q"] = layers.linear(normed, w.q_proj).reshape(B, T, H, hd)
+    out["attn.hook_k"] = layers.linear(normed, w.k_proj).reshape(B, T, KV, hd)
+    out["attn.hook_v"] = layers.linear(normed, w.v_proj).reshape(B, T, KV, hd)
+    q = layers.apply_rope(out["attn.hook_q"].transpose(0, 2, 1, 3), cos, sin)
+    k = layers.apply_rope(out["attn.hook_k"].transpose(0, 2, 1, 3), cos, sin)
+    v = out["attn.hook_v"].transpose(0, 2, 1, 3)
+    out["attn.hook_rot_q"], out["attn.hook_rot_k"] = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+    out["attn.hook_attn_scores"] = q @ layers.repeat_kv(k, H // KV).swapaxes(-1, -2) * hd ** -0.5 + mask
+    z, out["attn.hook_pattern"] = layers.attention(q, k, v, mask, hd ** -0.5)
+    out["attn.hook_z"] = z.transpose(0, 2, 1, 3)
+    out["hook_attn_out"] = layers.linear(out["attn.hook_z"].reshape(B, T, H * hd), w.o_proj)
+    out["hook_resid_mid"] = x + out["hook_attn_out"]
+    out["ln2.hook_normalized"] = layers.rms_norm(out["hook_resid_mid"], w.post_attention_layernorm,
+                                                 config.rms_norm_eps)
+    normed = out["ln2.hook_normalized"]
+    out["mlp.hook_pre"] = layers.linear(normed, w.gate_proj)
+    out["mlp.hook_pre_linear"] = layers.linear(normed, w.up_proj)
+    out["mlp.hook_post"] = layers.silu(out["mlp.hook_pre"]) * out["mlp.hook_pre_linear"]
+    out["hook_mlp_out"] = layers.swiglu(normed, w.gate_proj, w.up_proj, w.down_proj)
+    out["hook_resid_post"] = out["hook_resid_mid"] + out["hook_mlp_out"]
+    return out
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_each_hook_value_equals_recomputing_it_with_layers_py(model, traced, layer):
+    _, cache = traced
+    real_queries = PADDING.astype(bool)  # padded query rows carry no meaning
+    for point, expected in _recompute_layer(model, cache, layer).items():
+        recorded = cache[f"blocks.{layer}.{point}"]
+        assert recorded.shape == expected.shape, point
+        if point in ("attn.hook_attn_scores", "attn.hook_pattern"):
+            recorded, expected = recorded.transpose(0, 2, 1, 3)[real_queries], expected.transpose(0, 2, 1, 3)[real_queries]
+        np.testing.assert_allclose(recorded, expected, rtol=1e-6, atol=1e-6, err_msg=point)
+
+
+def test_embedding_residual_chain_and_final_norm(model, traced):
+    logits, cache = traced
+    embed = model.weights["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(cache["hook_embed"], embed[INPUT_IDS])
+    np.testing.assert_array_equal(cache["blocks.0.hook_resid_pre"], cache["hook_embed"])
+    np.testing.assert_array_equal(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
+    final = layers.rms_norm(cache["blocks.1.hook_resid_post"], model.weights["model.norm.weight"],
+                            model.config.rms_norm_eps)
+    np.testing.assert_array_equal(cache["ln_final.hook_normalized"], final)
+    np.testing.assert_allclose(layers.linear(final, model.lm_head_weight()), logits, rtol=1e-6, atol=1e-6)
+
+
+def test_pattern_equals_the_models_output_attentions(model, traced):
+    _, cache = traced
+    attentions = model(INPUT_IDS, attention_mask=PADDING, output_attentions=True).attentions
+    for layer, weights in enumerate(attentions):
+        np.testing.assert_array_equal(cache[f"blocks.{layer}.attn.hook_pattern"], weights)
+
+
+def test_names_filter_accepts_a_substring_a_list_and_a_predicate(model):
+    _, by_substring = run_with_cache(model, INPUT_IDS, names_filter="hook_pattern")
+    assert list(by_substring.keys()) == ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
+    _, by_list = run_with_cache(model, INPUT_IDS, names_filter=["hook_embed", "blocks.1.hook_mlp_out"])
+    assert list(by_list.keys()) == ["hook_embed", "blocks.1.hook_mlp_out"]
+    _, by_predicate = run_with_cache(model, INPUT_IDS, names_filter=lambda name: name.startswith("blocks.0."))
+    assert len(by_predicate) == 18 and all(name.startswith("blocks.0.") for name in by_predicate)
+
+
+def test_names_filter_of_another_type_is_refused(model):
+    with pytest.raises(InputError, match="names_filter"):
+        run_with_cache(model, INPUT_IDS, names_filter=3)
+
+
+def test_stack_gathers_one_point_over_layers_and_names_what_is_missing(model):
+    _, cache = run_with_cache(model, INPUT_IDS, names_filter="resid_post")
+    stacked = cache.stack("hook_resid_post")
+    assert stacked.shape == (2,) + INPUT_IDS.shape + (24,)
+    np.testing.assert_array_equal(stacked[1], cache["blocks.1.hook_resid_post"])
+    with pytest.raises(KeyError, match="blocks.0.attn.hook_pattern"):
+        cache.stack("attn.hook_pattern")
+    with pytest.raises(KeyError, match="hook_embed"):
+        cache["hook_embed"]
+    assert isinstance(cache, ActivationCache)
+
+
+def test_logit_lens_of_the_last_layer_is_the_models_logits(model, traced):
+    logits, cache = traced
+    lens = logit_lens(model, cache)
+    assert lens.shape == (2,) + logits.shape
+    np.testing.assert_allclose(lens[-1], logits, rtol=1e-6, atol=1e-6)
+
+
+def test_classification_and_bare_models_return_their_own_output():
+    config = LlamaConfig(**CONFIG, num_labels=3)
+    classifier = LlamaForSequenceClassification.from_config(config, seed=1)
+    pooled, cache = classifier.run_with_cache(INPUT_IDS, attention_mask=PADDING)
+    np.testing.assert_array_equal(pooled, classifier(INPUT_IDS, attention_mask=PADDING).logits)
+    assert pooled.shape == (2, 3) and "ln_final.hook_normalized" in cache
+    bare = LlamaModel.from_config(LlamaConfig(**CONFIG), seed=1)
+    hidden, cache = bare.run_with_cache(INPUT_IDS)
+    np.testing.assert_array_equal(hidden, cache["ln_final.hook_normalized"])
