@@ -702,3 +702,14 @@ def test_a_file_is_not_a_model_directory(tmp_path, assets):
     file_path.write_text("{}")
     with pytest.raises(CheckpointError, match="is a file"):
         resolve_model_path(file_path)
+
+
+def test_saved_files_get_the_usual_permissions_not_private_temp_ones(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "model.safetensors"
+    save_safetensors(path, {"w": np.zeros(2, np.float32)})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
