@@ -1,0 +1,708 @@
+"""The ``llama-np`` command line (also ``python -m llama_np``).
+
+    llama-np generate PROMPT    stream a continuation; tokens/s for the new tokens on stderr
+    llama-np chat               talk to a chat checkpoint in the Llama 2 chat format
+    llama-np classify TEXT...   label and probabilities from a sequence classifier
+    llama-np logits PROMPT      the most likely next tokens; --out saves the full logits
+    llama-np compare REF.npz    run the model on stored input ids and check stored logits
+    llama-np inspect            config, parameter count, dtypes, sizes and memory
+
+Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory, or a bundled model name) and
+defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for classify).
+
+User mistakes (a missing path, a corrupt file, a bad argument) end with one line
+``llama-np: error: ...`` on stderr and exit status 2, never a traceback. ``compare`` exits with
+1 when the logits differ by more than the tolerance. Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import textwrap
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+import llama_np
+from llama_np.errors import InputError, LlamaNPError
+
+DEFAULT_MODEL = "tiny-shakespeare"
+DEFAULT_CLASSIFIER = "tiny-shakespeare-genre"
+DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_ATOL = 1e-4
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """A bad command-line argument; reported as one line with exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument raises UsageError instead of printing usage and exiting.
+
+    argparse's own report is the usage text plus a line; ``main`` prints just one line.
+    """
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wrap prose to the terminal, but keep lines indented by two spaces (examples) as written."""
+
+    def _fill_text(self, text, width, indent):
+        lines = []
+        for line in text.splitlines():
+            if line.startswith("  ") or not line.strip():
+                lines.append(indent + line)
+            else:
+                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent))
+        return "\n".join(lines)
+
+
+# ============================================================================================
+# loading
+# ============================================================================================
+
+
+def load_causal_lm(name_or_path, dtype=np.float32):
+    from llama_np.model import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+
+
+def load_classifier(name_or_path, dtype=np.float32):
+    from llama_np.model import LlamaForSequenceClassification
+
+    return LlamaForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
+
+
+def load_tokenizer(name_or_path):
+    from llama_np.tokenizer import LlamaTokenizer
+
+    return LlamaTokenizer.from_pretrained(name_or_path)
+
+
+def model_class_for(name_or_path):
+    """The model class a checkpoint holds, read from its tensor names (not from config.json,
+    whose ``architectures`` field is optional): ``score.weight`` means a sequence classifier,
+    ``lm_head.weight`` or tied embeddings a causal LM, neither a bare ``LlamaModel``."""
+    from llama_np.checkpoint import Checkpoint, resolve_model_path
+    from llama_np.config import LlamaConfig
+    from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+
+    directory = resolve_model_path(name_or_path)
+    checkpoint = Checkpoint.open(directory)
+    if "score.weight" in checkpoint:
+        return LlamaForSequenceClassification
+    if "lm_head.weight" in checkpoint or LlamaConfig.from_pretrained(directory).tie_word_embeddings:
+        return LlamaForCausalLM
+    return LlamaModel
+
+
+# ============================================================================================
+# generate and chat
+# ============================================================================================
+
+
+def sampling_settings(args) -> dict:
+    """generate() keyword arguments from the sampling options; None = the checkpoint's default.
+
+    Giving any sampling option turns sampling on; ``--greedy`` turns it off and cannot be
+    combined with them (they would be silently ignored).
+    """
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    given = [f"--{name.replace('_', '-')}" for name, value in sampling.items() if value is not None]
+    if args.greedy and given:
+        raise UsageError(f"--greedy picks the most likely token; it cannot be combined with {', '.join(given)}")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    do_sample = False if args.greedy else (True if given else None)
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, **sampling)
+
+
+def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict, stats: dict) -> list[int]:
+    """Generate after ``prompt_ids`` and print the new text as it comes; return the new ids.
+
+    The streamer is first given the prompt (printing nothing) so that each new piece is decoded
+    as part of the whole sequence: a word decoded alone would lose its leading space
+    (REFERENCE.md §5).
+    """
+    from llama_np.tokenizer import TextStreamer
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer.put(prompt_ids)
+    sequences = model.generate(np.array([prompt_ids], dtype=np.int64), streamer=streamer,
+                               stats=stats, **settings)
+    return [int(i) for i in sequences[0, len(prompt_ids):]]
+
+
+def speed_report(stats: dict, prompt_length: int) -> str:
+    """Tokens per second counting only the new tokens; the prompt's time is reported apart."""
+    new, seconds = stats["new_tokens"], stats["generation_seconds"]
+    rate = f"{new / seconds:.1f} tokens/s" if seconds > 0 else "- tokens/s"
+    return (f"{new} new tokens in {seconds:.2f} s: {rate} "
+            f"(prompt of {prompt_length} tokens read in {stats['prompt_seconds']:.2f} s, not counted)")
+
+
+def run_generate(args) -> int:
+    settings = sampling_settings(args)
+    model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    prompt_ids = tokenizer.encode(args.prompt)
+    stats: dict = {}
+    print(args.prompt, end="", flush=True)
+    stream_continuation(model, tokenizer, prompt_ids, settings, stats)
+    print(speed_report(stats, len(prompt_ids)), file=sys.stderr)
+    return EXIT_OK
+
+
+CHAT_EXIT_WORDS = ("exit", "quit")
+
+
+def run_chat(args) -> int:
+    """Read one user turn per line from stdin; answer each with the whole dialog as context.
+
+    The dialog is written in Meta's Llama 2 format by the tokenizer's ``apply_chat_template``
+    (``<s>[INST] <<SYS>>…<</SYS>> user [/INST] answer </s><s>[INST] …``). The session ends at
+    end of input, an empty line, or "exit" / "quit".
+    """
+    settings = sampling_settings(args)
+    model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Type a message; an empty line, 'exit' or Ctrl-D ends the chat.", file=sys.stderr)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or not text or text.lower() in CHAT_EXIT_WORDS:
+            return EXIT_OK
+        messages.append({"role": "user", "content": text})
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        stats: dict = {}
+        new_ids = stream_continuation(model, tokenizer, prompt_ids, settings, stats)
+        print(speed_report(stats, len(prompt_ids)), file=sys.stderr)
+        answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": answer})
+
+
+# ============================================================================================
+# classify
+# ============================================================================================
+
+
+def pad_right(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of different lengths -> input_ids (B, T) padded on the right, attention_mask (B, T).
+
+    Right padding leaves every real token at the position it has alone, and causal attention
+    never lets it see the pads after it, so each row's pooled logits equal those of the text
+    classified on its own.
+    """
+    width = max(len(row) for row in rows)
+    ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def classify_logits(model, rows: list[list[int]]) -> np.ndarray:
+    """Pooled logits (B, num_labels): one padded batch when the config names a pad token,
+    else one text at a time (without a pad token the last real token of a row cannot be found)."""
+    pad = model.config.pad_token_id
+    if pad is not None and len(rows) > 1:
+        if any(row[-1] == pad for row in rows):
+            # The classifier reads the last token that is not the pad id; a text ending in that
+            # id would be read too early, so such texts run alone.
+            return np.concatenate([model(np.array([row])).logits for row in rows])
+        ids, mask = pad_right(rows, pad)
+        return model(ids, attention_mask=mask).logits
+    return np.concatenate([model(np.array([row])).logits for row in rows])
+
+
+def label_names(config) -> list[str]:
+    if config.id2label:
+        return [config.id2label.get(i, f"LABEL_{i}") for i in range(config.num_labels)]
+    return [f"LABEL_{i}" for i in range(config.num_labels)]
+
+
+def run_classify(args) -> int:
+    model, tokenizer = load_classifier(args.model), load_tokenizer(args.model)
+    rows = [tokenizer.encode(text) for text in args.texts]
+    logits = classify_logits(model, rows).astype(np.float64)  # (B, num_labels)
+    names = label_names(model.config)
+    problem = model.config.problem_type
+    if problem is None:
+        problem = "regression" if model.config.num_labels == 1 else "single_label_classification"
+    for text, row in zip(args.texts, logits):
+        if problem == "regression":
+            scores = ", ".join(f"{name} {value:.4f}" for name, value in zip(names, row))
+            print(f"{scores}\t{shorten(text)}")
+            continue
+        if problem == "multi_label_classification":
+            probabilities = 1 / (1 + np.exp(-row))  # each label on its own: sigmoid
+            chosen = [name for name, p in zip(names, probabilities) if p > 0.5]
+            label = "+".join(chosen) if chosen else "(none)"
+        else:
+            probabilities = softmax(row)
+            label = names[int(np.argmax(row))]
+        shown = ", ".join(f"{name} {p:.3f}" for name, p in zip(names, probabilities))
+        print(f"{label}\t({shown})\t{shorten(text)}")
+    return EXIT_OK
+
+
+def shorten(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """softmax over the last axis, in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ============================================================================================
+# logits
+# ============================================================================================
+
+
+def run_logits(args) -> int:
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
+    logits = model(input_ids).logits  # (1, T, V)
+    last = logits[0, -1].astype(np.float64)  # (V,)
+    probabilities = softmax(last)
+    top = np.argsort(-last, kind="stable")[: args.top]
+    print(f"next token after {input_ids.shape[1]} prompt tokens (top {len(top)} of {last.shape[0]}):")
+    print(f"{'rank':>4}  {'id':>6}  {'probability':>11}  {'logit':>9}  token")
+    for rank, token_id in enumerate(top, start=1):
+        piece = tokenizer.convert_ids_to_tokens(int(token_id))
+        print(f"{rank:>4}  {token_id:>6}  {probabilities[token_id]:>11.4%}  {last[token_id]:>9.4f}  {piece!r}")
+    if args.out:
+        save_npz(Path(args.out), input_ids=input_ids, attention_mask=np.ones_like(input_ids),
+                 logits=logits.astype(np.float32))
+        print(f"saved input_ids {input_ids.shape} and logits {logits.shape} to {args.out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """np.savez into a temporary file beside ``path``, then a rename: never half a file."""
+    if path.suffix != ".npz":
+        raise UsageError(f"--out must name a .npz file, got {path}")
+    directory = path.parent if str(path.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ============================================================================================
+# compare
+# ============================================================================================
+
+
+def read_reference(path: Path, prefix: str | None) -> dict[str, np.ndarray]:
+    """input_ids (B, T), logits (B, T, V) or (B, labels), optional attention_mask and
+    position_ids (B, T), from an .npz file; InputError naming the problem otherwise.
+
+    Pickled object arrays are refused (allow_pickle=False): loading one could run code.
+    With ``prefix``, the arrays are ``<prefix>.input_ids`` etc., as in llama_np's test data.
+    """
+    if not path.is_file():
+        raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
+            names = list(archive.files)
+            key = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+            missing = [key(name) for name in ("input_ids", "logits") if key(name) not in names]
+            if missing:
+                raise InputError(f"{path} has no {' or '.join(missing)}; {describe_keys(names, prefix)}")
+            reference = {name: archive[key(name)]
+                         for name in ("input_ids", "logits", "attention_mask", "position_ids")
+                         if key(name) in names}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise InputError(f"{path} is not a readable .npz file: {error}") from None
+    return check_reference(path, reference)
+
+
+def describe_keys(names: list[str], prefix: str | None) -> str:
+    prefixes = sorted({name.rsplit(".", 1)[0] for name in names
+                       if "." in name and name.endswith((".input_ids", ".logits"))})
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    hint = f"; choose one with --prefix ({', '.join(prefixes[:8])})" if prefixes and not prefix else ""
+    return f"it holds {shown or 'no arrays'}{hint}"
+
+
+def check_reference(path: Path, reference: dict) -> dict:
+    ids, logits = reference["input_ids"], reference["logits"]
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 2 or ids.size == 0:
+        raise InputError(f"{path}: input_ids must be a non-empty integer array (B, T), got {ids.dtype} {ids.shape}")
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise InputError(f"{path}: logits must be floating point, got {logits.dtype}")
+    batch, length = ids.shape
+    if logits.ndim == 3 and logits.shape[:2] != (batch, length):
+        raise InputError(f"{path}: logits has shape {logits.shape}; input_ids {ids.shape} needs "
+                         f"({batch}, {length}, vocabulary)")
+    if logits.ndim == 2 and logits.shape[0] != batch:
+        raise InputError(f"{path}: classifier logits has shape {logits.shape}; input_ids {ids.shape} needs "
+                         f"({batch}, labels)")
+    if logits.ndim not in (2, 3):
+        raise InputError(f"{path}: logits must be (B, T, V) for a language model or (B, labels) for a "
+                         f"classifier, got shape {logits.shape}")
+    checked = {"input_ids": ids.astype(np.int64), "logits": logits}
+    for name in ("attention_mask", "position_ids"):
+        if name in reference:
+            value = reference[name]
+            value = value[None, :] if value.ndim == 1 else value
+            if value.shape != ids.shape or not np.issubdtype(value.dtype, np.integer):
+                raise InputError(f"{path}: {name} must be integers of the shape of input_ids {ids.shape}, "
+                                 f"got {value.dtype} {value.shape}")
+            checked[name] = value.astype(np.int64)
+    if "attention_mask" in checked and not np.isin(checked["attention_mask"], (0, 1)).all():
+        raise InputError(f"{path}: attention_mask must hold only 0 and 1")
+    return checked
+
+
+def run_compare(args) -> int:
+    if not args.atol > 0:
+        raise UsageError(f"--atol must be positive, got {args.atol}")
+    path = Path(args.reference)
+    reference = read_reference(path, args.prefix)
+    ref_logits = reference["logits"]
+    classifier = ref_logits.ndim == 2
+    dtype = np.dtype(args.dtype)
+    model = load_classifier(args.model, dtype) if classifier else load_causal_lm(args.model, dtype)
+    width = model.config.num_labels if classifier else model.config.vocab_size
+    if ref_logits.shape[-1] != width:
+        what = "labels" if classifier else "vocabulary entries"
+        raise InputError(f"{path}: logits have {ref_logits.shape[-1]} {what} per position; the model "
+                         f"{args.model} has {width}")
+    ids = reference["input_ids"]
+    out = model(ids, attention_mask=reference.get("attention_mask"),
+                **({"position_ids": reference["position_ids"]} if "position_ids" in reference else {}))
+    ours = out.logits.astype(np.float64)
+    ref = ref_logits.astype(np.float64)
+    if classifier:  # one pooled "position" per row
+        ours, ref = ours[:, None, :], ref[:, None, :]
+        mask = np.ones(ours.shape[:2], dtype=bool)
+    else:
+        # Logits at padding positions mean nothing (Transformers' and ours may differ there).
+        mask = reference.get("attention_mask", np.ones(ids.shape, dtype=np.int64)).astype(bool)
+    return report_comparison(ours, ref, mask, ids, args.atol, classifier)
+
+
+def report_comparison(ours, ref, mask, ids, atol, classifier) -> int:
+    """Print max |Δlogit| and argmax agreement per compared position, then PASS or FAIL.
+
+    ours, ref (B, T, V); mask (B, T) True where a position is compared. A position passes when
+    every logit satisfies |ours − ref| <= atol · max(1, |ref|): absolute near zero, relative for
+    large logits.
+    """
+    difference = np.abs(ours - ref)  # (B, T, V)
+    allowed = atol * np.maximum(1.0, np.abs(ref))
+    worst_ratio = (difference / allowed).max(axis=-1)  # (B, T): > 1 means outside the tolerance
+    max_difference = difference.max(axis=-1)
+    ours_top, ref_top = ours.argmax(axis=-1), ref.argmax(axis=-1)
+    what = "row" if classifier else "row  pos   token"
+    print(f"{what}  max|Δlogit|  argmax ours/ref")
+    for b, t in zip(*np.nonzero(mask)):
+        place = f"{b:>3}" if classifier else f"{b:>3}  {t:>3}  {ids[b, t]:>6}"
+        flag = "" if worst_ratio[b, t] <= 1 else "  <- outside tolerance"
+        agree = "same" if ours_top[b, t] == ref_top[b, t] else "DIFFERENT"
+        print(f"{place}  {max_difference[b, t]:>11.3e}  {ours_top[b, t]}/{ref_top[b, t]} {agree}{flag}")
+    compared = int(mask.sum())
+    agreeing = int((ours_top == ref_top)[mask].sum())
+    b, t = np.unravel_index(np.argmax(np.where(mask, max_difference, -1.0)), mask.shape)
+    passed = bool((worst_ratio[mask] <= 1).all())
+    where = f"row {b}" if classifier else f"row {b}, position {t}"
+    print(f"max |Δlogit| {max_difference[b, t]:.3e} at {where}; argmax agrees at {agreeing}/{compared} "
+          f"{'rows' if classifier else 'positions'}")
+    print(f"{'PASS' if passed else 'FAIL'}: tolerance |Δ| <= {atol:g} * max(1, |reference logit|)")
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+# ============================================================================================
+# inspect
+# ============================================================================================
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+def activation_bytes(config, length: int, itemsize: int = 4) -> dict[str, int]:
+    """A rough peak of what one forward pass over ``length`` tokens (batch 1) holds besides the
+    weights: the key/value cache of every layer, one layer's attention scores and weights, one
+    layer's MLP intermediates, a few (T, D) residual-stream arrays, and the logits."""
+    T, D, I, V = length, config.hidden_size, config.intermediate_size, config.vocab_size
+    H, KV, hd, L = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                    config.num_hidden_layers)
+    return {
+        "key/value cache": 2 * L * KV * hd * T * itemsize,
+        "attention scores + weights (one layer)": 2 * H * T * T * itemsize,
+        "MLP gate, up, product (one layer)": 3 * T * I * itemsize,
+        "hidden states (a few T x D)": 4 * T * D * itemsize,
+        "logits (T x V)": T * V * itemsize,
+    }
+
+
+def run_inspect(args) -> int:
+    from llama_np.model import KEEP_WIDENED_LIMIT
+
+    model = model_class_for(args.model).from_pretrained(args.model)
+    config, checkpoint = model.config, model.checkpoint
+    rope = dict(config.rope_parameters)
+    rope_type, theta = rope.pop("rope_type"), rope.pop("rope_theta")
+    length = args.seq_len or config.max_position_embeddings
+    if length < 1:
+        raise UsageError(f"--seq-len must be at least 1, got {length}")
+
+    print(f"model            {args.model} ({checkpoint.directory})")
+    print(f"class            {type(model).__name__}")
+    print(f"layers           {config.num_hidden_layers}")
+    print(f"hidden size      {config.hidden_size} (MLP intermediate {config.intermediate_size}, SwiGLU)")
+    print(f"heads            {config.num_attention_heads} query, {config.num_key_value_heads} key/value, "
+          f"head_dim {config.head_dim}")
+    gqa = config.num_key_value_groups
+    kind = ("multi-head attention" if gqa == 1 else
+            "multi-query attention" if config.num_key_value_heads == 1 else "grouped-query attention")
+    print(f"GQA ratio        {gqa}:1 ({gqa} query heads per key/value head; {kind})")
+    print(f"vocabulary       {config.vocab_size}")
+    print(f"max positions    {config.max_position_embeddings}")
+    scaling = ", ".join(f"{k}={v}" for k, v in rope.items()) or "none"
+    print(f"RoPE             type {rope_type}, theta {theta:g}, scaling: {scaling}")
+    print(f"rms_norm_eps     {config.rms_norm_eps:g}")
+    print(f"tied embeddings  {config.tie_word_embeddings}; attention bias {config.attention_bias}; "
+          f"MLP bias {config.mlp_bias}")
+    print(f"token ids        bos {config.bos_token_id}, eos {config.eos_token_id}, pad {config.pad_token_id}")
+    if type(model).__name__ == "LlamaForSequenceClassification":
+        print(f"labels           {', '.join(label_names(config))} (problem type {config.problem_type or 'inferred'})")
+    parameters = model.num_parameters()
+    print(f"parameters       {parameters:,}")
+
+    counts: dict[str, int] = {}
+    for tensor in checkpoint.tensors.values():
+        counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
+    dtypes = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(counts.items()))
+    print(f"storage dtype    {dtypes}")
+    file_bytes = sum(Path(f).stat().st_size for f in checkpoint.files)
+    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in {len(checkpoint.files)} "
+          f"safetensors file{'s' if len(checkpoint.files) != 1 else ''}; tensor data {checkpoint.nbytes:,})")
+
+    weights = parameters * 4
+    activations = activation_bytes(config, length)
+    print(f"memory (float32) about {human_bytes(weights + sum(activations.values()))} for one sequence of "
+          f"{length} tokens, batch 1:")
+    print(f"  {'weights widened to float32':<40} {human_bytes(weights)}")
+    for name, size in activations.items():
+        print(f"  {name:<40} {human_bytes(size)}")
+    if weights > KEEP_WIDENED_LIMIT:
+        print(f"  (weights above {human_bytes(KEEP_WIDENED_LIMIT)} are widened layer by layer on every "
+              f"call, so the resident size is closer to the {human_bytes(checkpoint.nbytes)} memory-mapped "
+              "on disk plus one widened layer, at some cost in speed)")
+    print("  rough estimate: NumPy temporaries and the Python process itself are not counted")
+    return EXIT_OK
+
+
+# ============================================================================================
+# the parser
+# ============================================================================================
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="llama-np",
+        description="Llama 2 in plain NumPy: generate, chat, classify, look at logits, compare "
+                    "with reference logits and inspect checkpoints.",
+        epilog="examples:\n"
+               "  llama-np generate \"ROMEO.\" --max-new-tokens 40\n"
+               "  llama-np inspect --model ~/models/Llama-2-7b-hf\n"
+               "run 'llama-np VERB --help' for the options of each verb",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llama-np {llama_np.__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def model_option(default):
+        common = ArgumentParser(add_help=False)
+        common.add_argument("--model", default=default, metavar="NAME_OR_PATH",
+                            help="a checkpoint directory (config.json, *.safetensors, tokenizer.model) "
+                                 f"or a bundled model name (default: {default})")
+        return common
+
+    sampling = ArgumentParser(add_help=False)
+    group = sampling.add_argument_group("generation")
+    group.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                       help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS}); stops earlier at end-of-sequence")
+    group.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature (> 0)")
+    group.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
+    group.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens with probability >= P")
+    group.add_argument("--repetition-penalty", type=float, metavar="R",
+                       help="divide positive logits of tokens already seen by R (> 1 repeats less)")
+    group.add_argument("--seed", type=int, help="seed for sampling, for reproducible output")
+    group.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+
+    def add_verb(name, help, example, parents=(), description=None):
+        return verbs.add_parser(
+            name, help=help, description=description or help, parents=list(parents),
+            epilog="example:\n  " + example, formatter_class=HelpFormatter)
+
+    generate = add_verb(
+        "generate", "continue a prompt, printing the text as it is generated",
+        'llama-np generate "HAMLET.\\nTo be, or not to be" --max-new-tokens 60 --temperature 0.8 --seed 1',
+        [model_option(DEFAULT_MODEL), sampling],
+        description="Continue PROMPT, printing the text as it is generated. Without sampling options "
+                    "the checkpoint's generation_config.json decides between sampling and greedy. "
+                    "The speed, counting only the new tokens, is printed on stderr at the end.")
+    generate.add_argument("prompt", metavar="PROMPT")
+    generate.set_defaults(run=run_generate)
+
+    chat = add_verb(
+        "chat", "chat in the Llama 2 chat format, one message per line of input",
+        'llama-np chat --model ~/models/Llama-2-7b-chat-hf --system "Answer in one sentence."',
+        [model_option(DEFAULT_MODEL), sampling],
+        description="Chat with a chat checkpoint in Meta's Llama 2 format ([INST] ... [/INST]). "
+                    "Each line read from stdin is one user message; the whole dialog is the "
+                    "context of each answer. An empty line, 'exit', 'quit' or end of input stops.")
+    chat.add_argument("--system", metavar="TEXT", help="a system prompt (<<SYS>> ... <</SYS>>)")
+    chat.set_defaults(run=run_chat)
+
+    classify = add_verb(
+        "classify", "label texts with a sequence classifier",
+        'llama-np classify "MACBETH.\\nIs this a dagger which I see before me," "DUKE.\\nIf music be the food of love, play on"',
+        [model_option(DEFAULT_CLASSIFIER)],
+        description="Print the predicted label and the probability of every label for each TEXT. "
+                    "Texts are run as one right-padded batch when the config has a pad_token_id, "
+                    "else one at a time; the numbers are the same either way.")
+    classify.add_argument("texts", nargs="+", metavar="TEXT")
+    classify.set_defaults(run=run_classify)
+
+    logits = add_verb(
+        "logits", "show the most likely next tokens after a prompt",
+        'llama-np logits "ROMEO.\\nBut, soft! what light" --top 5 --out romeo.npz',
+        [model_option(DEFAULT_MODEL)],
+        description="Print the most likely next tokens after PROMPT with their probabilities. "
+                    "--out saves input_ids (1, T), attention_mask (1, T) and the logits of every "
+                    "position (1, T, V) as float32, a reference file for 'llama-np compare'.")
+    logits.add_argument("prompt", metavar="PROMPT")
+    logits.add_argument("--top", type=int, default=10, metavar="N", help="how many tokens to show (default: 10)")
+    logits.add_argument("--out", metavar="FILE.npz", help="save the full logits with the input ids")
+    logits.set_defaults(run=run_logits)
+
+    compare = add_verb(
+        "compare", "check the model's logits against a stored reference (exit 1 on mismatch)",
+        "llama-np compare reference.npz --model ./Llama-2-7b-converted --atol 1e-3",
+        [model_option(DEFAULT_MODEL)],
+        description="Run the model on the input ids stored in REFERENCE.npz and compare with its "
+                    "logits: 'input_ids' (B, T) and 'logits' (B, T, V) -- or (B, labels) for a "
+                    "sequence classifier -- with optional 'attention_mask' and 'position_ids' "
+                    "(B, T). Positions where attention_mask is 0 are skipped. Prints the max "
+                    "|Δlogit| and the argmax of both at every position, then PASS (exit 0) or "
+                    "FAIL (exit 1). A logit passes when |ours - reference| <= ATOL * max(1, "
+                    "|reference|): absolute for logits near zero, relative for large ones.")
+    compare.add_argument("reference", metavar="REFERENCE.npz")
+    compare.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                         help=f"tolerance, scaled by max(1, |reference logit|) (default: {DEFAULT_ATOL:g})")
+    compare.add_argument("--prefix", metavar="NAME",
+                         help="read NAME.input_ids, NAME.logits, ... (files holding several references)")
+    compare.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                         help="compute dtype of the model (default: float32)")
+    compare.set_defaults(run=run_compare)
+
+    inspect = add_verb(
+        "inspect", "summarise a checkpoint: config, parameters, dtypes, sizes, memory",
+        "llama-np inspect --model ~/models/TinyLlama-1.1B-Chat-v1.0 --seq-len 2048",
+        [model_option(DEFAULT_MODEL)],
+        description="Print the config summary, parameter count, storage dtype(s), GQA ratio, RoPE "
+                    "type and scaling, bytes on disk, and a rough float32 memory estimate: the "
+                    "weights widened to float32 plus the activations of one forward pass over "
+                    "--seq-len tokens (key/value cache, one layer's attention and MLP, logits).")
+    inspect.add_argument("--seq-len", type=int, metavar="T",
+                         help="sequence length for the memory estimate (default: max_position_embeddings)")
+    inspect.set_defaults(run=run_inspect)
+    return parser
+
+
+# ============================================================================================
+# main
+# ============================================================================================
+
+
+def _warning_printer():
+    """showwarning that prints ``llama-np: warning: ...`` once per place in the code.
+
+    A warning raised at every generation step (e.g. "the sequence reaches position N, past
+    max_position_embeddings") would otherwise fill the terminal with one line per token.
+    """
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if (filename, lineno) not in seen:
+            seen.add((filename, lineno))
+            print(f"llama-np: warning: {message}", file=sys.stderr)
+
+    return show
+
+
+def main(argv=None) -> int:
+    """Run one ``llama-np`` command; returns the exit status."""
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer()
+            args = build_parser().parse_args(argv)
+            return args.run(args)
+    except SystemExit as exit_request:  # --help and --version
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        _silence_stdout()
+        return EXIT_FAILED
+    except (UsageError, LlamaNPError) as error:
+        return _fail(str(error))
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        return _fail(f"{where}{error.strerror or error}")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's final flush does not fail a second time."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _fail(message: str) -> int:
+    first_line = " ".join(message.split())  # one line, whatever the message held
+    print(f"llama-np: error: {first_line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

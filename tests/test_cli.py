@@ -1,0 +1,351 @@
+"""The ``llama-np`` command line, run in-process through ``main(argv)`` on tiny random checkpoints.
+
+Each checkpoint is a 2-layer GQA model (4 query heads, 2 key/value heads) written to a temporary
+directory beside a copy of the tokenizer test model, so these tests do not depend on the bundled
+models.
+"""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama_np
+from llama_np.cli import main
+from llama_np.config import LlamaConfig
+from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification
+from llama_np.tokenizer import LlamaTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_MODEL = REPO / "tests" / "data" / "tokenizer" / "tokenizer.model"
+VERBS = ("generate", "chat", "classify", "logits", "compare", "inspect")
+LABELS = {0: "comedy", 1: "history", 2: "tragedy"}
+PROMPT = "To be, or not to be"
+
+
+def tiny_config(**extra) -> LlamaConfig:
+    vocab_size = LlamaTokenizer(TOKENIZER_MODEL).vocab_size
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       rms_norm_eps=1e-5, **extra)
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM.from_config(tiny_config(), seed=1).save_pretrained(directory, storage_dtype=np.float16)
+    shutil.copy(TOKENIZER_MODEL, directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-classifier")
+    config = tiny_config(id2label=LABELS, pad_token_id=0)
+    LlamaForSequenceClassification.from_config(config, seed=2).save_pretrained(directory)
+    shutil.copy(TOKENIZER_MODEL, directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def reference_file(lm_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reference") / "reference.npz"
+    assert main(["logits", PROMPT, "--model", str(lm_dir), "--out", str(path)]) == 0
+    return path
+
+
+def run(capsys, *argv):
+    """(exit status, stdout, stderr) of one command."""
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, err):
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama-np: error: "), err
+    assert "Traceback" not in err
+
+
+# -------------------------------------------------------------------------------- help, version
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_of_every_verb_shows_an_example(verb, capsys):
+    status, out, _ = run(capsys, verb, "--help")
+    assert status == 0
+    assert "example:" in out
+    assert f"llama-np {verb}" in out.split("example:")[1]
+
+
+def test_version_from_python_m_llama_np():
+    result = subprocess.run([sys.executable, "-m", "llama_np", "--version"], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"llama-np {llama_np.__version__}"
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_missing_model_path_is_one_line_error(capsys, tmp_path):
+    status, _, err = run(capsys, "inspect", "--model", tmp_path / "no-such-model")
+    assert_one_line_error(status, err)
+    assert "no-such-model" in err
+
+
+def test_bad_argument_is_one_line_error(capsys, lm_dir):
+    status, _, err = run(capsys, "generate", PROMPT, "--model", lm_dir, "--max-new-tokens", "many")
+    assert_one_line_error(status, err)
+    assert "--max-new-tokens" in err
+
+
+def test_missing_verb_is_one_line_error(capsys):
+    status, _, err = run(capsys)
+    assert_one_line_error(status, err)
+
+
+def test_greedy_with_temperature_is_refused(capsys, lm_dir):
+    status, _, err = run(capsys, "generate", PROMPT, "--model", lm_dir, "--greedy", "--temperature", "0.7")
+    assert_one_line_error(status, err)
+    assert "--temperature" in err
+
+
+def test_keyboard_interrupt_exits_130_quietly(capsys, monkeypatch, lm_dir):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", interrupted)
+    status, _, err = run(capsys, "generate", PROMPT, "--model", lm_dir)
+    assert status == 130
+    assert err == ""
+
+
+# -------------------------------------------------------------------------------- generate, chat
+
+
+def test_generate_greedy_streams_the_same_text_as_decoding_the_whole_sequence(capsys, lm_dir):
+    status, out, err = run(capsys, "generate", PROMPT, "--model", lm_dir, "--greedy", "--seed", 0,
+                           "--max-new-tokens", 12)
+    assert status == 0, err
+    model, tokenizer = LlamaForCausalLM.from_pretrained(lm_dir), LlamaTokenizer.from_pretrained(lm_dir)
+    prompt_ids = tokenizer.encode(PROMPT)
+    sequence = model.generate(np.array([prompt_ids]), max_new_tokens=12, do_sample=False)[0]
+    whole = tokenizer.decode(sequence, skip_special_tokens=True)
+    continuation = whole[len(tokenizer.decode(prompt_ids, skip_special_tokens=True)):]
+    assert continuation  # the random model says something
+    assert out == PROMPT + continuation + "\n"
+    assert "tokens/s" in err
+    new_tokens = len(sequence) - len(prompt_ids)
+    assert err.startswith(f"{new_tokens} new tokens in ")
+    assert f"prompt of {len(prompt_ids)} tokens" in err
+
+
+def test_generate_with_the_same_seed_samples_the_same_text(capsys, lm_dir):
+    argv = ("generate", PROMPT, "--model", lm_dir, "--temperature", 1.5, "--top-k", 50, "--seed", 7,
+            "--max-new-tokens", 10)
+    first, second = run(capsys, *argv), run(capsys, *argv)
+    assert first[0] == second[0] == 0
+    assert first[1] == second[1]
+
+
+def test_chat_answers_each_line_and_stops_at_exit(capsys, monkeypatch, lm_dir):
+    monkeypatch.setattr(sys, "stdin", _Lines("Who art thou?\nexit\nnever read\n"))
+    status, _, err = run(capsys, "chat", "--model", lm_dir, "--system", "Speak in verse.", "--greedy",
+                         "--max-new-tokens", 4)
+    assert status == 0, err
+    assert err.count("tokens/s") == 1
+
+
+def test_chat_stops_at_end_of_input(capsys, monkeypatch, lm_dir):
+    monkeypatch.setattr(sys, "stdin", _Lines("Good morrow.\nAnd to thee?\n"))
+    status, _, err = run(capsys, "chat", "--model", lm_dir, "--greedy", "--max-new-tokens", 3)
+    assert status == 0, err
+    assert err.count("tokens/s") == 2
+
+
+class _Lines:
+    """A non-interactive stdin holding ``text``."""
+
+    def __init__(self, text):
+        self.lines = text.splitlines(keepends=True)
+
+    def readline(self):
+        return self.lines.pop(0) if self.lines else ""
+
+    def isatty(self):
+        return False
+
+
+# -------------------------------------------------------------------------------- classify
+
+
+def test_classify_prints_a_label_and_probabilities_per_text(capsys, classifier_dir):
+    texts = ["MACBETH. Is this a dagger", "DUKE. If music be the food of love, play on"]
+    status, out, err = run(capsys, "classify", *texts, "--model", classifier_dir)
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    model = LlamaForSequenceClassification.from_pretrained(classifier_dir)
+    tokenizer = LlamaTokenizer.from_pretrained(classifier_dir)
+    for line, text in zip(lines, texts):
+        logits = model(np.array([tokenizer.encode(text)])).logits[0]
+        assert line.startswith(LABELS[int(np.argmax(logits))] + "\t")
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        for index, name in LABELS.items():
+            assert f"{name} {probabilities[index]:.3f}" in line
+
+
+def test_classify_batched_equals_one_at_a_time(classifier_dir):
+    from llama_np.cli import classify_logits
+
+    model = LlamaForSequenceClassification.from_pretrained(classifier_dir)
+    tokenizer = LlamaTokenizer.from_pretrained(classifier_dir)
+    rows = [tokenizer.encode(text) for text in ("A short one", "A rather longer passage of text, with more")]
+    batched = classify_logits(model, rows)
+    alone = np.concatenate([model(np.array([row])).logits for row in rows])
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------- logits
+
+
+def test_logits_shows_top_tokens_and_saves_full_logits(capsys, lm_dir, tmp_path):
+    out_file = tmp_path / "saved.npz"
+    status, out, err = run(capsys, "logits", PROMPT, "--model", lm_dir, "--top", 3, "--out", out_file)
+    assert status == 0, err
+    model, tokenizer = LlamaForCausalLM.from_pretrained(lm_dir), LlamaTokenizer.from_pretrained(lm_dir)
+    ids = np.array([tokenizer.encode(PROMPT)])
+    expected = model(ids).logits
+    best = int(np.argmax(expected[0, -1]))
+    rows = out.strip().splitlines()[2:]
+    assert len(rows) == 3
+    assert rows[0].split()[:2] == ["1", str(best)]
+    with np.load(out_file, allow_pickle=False) as saved:
+        np.testing.assert_array_equal(saved["input_ids"], ids)
+        np.testing.assert_allclose(saved["logits"], expected, rtol=0, atol=0)
+    assert not [p for p in tmp_path.iterdir() if p.name != "saved.npz"]  # no temporary file left
+
+
+# -------------------------------------------------------------------------------- compare
+
+
+def test_compare_passes_on_a_reference_written_by_logits_out(capsys, lm_dir, reference_file):
+    status, out, err = run(capsys, "compare", reference_file, "--model", lm_dir)
+    assert status == 0, err
+    assert "PASS" in out and "FAIL" not in out
+    with np.load(reference_file) as reference:
+        length = reference["input_ids"].shape[1]
+    assert f"argmax agrees at {length}/{length} positions" in out
+
+
+def test_compare_fails_with_exit_1_on_perturbed_logits(capsys, lm_dir, reference_file, tmp_path):
+    with np.load(reference_file) as reference:
+        arrays = dict(reference)
+    arrays["logits"] = arrays["logits"].copy()
+    arrays["logits"][0, 2, 5] += 1e-2
+    perturbed = tmp_path / "perturbed.npz"
+    np.savez(perturbed, **arrays)
+    status, out, _ = run(capsys, "compare", perturbed, "--model", lm_dir)
+    assert status == 1
+    assert "FAIL" in out
+    assert "row 0, position 2" in out
+    # The same file passes once the tolerance is wide enough.
+    assert run(capsys, "compare", perturbed, "--model", lm_dir, "--atol", 2e-2)[0] == 0
+
+
+def test_compare_skips_padding_positions_and_reads_a_prefix(capsys, lm_dir, tmp_path):
+    model = LlamaForCausalLM.from_pretrained(lm_dir)
+    ids = np.array([[0, 0, 1, 50, 60], [1, 70, 80, 90, 99]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    logits = model(ids, attention_mask=mask).logits.copy()
+    logits[0, :2] += 100.0  # garbage at the pads must not matter
+    path = tmp_path / "several.npz"
+    np.savez(path, **{"batch.input_ids": ids, "batch.attention_mask": mask, "batch.logits": logits})
+    status, out, err = run(capsys, "compare", path, "--model", lm_dir, "--prefix", "batch")
+    assert status == 0, err
+    assert "argmax agrees at 8/8 positions" in out
+
+
+def test_compare_checks_classifier_logits(capsys, classifier_dir, tmp_path):
+    model = LlamaForSequenceClassification.from_pretrained(classifier_dir)
+    ids = np.array([[1, 40, 41, 42], [1, 43, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    path = tmp_path / "classifier.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask, logits=model(ids, attention_mask=mask).logits)
+    status, out, err = run(capsys, "compare", path, "--model", classifier_dir)
+    assert status == 0, err
+    assert "argmax agrees at 2/2 rows" in out
+
+
+def _write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"logits": np.zeros((1, 3, 8), np.float32)}, "no input_ids"),
+    ({"input_ids": np.array([[1, 2, 3]])}, "no logits"),
+    ({"input_ids": np.array([[1, 2, 3]]), "logits": np.zeros((1, 4, 1000), np.float32)}, "(1, 3, vocabulary)"),
+    ({"input_ids": np.array([[1, 2, 3]]), "logits": np.zeros((1, 3, 77), np.float32)}, "77 vocabulary entries"),
+    ({"input_ids": np.array([[1.0, 2.0]]), "logits": np.zeros((1, 2, 1000), np.float32)}, "integer"),
+    ({"input_ids": np.array([[1, 2]]), "logits": np.zeros((1, 2, 1000), np.float32),
+      "attention_mask": np.array([[1, 1, 1]])}, "attention_mask"),
+])
+def test_compare_rejects_malformed_reference_with_one_line(capsys, lm_dir, tmp_path, arrays, message):
+    path = _write_npz(tmp_path / "bad.npz", **arrays)
+    status, _, err = run(capsys, "compare", path, "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert message in err
+
+
+def test_compare_rejects_files_that_are_not_npz_or_hold_pickles(capsys, lm_dir, tmp_path):
+    not_zip = tmp_path / "text.npz"
+    not_zip.write_text("not an archive\n")
+    assert_one_line_error(*run(capsys, "compare", not_zip, "--model", lm_dir)[::2])
+
+    pickled = _write_npz(tmp_path / "pickled.npz", input_ids=np.array([[1, 2]]),
+                         logits=np.array([{"a": 1}], dtype=object))
+    status, _, err = run(capsys, "compare", pickled, "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "pickle" in err.lower()
+
+    status, _, err = run(capsys, "compare", tmp_path / "absent.npz", "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "does not exist" in err
+
+
+# -------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_reports_gqa_dtype_sizes_and_memory(capsys, lm_dir):
+    status, out, err = run(capsys, "inspect", "--model", lm_dir, "--seq-len", 16)
+    assert status == 0, err
+    assert "GQA ratio        2:1" in out
+    assert "grouped-query attention" in out
+    assert "F16 (" in out
+    model = LlamaForCausalLM.from_pretrained(lm_dir)
+    assert f"parameters       {model.num_parameters():,}" in out
+    size = (lm_dir / "model.safetensors").stat().st_size
+    assert f"{size:,} bytes" in out
+    assert "RoPE             type default, theta 10000" in out
+    assert "16 tokens" in out and "key/value cache" in out
+
+
+def test_inspect_recognises_a_classifier(capsys, classifier_dir):
+    status, out, err = run(capsys, "inspect", "--model", classifier_dir)
+    assert status == 0, err
+    assert "LlamaForSequenceClassification" in out
+    assert "comedy, history, tragedy" in out
+    assert "F32 (" in out
+
+
+def test_a_warning_repeated_at_every_step_is_printed_once(capsys, lm_dir):
+    status, _, err = run(capsys, "generate", PROMPT, "--model", lm_dir, "--greedy", "--max-new-tokens", 70)
+    assert status == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("llama-np: warning: ")]
+    assert len(warnings) == 1 and "max_position_embeddings=64" in warnings[0]
