@@ -52,7 +52,11 @@ UNSEEN_TEXTS = [
 
 # Texts used for the special-token methods, padding and truncation.
 SHORT_TEXTS = ["Hello world", "A llama is not a camel, but close.", "我们", ""]
-PAIR_TEXTS = [("How are you?", "Fine, thanks."), ("One", "A much longer second sentence here."), ("", "x")]
+PAIR_TEXTS = [
+    ("How are you?", "Fine, thanks."),
+    ("One", "A much longer second sentence here."),
+    ("", "x"),
+]
 
 
 def read_sample(path=SAMPLE_PATH):
@@ -100,7 +104,9 @@ def encodings(model_path, texts):
                     "ids_without_special_tokens": tok.encode(text, add_special_tokens=False),
                     "decoded": tok.decode(ids),
                     "decoded_skip_special_tokens": tok.decode(ids, skip_special_tokens=True),
-                    "tokens_to_string": tok.convert_tokens_to_string(list(tokens)) if tokens else None,
+                    "tokens_to_string": (
+                        tok.convert_tokens_to_string(list(tokens)) if tokens else None
+                    ),
                     "per_token_decoded": [tok.decode([i]) for i in ids],
                 }
             )
@@ -145,7 +151,7 @@ def special_token_methods(model_path):
             }
         assert outputs["constructed"] == outputs["set_after"], (add_bos, add_eos)
         cases.append({"add_bos_token": add_bos, "add_eos_token": add_eos, **outputs["constructed"]})
-    # A list that holds unk, bos and eos written as text: already_has_special_tokens marks all three.
+    # unk, bos and eos written in the text: already_has_special_tokens marks all three.
     with_unk = base.encode("a <unk> b </s>")
     return {
         "a": a,
@@ -160,7 +166,10 @@ def special_token_methods(model_path):
 
 def plain(encoding):
     """A BatchEncoding as plain JSON: lists, with NumPy arrays turned into nested lists."""
-    return {key: (value.tolist() if hasattr(value, "tolist") else value) for key, value in encoding.items()}
+    return {
+        key: (value.tolist() if hasattr(value, "tolist") else value)
+        for key, value in encoding.items()
+    }
 
 
 def padding_and_truncation(model_path):
@@ -175,9 +184,14 @@ def padding_and_truncation(model_path):
         dict(text=SHORT_TEXTS, kwargs=dict(padding=True, add_special_tokens=False)),
         dict(text=SHORT_TEXTS, kwargs=dict(padding=True, return_attention_mask=False)),
         dict(text=SHORT_TEXTS, kwargs=dict(padding=True, return_tensors="np")),
-        dict(text=SHORT_TEXTS[1], kwargs=dict(padding="max_length", max_length=15, return_tensors="np")),
+        dict(
+            text=SHORT_TEXTS[1],
+            kwargs=dict(padding="max_length", max_length=15, return_tensors="np"),
+        ),
         dict(text=SHORT_TEXTS[1], kwargs=dict(truncation=True, max_length=4)),
-        dict(text=SHORT_TEXTS[1], kwargs=dict(truncation=True, max_length=4), truncation_side="left"),
+        dict(
+            text=SHORT_TEXTS[1], kwargs=dict(truncation=True, max_length=4), truncation_side="left"
+        ),
     ]
     firsts = [p[0] for p in PAIR_TEXTS]
     seconds = [p[1] for p in PAIR_TEXTS]
@@ -191,7 +205,9 @@ def padding_and_truncation(model_path):
                 ),
             )
         )
-    cases.append(dict(text=firsts, text_pair=seconds, kwargs=dict(padding=True, return_token_type_ids=True)))
+    cases.append(
+        dict(text=firsts, text_pair=seconds, kwargs=dict(padding=True, return_token_type_ids=True))
+    )
     cases.append(
         dict(
             text=firsts,

@@ -1,0 +1,1044 @@
+"""LlamaTokenizer: Llama 2's sentencepiece tokenizer, token for token equal to Transformers 4.45.2's
+slow ``LlamaTokenizer``, plus the Llama 2 chat format and an incremental decoder for streaming.
+
+The pieces, and what REFERENCE.md section 5 says about each:
+
+- **Encoding.** Special-token strings written in the text (``<s>``, ``</s>``, ``<unk>``, an added
+  ``<pad>``) are split out first; every other chunk goes through the sentencepiece BPE model
+  (``tokenizer.model``). How a chunk gets its leading "▁" is the ``legacy`` switch, explained in
+  ``LlamaTokenizer._encode_chunk``.
+- **Special tokens.** ``build_inputs_with_special_tokens`` puts ``[bos] + ids + [eos]`` around each
+  segment, as ``add_bos_token`` / ``add_eos_token`` say.
+- **Decoding.** "▁" becomes a space, ``<0xNN>`` byte pieces become UTF-8 again (an incomplete
+  character becomes U+FFFD, never an exception), and the one space the dummy prefix added in
+  front of the text is removed. Because of that last rule a word decoded alone loses its space,
+  so streaming decodes the growing sequence and emits only the new suffix (``IncrementalDecoder``).
+- **Chat.** ``apply_chat_template`` writes Meta's Llama 2 dialog format.
+
+The tokenizer runs on the ``sentencepiece`` package; ``llama_np.bpe`` re-implements the encoder
+in pure Python for reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from llama_np.checkpoint import atomic_write, atomic_write_text, resolve_model_path
+from llama_np.errors import CheckpointError, TokenizerError
+
+SPIECE_UNDERLINE = "▁"  # sentencepiece's visible space, U+2581
+VOCAB_FILE_NAME = "tokenizer.model"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
+
+# Transformers' "no limit" value for model_max_length (int(1e30), as written in Llama 2's
+# tokenizer_config.json); a limit at least this large means "do not truncate or pad to it".
+VERY_LARGE_INTEGER = int(1e30)
+
+# Meta's Llama 2 chat markers (llama/generation.py).
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+# The named special tokens, in the order Transformers lists them in all_special_tokens.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+# Appended to a serialized ModelProto, this sets normalizer_spec.add_dummy_prefix = false:
+# protobuf merges a message that appears twice, so the later field wins. Bytes: field 3
+# (normalizer_spec), length 2, holding field 3 (add_dummy_prefix) as the varint 0.
+_NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+
+
+def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
+    """Load a sentencepiece ``tokenizer.model``, optionally with its dummy prefix turned off.
+
+    Returns ``(processor, model_bytes)``; the bytes are the file as stored, for saving.
+    Raises TokenizerError naming the file if it is missing or not a sentencepiece model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(
+            f"{path} does not exist: a Llama tokenizer needs its sentencepiece model file"
+        )
+    model_bytes = path.read_bytes()
+    proto = model_bytes if add_dummy_prefix else model_bytes + _NO_DUMMY_PREFIX
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(proto)
+    except Exception as error:  # sentencepiece raises RuntimeError or OSError depending on version
+        raise TokenizerError(
+            f"{path} is not a valid sentencepiece model ({len(model_bytes)} bytes): {error}"
+        ) from None
+    if processor.get_piece_size() == 0:
+        raise TokenizerError(f"{path} is a sentencepiece model with no pieces")
+    return processor, model_bytes
+
+
+class LlamaTokenizer:
+    """Llama 2's tokenizer on sentencepiece, matching Transformers 4.45.2's slow LlamaTokenizer.
+
+    Args:
+        vocab_file: path of the sentencepiece ``tokenizer.model``.
+        unk_token, bos_token, eos_token, pad_token: the special tokens as strings. Llama 2 has
+            no pad token; add one with ``add_special_tokens({"pad_token": "<pad>"})``.
+        add_bos_token, add_eos_token: what encoding adds around each segment. They can be set
+            on an existing tokenizer and take effect at once.
+        legacy: True (the default, also for None) encodes every text chunk with sentencepiece's
+            dummy prefix, as Meta's code does; False adds the prefix only at the start of the
+            text and not after a special token. See ``_encode_chunk``.
+        add_prefix_space: with legacy=False, whether the start of the text gets a "▁".
+        padding_side, truncation_side: "right" or "left".
+        model_max_length: the default limit for truncation and padding="max_length".
+        additional_special_tokens: further strings to treat as special tokens.
+    """
+
+    model_input_names = ("input_ids", "attention_mask")
+
+    def __init__(
+        self,
+        vocab_file,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=None,
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=None,
+        add_prefix_space=True,
+        padding_side="right",
+        truncation_side="right",
+        model_max_length=VERY_LARGE_INTEGER,
+        additional_special_tokens=None,
+    ):
+        self.legacy = True if legacy is None else bool(legacy)
+        self.vocab_file = str(vocab_file)
+        # legacy=False loads the model without its dummy prefix; the prefix is then added by
+        # hand at the start of the text only (REFERENCE §5).
+        self.sp_model, self._model_bytes = load_sentencepiece(
+            vocab_file, add_dummy_prefix=self.legacy
+        )
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.add_prefix_space = add_prefix_space
+        self.padding_side = _check_side("padding_side", padding_side)
+        self.truncation_side = _check_side("truncation_side", truncation_side)
+        self.model_max_length = model_max_length
+
+        self.unk_token, self.bos_token, self.eos_token, self.pad_token = (
+            unk_token,
+            bos_token,
+            eos_token,
+            pad_token,
+        )
+        self.additional_special_tokens = list(additional_special_tokens or [])
+        # Tokens matched as whole strings before sentencepiece sees the text: the special tokens
+        # (found in the vocabulary or given new ids from vocab_size on).
+        self.added_tokens_encoder: dict[str, int] = {}
+        self._register_special_tokens()
+
+    # ----------------------------------------------------------------------------------------
+    # vocabulary and special tokens
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of sentencepiece pieces (added tokens not counted)."""
+        return self.sp_model.get_piece_size()
+
+    def __len__(self) -> int:
+        """Vocabulary size including added tokens: the embedding matrix needs this many rows."""
+        return self.vocab_size + sum(
+            1 for i in self.added_tokens_encoder.values() if i >= self.vocab_size
+        )
+
+    def get_vocab(self) -> dict[str, int]:
+        """{token: id} for every sentencepiece piece and every added token."""
+        vocab = {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
+        vocab.update(self.added_tokens_encoder)
+        return vocab
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """bos, eos, unk, pad (those set), then the additional special tokens, without repeats."""
+        named = [getattr(self, name) for name in SPECIAL_TOKEN_NAMES]
+        tokens = [token for token in named + self.additional_special_tokens if token is not None]
+        return list(dict.fromkeys(tokens))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self._token_to_id(token) for token in self.all_special_tokens]
+
+    bos_token_id = property(lambda self: self._special_id(self.bos_token))
+    eos_token_id = property(lambda self: self._special_id(self.eos_token))
+    unk_token_id = property(lambda self: self._special_id(self.unk_token))
+    pad_token_id = property(lambda self: self._special_id(self.pad_token))
+
+    def _special_id(self, token):
+        return None if token is None else self._token_to_id(token)
+
+    def add_special_tokens(self, special_tokens: dict) -> int:
+        """Set special tokens, e.g. ``{"pad_token": "<pad>"}``; returns how many new ids were made.
+
+        A token not in the vocabulary gets the next free id (vocab size for the first one), so
+        ``len(tokenizer)`` grows and the model's embedding must grow with it (the model's
+        ``resize_token_embeddings(len(tokenizer))``; REFERENCE §5).
+        """
+        if not isinstance(special_tokens, dict):
+            raise TokenizerError(
+                "add_special_tokens takes a dict such as {'pad_token': '<pad>'}, "
+                f"got {special_tokens!r}"
+            )
+        before = len(self)
+        for name, value in special_tokens.items():
+            if name == "additional_special_tokens":
+                values = list(value)
+                for token in values:
+                    _check_token_string(name, token)
+                self.additional_special_tokens += [
+                    t for t in values if t not in self.additional_special_tokens
+                ]
+            elif name in SPECIAL_TOKEN_NAMES:
+                _check_token_string(name, value)
+                setattr(self, name, value)
+            else:
+                raise TokenizerError(
+                    f"unknown special token name {name!r}; expected one of "
+                    f"{', '.join(SPECIAL_TOKEN_NAMES)} or additional_special_tokens"
+                )
+        self._register_special_tokens()
+        return len(self) - before
+
+    def _register_special_tokens(self):
+        """Give every special token an id: its piece id if sentencepiece has it, else a new one."""
+        for token in self.all_special_tokens:
+            if token in self.added_tokens_encoder:
+                continue
+            piece_id = self.sp_model.piece_to_id(token)
+            if self.sp_model.id_to_piece(piece_id) == token:
+                self.added_tokens_encoder[token] = piece_id
+            else:
+                self.added_tokens_encoder[token] = len(self)
+        self._added_tokens_decoder = {i: token for token, i in self.added_tokens_encoder.items()}
+        # Longest first, so that a token that is a prefix of another never wins.
+        by_length = sorted(self.added_tokens_encoder, key=len, reverse=True)
+        self._added_tokens_pattern = (
+            re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # text -> tokens -> ids
+
+    def tokenize(self, text: str) -> list[str]:
+        """Split ``text`` into sentencepiece pieces and special-token strings (no bos/eos)."""
+        _check_text(text)
+        nonlegacy = not self.legacy and len(text) > 0
+        if nonlegacy:
+            # One "▁" for the whole text, then no dummy prefix for any chunk. A literal "▁" in the
+            # text is read as a space, as sentencepiece would read it.
+            text = text.replace(SPIECE_UNDERLINE, " ")
+            if self.add_prefix_space:
+                text = SPIECE_UNDERLINE + text
+        tokens = [
+            token
+            for chunk in self._split_on_special_tokens(text)
+            for token in self._encode_chunk(chunk)
+        ]
+        # legacy=False, "<s>Hi" -> "▁<s>Hi": the lone "▁" before the special token belongs to no
+        # word and is dropped.
+        if nonlegacy and len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE:
+            if tokens[1] in self.all_special_tokens:
+                tokens = tokens[1:]
+        return tokens
+
+    def _split_on_special_tokens(self, text: str) -> list[str]:
+        """ "Hello <s>." -> ["Hello ", "<s>", "."]; empty chunks dropped."""
+        if self._added_tokens_pattern is None:
+            return [text] if text else []
+        return [chunk for chunk in self._added_tokens_pattern.split(text) if chunk]
+
+    def _encode_chunk(self, chunk: str) -> list[str]:
+        """Pieces for one chunk: an added token is itself; other text goes through sentencepiece.
+
+        legacy=True: sentencepiece adds its dummy prefix "▁" to every chunk, so in "Hello <s>."
+        the "." after the special token becomes "▁" + "." (the extra space legacy=False avoids).
+        legacy=False: the model has no dummy prefix; a chunk is encoded as written. A chunk that
+        starts with a space is encoded behind the text "<unk>", whose pieces are cut off again:
+        Transformers does this because some sentencepiece versions drop a "▁" that starts the
+        input, and we do the same so the ids agree whatever the version.
+        """
+        if chunk in self.added_tokens_encoder:
+            return [chunk]
+        if self.legacy or not chunk.startswith((SPIECE_UNDERLINE, " ")):
+            return self.sp_model.encode(chunk, out_type=str)
+        unk_length = len(self.sp_model.encode(self.unk_token))
+        pieces = self.sp_model.encode(self.unk_token + chunk, out_type=str)
+        return pieces[unk_length:] if len(pieces) >= unk_length else pieces
+
+    def _token_to_id(self, token: str) -> int:
+        if token in self.added_tokens_encoder:
+            return self.added_tokens_encoder[token]
+        return self.sp_model.piece_to_id(token)  # the unk id for a string that is no piece
+
+    def convert_tokens_to_ids(self, tokens):
+        """A token -> its id, a list of tokens -> a list of ids; unknown strings give unk's id."""
+        if isinstance(tokens, str):
+            return self._token_to_id(tokens)
+        return [self._token_to_id(_check_token_string("token", token)) for token in tokens]
+
+    # ----------------------------------------------------------------------------------------
+    # the four methods of the Transformers API (REFERENCE §5)
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None) -> list[int]:
+        """[bos] + A + [eos], and for a pair + [bos] + B + [eos]; bos/eos as the flags say."""
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        output = bos + list(token_ids_0) + eos
+        if token_ids_1 is not None:
+            output += bos + list(token_ids_1) + eos
+        return output
+
+    def get_special_tokens_mask(
+        self, token_ids_0, token_ids_1=None, already_has_special_tokens=False
+    ) -> list[int]:
+        """1 where build_inputs_with_special_tokens puts bos/eos, 0 at the sequence's own tokens.
+
+        With ``already_has_special_tokens=True`` the ids are a finished sequence and every id of
+        a special token (unk included) is marked; a second sequence is then an error.
+        """
+        if already_has_special_tokens:
+            if token_ids_1 is not None:
+                raise TokenizerError(
+                    "get_special_tokens_mask: pass one finished sequence when "
+                    "already_has_special_tokens=True, not a pair"
+                )
+            special_ids = set(self.all_special_ids)
+            return [1 if int(i) in special_ids else 0 for i in token_ids_0]
+        bos = [1] if self.add_bos_token else []
+        eos = [1] if self.add_eos_token else []
+        mask = bos + [0] * len(token_ids_0) + eos
+        if token_ids_1 is not None:
+            mask += bos + [0] * len(token_ids_1) + eos
+        return mask
+
+    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None) -> list[int]:
+        """0 for the first segment with its bos/eos, 1 for the second."""
+        specials = int(self.add_bos_token) + int(self.add_eos_token)
+        types = [0] * (len(token_ids_0) + specials)
+        if token_ids_1 is not None:
+            types += [1] * (len(token_ids_1) + specials)
+        return types
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return len(self.build_inputs_with_special_tokens([], [] if pair else None))
+
+    # ----------------------------------------------------------------------------------------
+    # encoding a batch: __call__ and encode
+
+    def encode(
+        self, text, text_pair=None, add_special_tokens=True, truncation=None, max_length=None
+    ) -> list[int]:
+        """The ids of one text (and an optional second segment), with bos/eos as configured."""
+        _check_text(text)  # one text; a batch goes through __call__
+        encoding = self(
+            text,
+            text_pair,
+            add_special_tokens=add_special_tokens,
+            truncation=truncation,
+            max_length=max_length,
+            return_attention_mask=False,
+        )
+        return encoding["input_ids"]
+
+    def __call__(
+        self,
+        text,
+        text_pair=None,
+        add_special_tokens=True,
+        padding=False,
+        truncation=None,
+        max_length=None,
+        return_tensors=None,
+        return_attention_mask=None,
+        return_token_type_ids=None,
+        return_special_tokens_mask=False,
+        padding_side=None,
+    ) -> dict:
+        """Encode a text or a list of texts into a dict of ``input_ids``, ``attention_mask``, ...
+
+        Args:
+            text: a string, or a list of strings (a batch).
+            text_pair: an optional second segment per text (a string, or a list for a batch).
+            padding: False / "do_not_pad"; True / "longest" (to the longest in the batch);
+                "max_length" (to ``max_length``). Needs a pad token.
+            truncation: False / "do_not_truncate"; True / "longest_first" (remove tokens from the
+                longer segment first); "only_first"; "only_second". Truncation keeps room for
+                bos/eos. None means False, unless max_length is given without padding: then
+                "longest_first", as in Transformers.
+            return_tensors: None for lists; "np" for int64 arrays of shape (B, T) — a single text
+                gets B = 1.
+            return_attention_mask: default True. return_token_type_ids: default False.
+        Returns:
+            dict with "input_ids" and, as asked, "attention_mask", "token_type_ids",
+            "special_tokens_mask"; each a list (one text), a list of lists (a batch) or an array.
+        """
+        is_batch = isinstance(text, (list, tuple))
+        texts = list(text) if is_batch else [text]
+        if not texts:
+            raise TokenizerError("text is an empty list: there is nothing to encode")
+        for item in texts:
+            _check_text(item)
+        if text_pair is None:
+            pairs = [None] * len(texts)
+        else:
+            pairs = list(text_pair) if is_batch else [text_pair]
+            if is_batch != isinstance(text_pair, (list, tuple)) or len(pairs) != len(texts):
+                raise TokenizerError(
+                    f"text_pair must match text: {len(texts)} text(s) but text_pair is "
+                    f"{text_pair!r:.80}"
+                )
+            for item in pairs:
+                _check_text(item)
+        if return_tensors not in (None, "np"):
+            raise TokenizerError(
+                f"return_tensors={return_tensors!r}: llama_np returns lists (None) or NumPy "
+                "arrays ('np')"
+            )
+
+        padding, truncation, max_length = self._padding_truncation_strategies(
+            padding, truncation, max_length
+        )
+        if return_attention_mask is None:
+            return_attention_mask = True
+
+        rows = []
+        for first, second in zip(texts, pairs):
+            ids = self.convert_tokens_to_ids(self.tokenize(first))
+            pair_ids = None if second is None else self.convert_tokens_to_ids(self.tokenize(second))
+            rows.append(
+                self._prepare_for_model(
+                    ids,
+                    pair_ids,
+                    add_special_tokens,
+                    truncation,
+                    max_length,
+                    return_token_type_ids,
+                    return_special_tokens_mask,
+                )
+            )
+
+        if padding == "longest":
+            target = max(len(row["input_ids"]) for row in rows)
+        elif padding == "max_length":
+            target = max_length
+        else:
+            target = None
+        side = _check_side("padding_side", padding_side or self.padding_side)
+        for row in rows:
+            if return_attention_mask:
+                row["attention_mask"] = [1] * len(row["input_ids"])
+            if target is not None:
+                self._pad(row, target, side)
+
+        encoding = {key: [row[key] for row in rows] for key in rows[0]}
+        if return_tensors == "np":
+            lengths = {len(ids) for ids in encoding["input_ids"]}
+            if len(lengths) > 1:
+                raise TokenizerError(
+                    f"return_tensors='np' needs sequences of one length; got lengths "
+                    f"{sorted(lengths)}: pass padding=True (after adding a pad token)"
+                )
+            return {key: np.array(value, dtype=np.int64) for key, value in encoding.items()}
+        if not is_batch:
+            encoding = {key: value[0] for key, value in encoding.items()}
+        return encoding
+
+    def _padding_truncation_strategies(self, padding, truncation, max_length):
+        """Normalise the padding / truncation arguments the way Transformers does."""
+        if max_length is not None and padding is False and truncation is None:
+            truncation = "longest_first"
+        padding = {
+            False: None,
+            "do_not_pad": None,
+            True: "longest",
+            "longest": "longest",
+            "max_length": "max_length",
+        }.get(padding, padding)
+        truncation = {
+            None: None,
+            False: None,
+            "do_not_truncate": None,
+            True: "longest_first",
+            "longest_first": "longest_first",
+            "only_first": "only_first",
+            "only_second": "only_second",
+        }.get(truncation, truncation)
+        if padding not in (None, "longest", "max_length"):
+            raise TokenizerError(
+                f"padding={padding!r}: expected False, True, 'longest' or 'max_length'"
+            )
+        if truncation not in (None, "longest_first", "only_first", "only_second"):
+            raise TokenizerError(
+                f"truncation={truncation!r}: expected False, True, 'longest_first', 'only_first' "
+                "or 'only_second'"
+            )
+        if max_length is None and (padding == "max_length" or truncation is not None):
+            if self.model_max_length >= VERY_LARGE_INTEGER:
+                raise TokenizerError(
+                    f"padding={padding!r} / truncation={truncation!r} need max_length: this "
+                    "tokenizer has no model_max_length to fall back on"
+                )
+            max_length = self.model_max_length
+        if padding is not None and self.pad_token is None:
+            raise TokenizerError(
+                "asked to pad, but this tokenizer has no pad token (Llama 2 has none): call "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and grow the model's "
+                "embedding with model.resize_token_embeddings(len(tokenizer))"
+            )
+        return padding, truncation, max_length
+
+    def _prepare_for_model(
+        self,
+        ids,
+        pair_ids,
+        add_special_tokens,
+        truncation,
+        max_length,
+        return_token_type_ids,
+        return_special_tokens_mask,
+    ) -> dict:
+        """Truncate, add bos/eos, and build the per-token side lists for one example."""
+        total = len(ids) + (len(pair_ids) if pair_ids is not None else 0)
+        if add_special_tokens:
+            total += self.num_special_tokens_to_add(pair=pair_ids is not None)
+        if truncation is not None and max_length and total > max_length:
+            ids, pair_ids = self._truncate(ids, pair_ids, total - max_length, truncation)
+
+        row = {}
+        if add_special_tokens:
+            row["input_ids"] = self.build_inputs_with_special_tokens(ids, pair_ids)
+            token_types = self.create_token_type_ids_from_sequences(ids, pair_ids)
+            special_mask = self.get_special_tokens_mask(ids, pair_ids)
+        else:
+            row["input_ids"] = ids + (pair_ids or [])
+            token_types = [0] * len(row["input_ids"])
+            special_mask = [0] * len(row["input_ids"])
+        if return_token_type_ids:
+            row["token_type_ids"] = token_types
+        if return_special_tokens_mask:
+            row["special_tokens_mask"] = special_mask
+        return row
+
+    def _truncate(self, ids, pair_ids, n_remove, strategy):
+        """Remove n_remove tokens: from the longer segment first, or only from one segment."""
+
+        def cut(sequence, n):
+            if n <= 0:
+                return sequence
+            return sequence[n:] if self.truncation_side == "left" else sequence[:-n]
+
+        if strategy == "only_first" or (strategy == "longest_first" and pair_ids is None):
+            if len(ids) > n_remove:
+                return cut(ids, n_remove), pair_ids
+            segment = "first"
+        elif strategy == "longest_first":
+            # Transformers' arithmetic: first level the two lengths, then split the rest evenly
+            # (the odd token goes to the second segment).
+            first_remove = min(abs(len(pair_ids) - len(ids)), n_remove)
+            rest = n_remove - first_remove
+            if len(ids) > len(pair_ids):
+                ids_remove, pair_remove = first_remove + rest // 2, rest - rest // 2
+            else:
+                ids_remove, pair_remove = rest // 2, first_remove + rest - rest // 2
+            return cut(ids, ids_remove), cut(pair_ids, pair_remove)
+        else:  # only_second
+            if pair_ids is None:
+                return ids, pair_ids
+            if len(pair_ids) > n_remove:
+                return ids, cut(pair_ids, n_remove)
+            segment = "second"
+        # Transformers logs an error and leaves the sequence whole; so do we, with a warning.
+        length = len(ids) if segment == "first" else len(pair_ids)
+        warnings.warn(
+            f"truncation={strategy!r} must remove {n_remove} tokens but the {segment} sequence "
+            f"has only {length}; the sequence is left untruncated",
+            stacklevel=4,
+        )
+        return ids, pair_ids
+
+    def _pad(self, row: dict, length: int, side: str):
+        """Pad one example's lists to ``length`` (nothing happens if it is already longer)."""
+        missing = length - len(row["input_ids"])
+        if missing <= 0:
+            return
+        fill = {
+            "input_ids": self.pad_token_id,
+            "attention_mask": 0,
+            "token_type_ids": 0,
+            "special_tokens_mask": 1,
+        }
+        for key, values in row.items():
+            padding = [fill[key]] * missing
+            row[key] = padding + values if side == "left" else values + padding
+
+    # ----------------------------------------------------------------------------------------
+    # ids -> tokens -> text
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        """One id -> one token, a sequence of ids -> a list of tokens."""
+        if _is_integer(ids):
+            return self._id_to_token(int(ids))
+        special_ids = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._id_to_token(i) for i in _check_ids(ids, len(self)) if i not in special_ids]
+
+    def _id_to_token(self, index: int) -> str:
+        if index in self._added_tokens_decoder:
+            return self._added_tokens_decoder[index]
+        if not 0 <= index < self.vocab_size:
+            raise TokenizerError(
+                f"token id {index} is outside the vocabulary (ids 0..{len(self) - 1})"
+            )
+        return self.sp_model.id_to_piece(index)
+
+    def convert_tokens_to_string(self, tokens) -> str:
+        """Join tokens into text: special tokens as written, other runs decoded by sentencepiece.
+
+        The "▁" that the prefix put before the first token is dropped first (REFERENCE §5). With
+        legacy=True a space is written before a special token that follows text, and the model's
+        own decoder also drops the first "▁" of each run; these quirks are kept so decoded text
+        matches Transformers.
+        """
+        tokens = list(tokens)
+        if not tokens:
+            return ""
+        if tokens[0].startswith(SPIECE_UNDERLINE) and self.add_prefix_space:
+            tokens[0] = tokens[0][1:]
+        special = set(self.all_special_tokens)
+        out, run, prev_is_special = "", [], False
+        for i, token in enumerate(tokens):
+            if token in special:
+                if not prev_is_special and i != 0 and self.legacy:
+                    out += " "
+                out += self.sp_model.decode(run) + token
+                prev_is_special, run = True, []
+            else:
+                if (
+                    prev_is_special
+                    and i == 1
+                    and self.add_prefix_space
+                    and not token.startswith(SPIECE_UNDERLINE)
+                ):
+                    out += " "
+                run.append(token)
+                prev_is_special = False
+        return out + self.sp_model.decode(run)
+
+    def decode(self, token_ids, skip_special_tokens=False) -> str:
+        """Text of a sequence of ids (or of one id). Out-of-vocabulary ids raise TokenizerError.
+
+        An incomplete UTF-8 character at the end (a cut-off run of byte pieces) becomes U+FFFD.
+        """
+        if _is_integer(token_ids):
+            token_ids = [int(token_ids)]
+        tokens = self.convert_ids_to_tokens(token_ids, skip_special_tokens=skip_special_tokens)
+        return self.convert_tokens_to_string(tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens=False) -> list[str]:
+        """decode() for every row of a batch (a list of lists or a 2-D array)."""
+        if isinstance(sequences, np.ndarray) and sequences.ndim != 2:
+            raise TokenizerError(
+                f"batch_decode takes a (B, T) batch of ids, got an array of shape {sequences.shape}"
+            )
+        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
+
+    # ----------------------------------------------------------------------------------------
+    # the Llama 2 chat format
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        """Write a dialog in Meta's Llama 2 chat format; return ids (tokenize=True) or the text.
+
+        ``messages`` is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an
+        optional system message first, then user and assistant turns alternating, starting with
+        the user. Following Meta's ``chat_completion`` (REFERENCE §5):
+
+            system  -> put inside the first user turn: "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}"
+            each finished exchange -> <s>[INST] {user} [/INST] {answer} </s>
+            the open user turn     -> <s>[INST] {user} [/INST]
+
+        with user and answer texts stripped. The text is then encoded with special tokens
+        split out, which with legacy=True gives exactly Meta's ids (each segment encoded with its
+        own dummy prefix). With ``add_generation_prompt=True`` (the default) the dialog must end
+        with a user turn, as Meta's code requires; with False it may also end with an answer,
+        which is written as a finished exchange (for scoring or training on whole dialogs).
+        """
+        dialog = _llama2_dialog(messages)
+        if add_generation_prompt and dialog[-1]["role"] != "user":
+            raise TokenizerError(
+                f"the dialog ends with a {dialog[-1]['role']!r} turn; the Llama 2 chat format "
+                "ends with the user turn the model answers (pass add_generation_prompt=False to "
+                "write a finished dialog)"
+            )
+        parts = []
+        for i in range(0, len(dialog), 2):
+            user = dialog[i]["content"].strip()
+            if i + 1 < len(dialog):
+                answer = dialog[i + 1]["content"].strip()
+                parts.append(f"{self.bos_token}{B_INST} {user} {E_INST} {answer} {self.eos_token}")
+            else:
+                parts.append(f"{self.bos_token}{B_INST} {user} {E_INST}")
+        text = "".join(parts)
+        if not tokenize:
+            return text
+        return self.encode(text, add_special_tokens=False)
+
+    # ----------------------------------------------------------------------------------------
+    # files
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> "LlamaTokenizer":
+        """Load from a directory (or a bundled model name) holding ``tokenizer.model``.
+
+        ``tokenizer_config.json`` and ``special_tokens_map.json`` are read when present (the
+        Transformers layout); keyword arguments override them.
+        """
+        try:
+            directory = resolve_model_path(name_or_path)
+        except CheckpointError as error:
+            raise TokenizerError(str(error)) from None
+        vocab_file = directory / VOCAB_FILE_NAME
+        if not vocab_file.is_file():
+            raise TokenizerError(
+                f"{directory} has no {VOCAB_FILE_NAME} (the sentencepiece model a Llama "
+                "tokenizer needs)"
+            )
+
+        config = _read_json(directory / TOKENIZER_CONFIG_NAME)
+        special_map = _read_json(directory / SPECIAL_TOKENS_MAP_NAME)
+        settings = {}
+        for key in (
+            "add_bos_token",
+            "add_eos_token",
+            "legacy",
+            "add_prefix_space",
+            "padding_side",
+            "truncation_side",
+            "model_max_length",
+        ):
+            if config.get(key) is not None:
+                settings[key] = config[key]
+        for name in SPECIAL_TOKEN_NAMES:
+            # As in Transformers, special_tokens_map.json wins over tokenizer_config.json.
+            value = special_map.get(name, config.get(name, "absent"))
+            if value != "absent":
+                settings[name] = _token_content(value, directory / TOKENIZER_CONFIG_NAME, name)
+        extra = special_map.get("additional_special_tokens") or config.get(
+            "additional_special_tokens"
+        )
+        if extra:
+            settings["additional_special_tokens"] = [
+                _token_content(t, directory / TOKENIZER_CONFIG_NAME, "additional_special_tokens")
+                for t in extra
+            ]
+        settings.update(kwargs)
+        tokenizer = cls(vocab_file, **settings)
+
+        # Tokens saved with ids beyond the sentencepiece vocabulary must come back at those ids.
+        config_path = directory / TOKENIZER_CONFIG_NAME
+        for index, token in (config.get("added_tokens_decoder") or {}).items():
+            content = _token_content(token, config_path, "added_tokens_decoder")
+            loaded = tokenizer.added_tokens_encoder.get(content)
+            if loaded is None and int(index) < tokenizer.vocab_size:
+                continue  # a sentencepiece piece; nothing to restore
+            if loaded != int(index):
+                raise TokenizerError(
+                    f"{config_path}: added token {content!r} is saved with id {index} but loads as "
+                    f"{'no token' if loaded is None else f'id {loaded}'}; llama_np supports added "
+                    "special tokens only, numbered in order from the vocabulary size"
+                )
+        return tokenizer
+
+    def save_vocabulary(self, save_directory, filename_prefix=None) -> tuple[str]:
+        """Write the sentencepiece model to ``save_directory/[prefix-]tokenizer.model``."""
+        directory = Path(save_directory)
+        if not directory.is_dir():
+            raise TokenizerError(f"{directory} is not a directory")
+        path = directory / ((filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE_NAME)
+        atomic_write(path, [self._model_bytes])
+        return (str(path),)
+
+    def save_pretrained(self, save_directory) -> tuple[str, ...]:
+        """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json.
+
+        The layout is Transformers', so its LlamaTokenizer.from_pretrained reads the directory too.
+        """
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special = {
+            name: getattr(self, name)
+            for name in SPECIAL_TOKEN_NAMES
+            if getattr(self, name) is not None
+        }
+        if self.additional_special_tokens:
+            special["additional_special_tokens"] = list(self.additional_special_tokens)
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "add_prefix_space": self.add_prefix_space,
+            "legacy": self.legacy,
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "model_max_length": self.model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "pad_token": None,
+            **special,
+            "added_tokens_decoder": {
+                str(i): {
+                    "content": token,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
+                for token, i in sorted(self.added_tokens_encoder.items(), key=lambda item: item[1])
+            },
+        }
+        paths = [directory / TOKENIZER_CONFIG_NAME, directory / SPECIAL_TOKENS_MAP_NAME]
+        atomic_write_text(paths[0], json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(paths[1], json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        return tuple(map(str, paths)) + self.save_vocabulary(directory)
+
+    def __repr__(self):
+        return (
+            f"LlamaTokenizer(vocab_file={self.vocab_file!r}, vocab_size={self.vocab_size}, "
+            f"len={len(self)}, legacy={self.legacy}, add_bos_token={self.add_bos_token}, "
+            f"add_eos_token={self.add_eos_token}, "
+            f"pad_token={self.pad_token!r}, padding_side={self.padding_side!r})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# streaming
+
+
+class IncrementalDecoder:
+    """Turn token ids arriving one (or a few) at a time into text, without losing spaces.
+
+    Decoding each new id on its own loses the space in front of a word ("▁Banana" alone decodes
+    to "Banana"), and a character spelled as several byte pieces cannot be decoded until its last
+    byte arrives. So this decodes the whole sequence so far and returns only what is new, holding
+    back a trailing incomplete character (U+FFFD) until it is complete (REFERENCE §5).
+
+    The joined output equals ``tokenizer.decode(all_ids)`` with one exception: with legacy=True
+    and special tokens kept, Transformers' decode writes a space in front of the text that
+    precedes a special token ("<s>Hello" becomes "<s> Hello</s>" once "</s>" arrives). Text
+    already returned cannot move, so that space is returned just before the special token
+    instead ("<s>Hello </s>"): the same characters, one space in a different place.
+
+        decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
+        for token_id in new_ids:
+            print(decoder.put(token_id), end="")
+        print(decoder.end())
+    """
+
+    def __init__(self, tokenizer: LlamaTokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
+        self.decoded = ""  # the decoded text whose characters have been returned
+
+    def put(self, token_ids) -> str:
+        """Add ids (an int, a list, or an array of shape (n,) or (1, n)); return the new text."""
+        self.token_ids += _flat_ids(token_ids)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
+        return self._advance(text[: len(text.rstrip("\ufffd"))])
+
+    def end(self) -> str:
+        """Return whatever is still held back (e.g. an incomplete character) and start afresh."""
+        rest = self._advance(
+            self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
+        )
+        self.token_ids, self.decoded = [], ""
+        return rest
+
+    def _advance(self, text: str) -> str:
+        """The part of ``text`` not returned yet; remember ``text`` as returned."""
+        previous, self.decoded = self.decoded, text
+        if text.startswith(previous):
+            return text[len(previous) :]
+        # The legacy space (see the class docstring): one " " inserted into the returned text.
+        split = next((i for i, (a, b) in enumerate(zip(previous, text)) if a != b), len(text))
+        if text[split : split + 1] == " " and text[split + 1 :].startswith(previous[split:]):
+            return " " + text[len(previous) + 1 :]
+        return text[len(previous) :]
+
+
+class TextStreamer(IncrementalDecoder):
+    """Print text as ``generate(..., streamer=TextStreamer(tokenizer))`` produces it.
+
+    ``put`` receives the prompt first and then each new token; with ``skip_prompt=True`` the
+    prompt is not printed. ``end`` prints what is left and a newline.
+    """
+
+    def __init__(self, tokenizer, skip_prompt=False, skip_special_tokens=True, file=None):
+        super().__init__(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.skip_prompt = skip_prompt
+        self.file = file
+        self._next_is_prompt = True
+
+    def put(self, token_ids) -> str:
+        if self._next_is_prompt and self.skip_prompt:
+            self._next_is_prompt = False
+            # Decode the prompt so the new text is measured from its end, but print nothing.
+            super().put(token_ids)
+            return ""
+        self._next_is_prompt = False
+        new_text = super().put(token_ids)
+        print(new_text, end="", flush=True, file=self.file or sys.stdout)
+        return new_text
+
+    def end(self) -> str:
+        rest = super().end()
+        print(rest, flush=True, file=self.file or sys.stdout)
+        self._next_is_prompt = True
+        return rest
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_text(text):
+    if not isinstance(text, str):
+        raise TokenizerError(
+            "text must be a string (or a list of strings for a batch), "
+            f"got {type(text).__name__} {text!r:.80}"
+        )
+    return text
+
+
+def _check_token_string(name, token):
+    if not isinstance(token, str) or not token:
+        raise TokenizerError(
+            f"{name} must be a non-empty string, got {type(token).__name__} {token!r:.80}"
+        )
+    return token
+
+
+def _check_side(name, side):
+    if side not in ("right", "left"):
+        raise TokenizerError(f"{name}={side!r}: expected 'right' or 'left'")
+    return side
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_ids(ids, vocabulary_length) -> list[int]:
+    """A 1-D sequence of ints in [0, vocabulary_length), as plain ints; else TokenizerError."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TokenizerError(
+                f"token ids must be a 1-D integer array, got shape {ids.shape} and dtype "
+                f"{ids.dtype} "
+                "(use batch_decode for a (B, T) batch)"
+            )
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TokenizerError(
+            f"token ids must be a list of ints, got {type(ids).__name__} {ids!r:.80}"
+        )
+    checked = []
+    for position, value in enumerate(ids):
+        if not _is_integer(value):
+            raise TokenizerError(
+                f"token id at position {position} is {type(value).__name__} {value!r:.40}, "
+                "not an int"
+            )
+        if not 0 <= int(value) < vocabulary_length:
+            raise TokenizerError(
+                f"token id {int(value)} at position {position} is outside the vocabulary "
+                f"(ids 0..{vocabulary_length - 1})"
+            )
+        checked.append(int(value))
+    return checked
+
+
+def _flat_ids(token_ids) -> list[int]:
+    if _is_integer(token_ids):
+        return [int(token_ids)]
+    array = np.asarray(token_ids)
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise TokenizerError(
+            f"streaming takes ids of shape (n,) or (1, n), got {array.shape} {array.dtype}"
+        )
+    return [int(i) for i in array]
+
+
+def _llama2_dialog(messages) -> list[dict]:
+    """Validate a chat and fold a leading system message into the first user turn (Meta's rule)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TokenizerError(
+            "messages must be a non-empty list of {'role', 'content'} dicts, "
+            f"got {messages!r:.80}"
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise TokenizerError(
+                f"message {i} must be a dict with a string 'content', got {message!r:.80}"
+            )
+        if message.get("role") not in ("system", "user", "assistant"):
+            raise TokenizerError(
+                f"message {i} has role {message.get('role')!r}; expected 'system', 'user' or "
+                "'assistant'"
+            )
+    dialog = [dict(role=m["role"], content=m["content"]) for m in messages]
+    if dialog[0]["role"] == "system":
+        if len(dialog) < 2:
+            raise TokenizerError("a system message must be followed by a user message")
+        first = dialog[1]
+        dialog = [
+            dict(
+                role=first["role"], content=B_SYS + dialog[0]["content"] + E_SYS + first["content"]
+            )
+        ] + dialog[2:]
+    for i, message in enumerate(dialog):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise TokenizerError(
+                f"roles must alternate user/assistant/user/... (after an optional first system "
+                f"message); turn {i} is {message['role']!r} where {expected!r} was expected"
+            )
+    return dialog
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value, path, field):
+    """A token as saved by Transformers: a string, null, or an AddedToken dict with "content"."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(
+        f"{path}: {field} is {value!r:.80}; expected a string or a dict with 'content'"
+    )
