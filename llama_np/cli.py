@@ -340,14 +340,16 @@ def read_reference(path: Path, prefix: str | None) -> dict[str, np.ndarray]:
             reference = {name: archive[key(name)]
                          for name in ("input_ids", "logits", "attention_mask", "position_ids")
                          if key(name) in names}
+    except InputError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
         raise InputError(f"{path} is not a readable .npz file: {error}") from None
     return check_reference(path, reference)
 
 
 def describe_keys(names: list[str], prefix: str | None) -> str:
-    prefixes = sorted({name.rsplit(".", 1)[0] for name in names
-                       if "." in name and name.endswith((".input_ids", ".logits"))})
+    prefixes = sorted(name[: -len(".input_ids")] for name in names
+                      if name.endswith(".input_ids") and name[: -len("input_ids")] + "logits" in names)
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     hint = f"; choose one with --prefix ({', '.join(prefixes[:8])})" if prefixes and not prefix else ""
     return f"it holds {shown or 'no arrays'}{hint}"

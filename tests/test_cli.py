@@ -20,6 +20,7 @@ from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification
 from llama_np.tokenizer import LlamaTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "data" / "fixtures"
 TOKENIZER_MODEL = REPO / "tests" / "data" / "tokenizer" / "tokenizer.model"
 VERBS = ("generate", "chat", "classify", "logits", "compare", "inspect")
 LABELS = {0: "comedy", 1: "history", 2: "tragedy"}
@@ -280,6 +281,23 @@ def test_compare_checks_classifier_logits(capsys, classifier_dir, tmp_path):
     status, out, err = run(capsys, "compare", path, "--model", classifier_dir)
     assert status == 0, err
     assert "argmax agrees at 2/2 rows" in out
+
+
+@pytest.mark.parametrize("fixture, prefix", [("gqa_f32", "forward"), ("gqa_f32", "padded"),
+                                             ("mqa_tied_f16", "forward"), ("seqcls_single_label", "left")])
+def test_compare_passes_on_stored_transformers_fixtures(capsys, fixture, prefix):
+    directory = FIXTURES / fixture
+    status, out, err = run(capsys, "compare", directory / "reference.npz", "--model", directory, "--prefix", prefix)
+    assert status == 0, out + err
+    assert out.strip().endswith("PASS: tolerance |Δ| <= 0.0001 * max(1, |reference logit|)")
+
+
+def test_compare_without_prefix_on_a_file_of_several_references_names_the_prefixes(capsys):
+    directory = FIXTURES / "gqa_f32"
+    status, _, err = run(capsys, "compare", directory / "reference.npz", "--model", directory)
+    assert_one_line_error(status, err)
+    assert "has no input_ids or logits" in err
+    assert "--prefix (forward, keep, padded)" in err
 
 
 def _write_npz(path, **arrays):
