@@ -1,0 +1,7 @@
+"""``python -m llama_np`` runs the ``llama-np`` command line."""
+
+import sys
+
+from llama_np.cli import main
+
+sys.exit(main())
