@@ -281,6 +281,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 def run_logits(args) -> int:
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    if args.out:
+        check_output_path(Path(args.out))
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
     logits = model(input_ids).logits  # (1, T, V)
@@ -299,12 +301,17 @@ def run_logits(args) -> int:
     return EXIT_OK
 
 
-def save_npz(path: Path, **arrays) -> None:
-    """np.savez into a temporary file beside ``path``, then a rename: never half a file."""
+def check_output_path(path: Path) -> None:
+    """Refuse a bad --out before the model runs rather than after."""
     if path.suffix != ".npz":
         raise UsageError(f"--out must name a .npz file, got {path}")
-    directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the directory {path.parent} does not exist")
+
+
+def save_npz(path: Path, **arrays) -> None:
+    """np.savez into a temporary file beside ``path``, then a rename: never half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
             np.savez(file, **arrays)
@@ -457,11 +464,12 @@ def human_bytes(count: float) -> str:
         count /= 1024
 
 
-def activation_bytes(config, length: int, itemsize: int = 4) -> dict[str, int]:
+def activation_bytes(config, length: int, head_width: int, itemsize: int = 4) -> dict[str, int]:
     """A rough peak of what one forward pass over ``length`` tokens (batch 1) holds besides the
     weights: the key/value cache of every layer, one layer's attention scores and weights, one
-    layer's MLP intermediates, a few (T, D) residual-stream arrays, and the logits."""
-    T, D, I, V = length, config.hidden_size, config.intermediate_size, config.vocab_size
+    layer's MLP intermediates, a few (T, D) residual-stream arrays, and the head's output
+    (T, head_width): the logits over the vocabulary, or the per-position class scores."""
+    T, D, I, V = length, config.hidden_size, config.intermediate_size, head_width
     H, KV, hd, L = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                     config.num_hidden_layers)
     return {
@@ -469,23 +477,30 @@ def activation_bytes(config, length: int, itemsize: int = 4) -> dict[str, int]:
         "attention scores + weights (one layer)": 2 * H * T * T * itemsize,
         "MLP gate, up, product (one layer)": 3 * T * I * itemsize,
         "hidden states (a few T x D)": 4 * T * D * itemsize,
-        "logits (T x V)": T * V * itemsize,
+        ("logits (T x V)" if head_width == config.vocab_size else "class scores (T x labels)"): T * V * itemsize,
     }
 
 
 def run_inspect(args) -> int:
-    from llama_np.model import KEEP_WIDENED_LIMIT
+    from llama_np.model import LlamaForSequenceClassification
 
-    model = model_class_for(args.model).from_pretrained(args.model)
-    config, checkpoint = model.config, model.checkpoint
-    rope = dict(config.rope_parameters)
-    rope_type, theta = rope.pop("rope_type"), rope.pop("rope_theta")
-    length = args.seq_len or config.max_position_embeddings
-    if length < 1:
-        raise UsageError(f"--seq-len must be at least 1, got {length}")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq-len must be at least 1, got {args.seq_len}")
+    model_class = model_class_for(args.model)
+    model = model_class.from_pretrained(args.model)
+    classifier = model_class is LlamaForSequenceClassification
+    print(f"model            {args.model} ({model.checkpoint.directory})")
+    print(f"class            {model_class.__name__}")
+    print_architecture(model.config, classifier)
+    parameters = model.num_parameters()
+    print(f"parameters       {parameters:,}")
+    print_storage(model.checkpoint)
+    length = model.config.max_position_embeddings if args.seq_len is None else args.seq_len
+    print_memory(model.config, parameters, model.checkpoint.nbytes, length, classifier)
+    return EXIT_OK
 
-    print(f"model            {args.model} ({checkpoint.directory})")
-    print(f"class            {type(model).__name__}")
+
+def print_architecture(config, classifier: bool) -> None:
     print(f"layers           {config.num_hidden_layers}")
     print(f"hidden size      {config.hidden_size} (MLP intermediate {config.intermediate_size}, SwiGLU)")
     print(f"heads            {config.num_attention_heads} query, {config.num_key_value_heads} key/value, "
@@ -493,31 +508,40 @@ def run_inspect(args) -> int:
     gqa = config.num_key_value_groups
     kind = ("multi-head attention" if gqa == 1 else
             "multi-query attention" if config.num_key_value_heads == 1 else "grouped-query attention")
-    print(f"GQA ratio        {gqa}:1 ({gqa} query heads per key/value head; {kind})")
+    print(f"GQA ratio        {gqa}:1 ({gqa} query head{'s' if gqa != 1 else ''} per key/value head; {kind})")
     print(f"vocabulary       {config.vocab_size}")
     print(f"max positions    {config.max_position_embeddings}")
+    rope = dict(config.rope_parameters)
+    rope_type, theta = rope.pop("rope_type"), rope.pop("rope_theta")
     scaling = ", ".join(f"{k}={v}" for k, v in rope.items()) or "none"
     print(f"RoPE             type {rope_type}, theta {theta:g}, scaling: {scaling}")
     print(f"rms_norm_eps     {config.rms_norm_eps:g}")
     print(f"tied embeddings  {config.tie_word_embeddings}; attention bias {config.attention_bias}; "
           f"MLP bias {config.mlp_bias}")
     print(f"token ids        bos {config.bos_token_id}, eos {config.eos_token_id}, pad {config.pad_token_id}")
-    if type(model).__name__ == "LlamaForSequenceClassification":
+    if classifier:
         print(f"labels           {', '.join(label_names(config))} (problem type {config.problem_type or 'inferred'})")
-    parameters = model.num_parameters()
-    print(f"parameters       {parameters:,}")
 
+
+def print_storage(checkpoint) -> None:
     counts: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():
         counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
     dtypes = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(counts.items()))
     print(f"storage dtype    {dtypes}")
     file_bytes = sum(Path(f).stat().st_size for f in checkpoint.files)
-    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in {len(checkpoint.files)} "
-          f"safetensors file{'s' if len(checkpoint.files) != 1 else ''}; tensor data {checkpoint.nbytes:,})")
+    files = len(checkpoint.files)
+    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in {files} safetensors "
+          f"file{'s' if files != 1 else ''}; tensor data {checkpoint.nbytes:,})")
+
+
+def print_memory(config, parameters: int, stored_bytes: int, length: int, classifier: bool) -> None:
+    """The float32 weights plus ``activation_bytes``; a rough guide, not a measurement."""
+    from llama_np.model import KEEP_WIDENED_LIMIT
 
     weights = parameters * 4
-    activations = activation_bytes(config, length)
+    head_width = config.num_labels if classifier else config.vocab_size
+    activations = activation_bytes(config, length, head_width)
     print(f"memory (float32) about {human_bytes(weights + sum(activations.values()))} for one sequence of "
           f"{length} tokens, batch 1:")
     print(f"  {'weights widened to float32':<40} {human_bytes(weights)}")
@@ -525,10 +549,9 @@ def run_inspect(args) -> int:
         print(f"  {name:<40} {human_bytes(size)}")
     if weights > KEEP_WIDENED_LIMIT:
         print(f"  (weights above {human_bytes(KEEP_WIDENED_LIMIT)} are widened layer by layer on every "
-              f"call, so the resident size is closer to the {human_bytes(checkpoint.nbytes)} memory-mapped "
-              "on disk plus one widened layer, at some cost in speed)")
+              f"call, so the resident size is closer to the {human_bytes(stored_bytes)} memory-mapped "
+              "from disk plus one widened layer, at some cost in speed)")
     print("  rough estimate: NumPy temporaries and the Python process itself are not counted")
-    return EXIT_OK
 
 
 # ============================================================================================
@@ -560,12 +583,15 @@ def build_parser() -> ArgumentParser:
     sampling = ArgumentParser(add_help=False)
     group = sampling.add_argument_group("generation")
     group.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
-                       help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS}); stops earlier at end-of-sequence")
+                       help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS}); "
+                            "generation stops earlier at end-of-sequence")
     group.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature (> 0)")
     group.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
-    group.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens with probability >= P")
+    group.add_argument("--top-p", type=float, metavar="P",
+                       help="sample from the smallest set of most likely tokens whose probabilities add up to >= P")
     group.add_argument("--repetition-penalty", type=float, metavar="R",
-                       help="divide positive logits of tokens already seen by R (> 1 repeats less)")
+                       help="penalise tokens already in the text: their logits are divided by R when positive, "
+                            "multiplied by R when negative (> 1 repeats less)")
     group.add_argument("--seed", type=int, help="seed for sampling, for reproducible output")
     group.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
 
@@ -576,7 +602,7 @@ def build_parser() -> ArgumentParser:
 
     generate = add_verb(
         "generate", "continue a prompt, printing the text as it is generated",
-        'llama-np generate "HAMLET.\\nTo be, or not to be" --max-new-tokens 60 --temperature 0.8 --seed 1',
+        'llama-np generate "HAMLET. To be, or not to be" --max-new-tokens 60 --temperature 0.8 --seed 1',
         [model_option(DEFAULT_MODEL), sampling],
         description="Continue PROMPT, printing the text as it is generated. Without sampling options "
                     "the checkpoint's generation_config.json decides between sampling and greedy. "
@@ -596,7 +622,7 @@ def build_parser() -> ArgumentParser:
 
     classify = add_verb(
         "classify", "label texts with a sequence classifier",
-        'llama-np classify "MACBETH.\\nIs this a dagger which I see before me," "DUKE.\\nIf music be the food of love, play on"',
+        'llama-np classify "Is this a dagger which I see before me," "If music be the food of love, play on"',
         [model_option(DEFAULT_CLASSIFIER)],
         description="Print the predicted label and the probability of every label for each TEXT. "
                     "Texts are run as one right-padded batch when the config has a pad_token_id, "
@@ -606,7 +632,7 @@ def build_parser() -> ArgumentParser:
 
     logits = add_verb(
         "logits", "show the most likely next tokens after a prompt",
-        'llama-np logits "ROMEO.\\nBut, soft! what light" --top 5 --out romeo.npz',
+        'llama-np logits "But, soft! what light through yonder window" --top 5 --out romeo.npz',
         [model_option(DEFAULT_MODEL)],
         description="Print the most likely next tokens after PROMPT with their probabilities. "
                     "--out saves input_ids (1, T), attention_mask (1, T) and the logits of every "

@@ -367,3 +367,10 @@ def test_a_warning_repeated_at_every_step_is_printed_once(capsys, lm_dir):
     assert status == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("llama-np: warning: ")]
     assert len(warnings) == 1 and "max_position_embeddings=64" in warnings[0]
+
+
+def test_logits_refuses_an_out_file_in_a_missing_directory_before_running(capsys, lm_dir, tmp_path):
+    status, out, err = run(capsys, "logits", PROMPT, "--model", lm_dir, "--out", tmp_path / "absent" / "x.npz")
+    assert_one_line_error(status, err)
+    assert out == ""
+    assert "absent" in err
