@@ -29,7 +29,11 @@ from pathlib import Path
 import numpy as np
 
 import llama_np
+from llama_np.checkpoint import Checkpoint, resolve_model_path
+from llama_np.config import LlamaConfig
 from llama_np.errors import InputError, LlamaNPError
+from llama_np.model import KEEP_WIDENED_LIMIT, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+from llama_np.tokenizer import LlamaTokenizer, TextStreamer
 
 DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_CLASSIFIER = "tiny-shakespeare-genre"
@@ -71,32 +75,10 @@ class HelpFormatter(argparse.HelpFormatter):
 # ============================================================================================
 
 
-def load_causal_lm(name_or_path, dtype=np.float32):
-    from llama_np.model import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-
-
-def load_classifier(name_or_path, dtype=np.float32):
-    from llama_np.model import LlamaForSequenceClassification
-
-    return LlamaForSequenceClassification.from_pretrained(name_or_path, dtype=dtype)
-
-
-def load_tokenizer(name_or_path):
-    from llama_np.tokenizer import LlamaTokenizer
-
-    return LlamaTokenizer.from_pretrained(name_or_path)
-
-
 def model_class_for(name_or_path):
     """The model class a checkpoint holds, read from its tensor names (not from config.json,
     whose ``architectures`` field is optional): ``score.weight`` means a sequence classifier,
     ``lm_head.weight`` or tied embeddings a causal LM, neither a bare ``LlamaModel``."""
-    from llama_np.checkpoint import Checkpoint, resolve_model_path
-    from llama_np.config import LlamaConfig
-    from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
-
     directory = resolve_model_path(name_or_path)
     checkpoint = Checkpoint.open(directory)
     if "score.weight" in checkpoint:
@@ -135,8 +117,6 @@ def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict,
     as part of the whole sequence: a word decoded alone would lose its leading space
     (REFERENCE.md §5).
     """
-    from llama_np.tokenizer import TextStreamer
-
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     streamer.put(prompt_ids)
     sequences = model.generate(np.array([prompt_ids], dtype=np.int64), streamer=streamer,
@@ -154,7 +134,7 @@ def speed_report(stats: dict, prompt_length: int) -> str:
 
 def run_generate(args) -> int:
     settings = sampling_settings(args)
-    model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
     prompt_ids = tokenizer.encode(args.prompt)
     stats: dict = {}
     print(args.prompt, end="", flush=True)
@@ -174,7 +154,7 @@ def run_chat(args) -> int:
     end of input, an empty line, or "exit" / "quit".
     """
     settings = sampling_settings(args)
-    model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; an empty line, 'exit' or Ctrl-D ends the chat.", file=sys.stderr)
@@ -220,14 +200,12 @@ def classify_logits(model, rows: list[list[int]]) -> np.ndarray:
     """Pooled logits (B, num_labels): one padded batch when the config names a pad token,
     else one text at a time (without a pad token the last real token of a row cannot be found)."""
     pad = model.config.pad_token_id
-    if pad is not None and len(rows) > 1:
-        if any(row[-1] == pad for row in rows):
-            # The classifier reads the last token that is not the pad id; a text ending in that
-            # id would be read too early, so such texts run alone.
-            return np.concatenate([model(np.array([row])).logits for row in rows])
-        ids, mask = pad_right(rows, pad)
-        return model(ids, attention_mask=mask).logits
-    return np.concatenate([model(np.array([row])).logits for row in rows])
+    # The classifier reads each row at its last token that is not the pad id, so a text that
+    # itself ends in that id would be read too early in a padded batch; such a batch runs alone.
+    if len(rows) == 1 or pad is None or any(row[-1] == pad for row in rows):
+        return np.concatenate([model(np.array([row])).logits for row in rows])
+    ids, mask = pad_right(rows, pad)
+    return model(ids, attention_mask=mask).logits
 
 
 def label_names(config) -> list[str]:
@@ -237,7 +215,8 @@ def label_names(config) -> list[str]:
 
 
 def run_classify(args) -> int:
-    model, tokenizer = load_classifier(args.model), load_tokenizer(args.model)
+    model = LlamaForSequenceClassification.from_pretrained(args.model)
+    tokenizer = LlamaTokenizer.from_pretrained(args.model)
     rows = [tokenizer.encode(text) for text in args.texts]
     logits = classify_logits(model, rows).astype(np.float64)  # (B, num_labels)
     names = label_names(model.config)
@@ -250,7 +229,7 @@ def run_classify(args) -> int:
             print(f"{scores}\t{shorten(text)}")
             continue
         if problem == "multi_label_classification":
-            probabilities = 1 / (1 + np.exp(-row))  # each label on its own: sigmoid
+            probabilities = 0.5 * (1 + np.tanh(row / 2))  # sigmoid, each label on its own
             chosen = [name for name, p in zip(names, probabilities) if p > 0.5]
             label = "+".join(chosen) if chosen else "(none)"
         else:
@@ -283,7 +262,7 @@ def run_logits(args) -> int:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     if args.out:
         check_output_path(Path(args.out))
-    model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
     input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
     logits = model(input_ids).logits  # (1, T, V)
     last = logits[0, -1].astype(np.float64)  # (V,)
@@ -402,7 +381,8 @@ def run_compare(args) -> int:
     ref_logits = reference["logits"]
     classifier = ref_logits.ndim == 2
     dtype = np.dtype(args.dtype)
-    model = load_classifier(args.model, dtype) if classifier else load_causal_lm(args.model, dtype)
+    model_class = LlamaForSequenceClassification if classifier else LlamaForCausalLM
+    model = model_class.from_pretrained(args.model, dtype=dtype)
     width = model.config.num_labels if classifier else model.config.vocab_size
     if ref_logits.shape[-1] != width:
         what = "labels" if classifier else "vocabulary entries"
@@ -482,8 +462,6 @@ def activation_bytes(config, length: int, head_width: int, itemsize: int = 4) ->
 
 
 def run_inspect(args) -> int:
-    from llama_np.model import LlamaForSequenceClassification
-
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len must be at least 1, got {args.seq_len}")
     model_class = model_class_for(args.model)
@@ -537,8 +515,6 @@ def print_storage(checkpoint) -> None:
 
 def print_memory(config, parameters: int, stored_bytes: int, length: int, classifier: bool) -> None:
     """The float32 weights plus ``activation_bytes``; a rough guide, not a measurement."""
-    from llama_np.model import KEEP_WIDENED_LIMIT
-
     weights = parameters * 4
     head_width = config.num_labels if classifier else config.vocab_size
     activations = activation_bytes(config, length, head_width)
