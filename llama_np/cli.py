@@ -118,17 +118,20 @@ def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict,
     (REFERENCE.md §5).
     """
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    streamer.put(prompt_ids)
     sequences = model.generate(np.array([prompt_ids], dtype=np.int64), streamer=streamer,
                                stats=stats, **settings)
     return [int(i) for i in sequences[0, len(prompt_ids):]]
 
 
 def speed_report(stats: dict, prompt_length: int) -> str:
-    """Tokens per second counting only the new tokens; the prompt's time is reported apart."""
-    new, seconds = stats["new_tokens"], stats["generation_seconds"]
-    rate = f"{new / seconds:.1f} tokens/s" if seconds > 0 else "- tokens/s"
-    return (f"{new} new tokens in {seconds:.2f} s: {rate} "
+    """Generation speed over the new tokens only, as llama.cpp reports its eval rate.
+
+    The pass over the prompt also yields the first new token, so the rate is the cached decode
+    steps after it divided by their time; the prompt pass is reported apart.
+    """
+    steps, seconds = stats["decode_steps"], stats["decode_seconds"]
+    rate = f"{steps / seconds:.1f} tokens/s" if steps and seconds > 0 else "- tokens/s"
+    return (f"{stats['new_tokens']} new tokens; {rate} over the {steps} steps after the first "
             f"(prompt of {prompt_length} tokens read in {stats['prompt_seconds']:.2f} s, not counted)")
 
 

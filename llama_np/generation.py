@@ -202,9 +202,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
 
     Left-padded batches need ``attention_mask``: positions are then cumsum(mask) − 1 (0 on pads)
     so every row's first real token sits at position 0. ``seed`` makes sampling reproducible.
-    ``streamer`` gets every step's new tokens (B,): an object with ``put(tokens)``/``end()``
-    (e.g. ``llama_np.tokenizer.TextStreamer``) or a plain callable. ``stats``, a dict if given,
-    receives the prompt and generation times and the number of new tokens.
+    ``streamer`` follows Transformers' protocol: an object whose ``put`` receives the prompt ids
+    (B, T) first, then every step's new tokens (B,), and whose ``end()`` is called at the end
+    (e.g. ``llama_np.tokenizer.TextStreamer(tokenizer, skip_prompt=True)``); a plain callable
+    receives only the new tokens (B,). ``stats``, a dict if given, receives ``new_tokens``,
+    ``prompt_seconds`` (the pass over the prompt, which also yields the first new token) and
+    ``decode_seconds`` for the ``decode_steps`` = new_tokens − 1 cached steps after it.
     """
     settings = model.generation_config
     do_sample = settings.do_sample if do_sample is None else do_sample
@@ -239,6 +242,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     if (mask.sum(axis=-1) == 0).any():
         raise InputError("a row of attention_mask is all zeros: every prompt needs at least one token")
     rng = np.random.default_rng(seed)
+    if streamer is not None and hasattr(streamer, "put"):
+        streamer.put(ids)
 
     positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)
     unfinished = np.ones(batch, dtype=bool)
@@ -268,8 +273,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
     if stats is not None:
-        stats.update(prompt_seconds=prompt_seconds, new_tokens=steps,
-                     generation_seconds=time.perf_counter() - started - prompt_seconds)
+        stats.update(new_tokens=steps, prompt_seconds=prompt_seconds, decode_steps=max(steps - 1, 0),
+                     decode_seconds=time.perf_counter() - started - prompt_seconds)
     return sequences
 
 

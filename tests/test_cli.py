@@ -142,7 +142,8 @@ def test_generate_greedy_streams_the_same_text_as_decoding_the_whole_sequence(ca
     assert out == PROMPT + continuation + "\n"
     assert "tokens/s" in err
     new_tokens = len(sequence) - len(prompt_ids)
-    assert err.startswith(f"{new_tokens} new tokens in ")
+    assert err.startswith(f"{new_tokens} new tokens; ")
+    assert f"over the {new_tokens - 1} steps after the first" in err
     assert f"prompt of {len(prompt_ids)} tokens" in err
 
 

@@ -112,3 +112,23 @@ def test_kv_cache_grows_and_returns_everything_stored():
         keys, values = cache.update(0, k, k)
     assert cache.get_seq_length() == 40
     np.testing.assert_array_equal(keys[0, 0, :, 0], np.arange(40))
+
+
+def test_streamer_objects_get_the_prompt_first_then_each_token_then_end(lm):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, ids):
+            self.calls.append(np.asarray(ids))
+
+        def end(self):
+            self.calls.append("end")
+
+    recorder, stats = Recorder(), {}
+    out = lm.generate([[5, 6, 7]], max_new_tokens=4, do_sample=False, eos_token_id=[],
+                      streamer=recorder, stats=stats)
+    np.testing.assert_array_equal(recorder.calls[0], [[5, 6, 7]])
+    np.testing.assert_array_equal(np.concatenate(recorder.calls[1:5]), out[0, 3:])
+    assert recorder.calls[5] == "end" and len(recorder.calls) == 6
+    assert (stats["new_tokens"], stats["decode_steps"]) == (4, 3)
