@@ -14,6 +14,7 @@ H query heads, KV key/value heads, hd head_dim, I intermediate size, V vocabular
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -445,9 +446,11 @@ class LlamaPreTrainedModel:
         _record(hook, "hook_embed", x)
         hidden_states, attentions = [x], []
         for i in range(config.num_hidden_layers):
+            self._show_progress(i)
             x, weights = decoder_layer(x, self.layer_weights(i), config, cos, sin, mask, i, cache, hook)
             hidden_states.append(x)
             attentions.append(weights)
+        self._show_progress(config.num_hidden_layers)
         x = layers.rms_norm(x, self.weights[f"{self.base_prefix}norm.weight"], config.rms_norm_eps)
         _record(hook, "ln_final.hook_normalized", x)
         hidden_states[-1] = x  # Transformers reports the last hidden state after the final norm
@@ -457,6 +460,14 @@ class LlamaPreTrainedModel:
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+    def _show_progress(self, layer: int) -> None:
+        """On a terminal, a big model (weights widened on every use) shows the layer it is on."""
+        if self.weights.keep_widened or not sys.stderr.isatty():
+            return
+        total = self.config.num_hidden_layers
+        end = "\n" if layer == total else ""
+        print(f"\rlayer {layer}/{total}", end=end, file=sys.stderr, flush=True)
 
     def run_with_cache(self, input_ids, attention_mask=None, names_filter=None):
         """Run the model and record named activations; see ``llama_np.trace``."""
