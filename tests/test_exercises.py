@@ -1,0 +1,346 @@
+"""The classroom checkers pass the library's own functions and name each classic mistake.
+
+Every buggy function below is written here the way a student might write it, independently of
+the wrong versions inside the checkers, so each test shows that the checker recognises the
+mistake from its outputs alone.
+"""
+
+import numpy as np
+import pytest
+
+from llama_np import layers
+from llama_np.checkpoint import bundled_model_names
+from llama_np.exercises import (
+    check_apply_rope,
+    check_attention,
+    check_pooling,
+    check_repeat_kv,
+    check_rms_norm,
+    check_rope_frequencies,
+    check_swiglu,
+    check_top_p,
+)
+from llama_np.exercises.samples import BUNDLED_MODEL, model_sample
+from llama_np.generation import top_p_filter
+from llama_np.model import last_non_pad_index
+
+
+def assert_fails_with(result, mistake, phrase):
+    assert not result.passed
+    assert result.fraction_correct < 1.0
+    assert result.mistake == mistake, result.report
+    assert phrase in result.hint, result.hint
+
+
+# ---------------------------------------------------------------------------- the library passes
+
+LIBRARY_FUNCTIONS = [
+    (check_rms_norm, layers.rms_norm),
+    (check_rope_frequencies, lambda head_dim, theta: layers.default_rope_frequencies(head_dim, theta)),
+    (check_apply_rope, layers.apply_rope),
+    (check_repeat_kv, layers.repeat_kv),
+    (check_attention, layers.attention),
+    (check_swiglu, layers.swiglu),
+    (check_pooling, last_non_pad_index),
+    (check_top_p, top_p_filter),
+]
+
+
+@pytest.mark.parametrize("prefer_bundled", [True, False], ids=["bundled-if-installed", "random-stand-in"])
+@pytest.mark.parametrize("checker, function", LIBRARY_FUNCTIONS, ids=lambda x: getattr(x, "__name__", ""))
+def test_each_checker_passes_the_librarys_own_function(checker, function, prefer_bundled):
+    result = checker(function, verbose=False, prefer_bundled=prefer_bundled)
+    assert result.passed, result.report
+    assert result.fraction_correct == 1.0 and result.hint is None and result.mistake is None
+    assert len(result.cases) >= 4
+
+
+def test_meta_layout_check_passes_the_interleaved_rotation():
+    result = check_apply_rope(layers.apply_rope_interleaved, layout="meta", verbose=False)
+    assert result.passed, result.report
+
+
+def test_cases_come_from_the_bundled_model_when_it_is_installed():
+    source = model_sample().source
+    assert ("bundled" in source) == (BUNDLED_MODEL in bundled_model_names())
+    assert "random" in model_sample(prefer_bundled=False).source
+
+
+# ---------------------------------------------------------------------------- the listed mistakes
+
+
+def rms_norm_eps_outside_root(x, weight, eps):
+    rms = np.sqrt((x ** 2).mean(axis=-1, keepdims=True))
+    return weight * x / (rms + eps)
+
+
+def test_rms_norm_with_eps_outside_the_root_is_named():
+    assert_fails_with(check_rms_norm(rms_norm_eps_outside_root, verbose=False),
+                      "eps outside the square root", "inside the square root")
+
+
+def rope_adjacent_pairs(x, cos, sin):
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :, :half], sin[:, None, :, :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * c - odd * s
+    out[..., 1::2] = even * s + odd * c
+    return out
+
+
+def rope_halves(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def test_rope_rotating_adjacent_pairs_is_named():
+    assert_fails_with(check_apply_rope(rope_adjacent_pairs, verbose=False),
+                      "adjacent pairs instead of halves", "pairs dimension i with i + hd/2")
+
+
+def test_meta_rope_rotating_halves_is_named():
+    assert_fails_with(check_apply_rope(rope_halves, layout="meta", verbose=False),
+                      "halves instead of adjacent pairs", "adjacent dimensions")
+
+
+def repeat_kv_tiled(x, n_rep):
+    return np.concatenate([x] * n_rep, axis=1)
+
+
+def attention_with_tiled_heads(q, k, v, mask, scaling):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv_tiled(k, n_rep), repeat_kv_tiled(v, n_rep)
+    scores = q @ np.swapaxes(k, 2, 3) * scaling
+    if mask is not None:
+        scores = scores + mask
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    return weights @ v, weights
+
+
+def attention_with_minus_inf_mask(q, k, v, mask, scaling):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, n_rep, axis=1), np.repeat(v, n_rep, axis=1)
+    scores = q @ np.swapaxes(k, 2, 3) * scaling
+    if mask is not None:
+        scores = np.where(mask == 0, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights = weights / weights.sum(-1, keepdims=True)
+    return weights @ v, weights
+
+
+def test_repeat_kv_tiling_heads_is_named():
+    assert_fails_with(check_repeat_kv(repeat_kv_tiled, verbose=False), "tiled heads", "np.repeat")
+
+
+def test_attention_tiling_heads_is_named():
+    assert_fails_with(check_attention(attention_with_tiled_heads, verbose=False), "tiled heads", "k0 k0 k1 k1")
+
+
+def test_attention_minus_inf_mask_that_makes_padded_rows_nan_is_named():
+    result = check_attention(attention_with_minus_inf_mask, verbose=False)
+    assert_fails_with(result, "−inf mask", "NaN")
+    # the meaningful rows are right; only the padded rows (NaN) count against it
+    assert 0.5 < result.fraction_correct < 1.0
+
+
+def pool_last_position(input_ids, pad_token_id):
+    return np.array([input_ids.shape[1] - 1] * input_ids.shape[0])
+
+
+def pool_count_minus_one(input_ids, pad_token_id):
+    return np.sum(input_ids != pad_token_id, axis=1) - 1
+
+
+@pytest.mark.parametrize("pool, mistake", [
+    (pool_last_position, "pooling the pad position"),
+    (pool_count_minus_one, "pooling the pad position (left padding)"),
+])
+def test_pooling_the_pad_position_is_named(pool, mistake):
+    assert_fails_with(check_pooling(pool, verbose=False), mistake, "pooling the pad position")
+
+
+def top_p_dropping_crossing_token(logits, top_p):
+    if top_p >= 1.0:
+        return logits
+    z = logits - logits.max(-1, keepdims=True)
+    probabilities = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    order = np.argsort(-probabilities, axis=-1)
+    cumulative = np.cumsum(np.take_along_axis(probabilities, order, -1), axis=-1)
+    keep_sorted = cumulative < top_p
+    keep_sorted[:, 0] = True
+    out = np.full_like(logits, -np.inf)
+    rows = np.arange(logits.shape[0])[:, None]
+    out[rows, order] = np.where(keep_sorted, np.take_along_axis(logits, order, -1), -np.inf)
+    return out
+
+
+def test_top_p_dropping_the_crossing_token_is_named():
+    assert_fails_with(check_top_p(top_p_dropping_crossing_token, verbose=False),
+                      "dropping the crossing token", "crosses the threshold")
+
+
+# ---------------------------------------------------------------------------- more named mistakes
+
+
+def test_rms_norm_that_subtracts_the_mean_is_layer_norm():
+    def layer_norm(x, weight, eps):
+        centred = x - x.mean(-1, keepdims=True)
+        return weight * centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + eps)
+
+    assert_fails_with(check_rms_norm(layer_norm, verbose=False), "mean subtracted", "LayerNorm")
+
+
+def test_rope_frequencies_with_exponent_i_over_d_is_named():
+    def frequencies(head_dim, theta):
+        return 1.0 / theta ** (np.arange(head_dim // 2) / head_dim)
+
+    assert_fails_with(check_rope_frequencies(frequencies, verbose=False), "exponent i/hd", "2i/hd")
+
+
+def test_attention_without_scaling_is_named():
+    def unscaled(q, k, v, mask, scaling):
+        return layers.attention(q, k, v, mask, 1.0)
+
+    assert_fails_with(check_attention(unscaled, verbose=False), "scaling missing", "scaling")
+
+
+def test_swiglu_with_silu_on_up_is_named():
+    def swapped(x, gate_proj, up_proj, down_proj):
+        return layers.swiglu(x, up_proj, gate_proj, down_proj)
+
+    assert_fails_with(check_swiglu(swapped, verbose=False), "silu on the up projection", "gate")
+
+
+# ---------------------------------------------------------------------------- generic hints
+
+
+def test_not_implemented_is_reported_not_raised(capsys):
+    def blank(x, weight, eps):
+        raise NotImplementedError
+
+    result = check_rms_norm(blank)
+    assert not result.passed and result.fraction_correct == 0.0 and result.mistake is None
+    assert "NotImplementedError" in result.hint
+    printed = capsys.readouterr().out
+    assert "check_rms_norm: FAILED" in printed and "0.0% of values correct" in printed and "Hint:" in printed
+
+
+def test_an_error_raised_only_on_gqa_cases_gets_the_gqa_hint():
+    def without_repeat(q, k, v, mask, scaling):
+        scores = q @ k.swapaxes(-1, -2) * scaling  # fails to broadcast when 1 < KV < H
+        if mask is not None:
+            scores = scores + mask
+        weights = layers.softmax(scores)
+        return weights @ v, weights
+
+    result = check_attention(without_repeat, verbose=False)
+    assert not result.passed and result.mistake is None
+    assert "GQA" in result.hint
+
+
+def test_an_unexpected_error_is_named_with_its_message():
+    def broken(x, n_rep):
+        raise KeyError("heads")
+
+    result = check_repeat_kv(broken, verbose=False)
+    assert "raised KeyError" in result.hint and "heads" in result.hint
+
+
+def test_transposed_output_is_named():
+    def transposed(x, n_rep):
+        return np.repeat(x, n_rep, axis=1).swapaxes(-1, -2)
+
+    result = check_repeat_kv(transposed, verbose=False)
+    assert not result.passed and "transposed" in result.hint
+
+
+def test_wrong_shape_is_named():
+    def dropped_last(x, weight, eps):
+        return layers.rms_norm(x, weight, eps)[..., :-1]
+
+    result = check_rms_norm(dropped_last, verbose=False)
+    assert not result.passed and "has shape" in result.hint
+
+
+def test_float_indices_are_a_dtype_problem():
+    def float_indices(input_ids, pad_token_id):
+        return last_non_pad_index(input_ids, pad_token_id).astype(np.float64)
+
+    result = check_pooling(float_indices, verbose=False)
+    assert not result.passed and "dtype" in result.hint
+
+
+def test_a_constant_factor_is_named():
+    def doubled(x, gate_proj, up_proj, down_proj):
+        return 2 * layers.swiglu(x, gate_proj, up_proj, down_proj)
+
+    result = check_swiglu(doubled, verbose=False)
+    assert not result.passed and "times 2" in result.hint
+
+
+def test_returning_none_is_named():
+    def forgot_return(logits, top_p):
+        top_p_filter(logits, top_p)
+
+    result = check_top_p(forgot_return, verbose=False)
+    assert not result.passed and "None" in result.hint
+
+
+def test_negative_index_for_the_last_position_is_accepted():
+    def negative(input_ids, pad_token_id):
+        index = last_non_pad_index(input_ids, pad_token_id)
+        return np.where(index == input_ids.shape[1] - 1, -1, index)
+
+    assert check_pooling(negative, verbose=False).passed
+
+
+def test_student_function_cannot_change_the_checkers_arrays():
+    def vandal(x, weight, eps):
+        out = layers.rms_norm(x, weight, eps)
+        x[...] = 0
+        weight[...] = 0
+        return out
+
+    assert check_rms_norm(vandal, verbose=False).passed
+    assert check_rms_norm(layers.rms_norm, verbose=False).passed
+
+
+# ---------------------------------------------------------------------------- the bundled path
+
+
+@pytest.fixture
+def bundled_style_model(tmp_path, monkeypatch):
+    """A float16 GQA checkpoint with a sentencepiece tokenizer, installed as the bundled model."""
+    import shutil
+    from pathlib import Path
+
+    from llama_np import LlamaConfig, LlamaForCausalLM, checkpoint
+
+    directory = tmp_path / BUNDLED_MODEL
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5,
+                         max_position_embeddings=256)
+    LlamaForCausalLM.from_config(config, seed=7).save_pretrained(directory, storage_dtype=np.float16)
+    shutil.copy(Path(__file__).parent / "data" / "tokenizer" / "tokenizer.model", directory / "tokenizer.model")
+    monkeypatch.setattr(checkpoint, "ASSETS_DIR", tmp_path)
+    model_sample.cache_clear()
+    yield
+    model_sample.cache_clear()
+
+
+def test_checkers_run_on_a_bundled_style_checkpoint(bundled_style_model):
+    sample = model_sample()
+    assert "bundled" in sample.source and sample.attention_mask.min() == 0  # padded batch
+    for checker, function in LIBRARY_FUNCTIONS:
+        result = checker(function, verbose=False)
+        assert result.passed, result.report
+    assert_fails_with(check_rms_norm(rms_norm_eps_outside_root, verbose=False),
+                      "eps outside the square root", "inside the square root")
+    assert_fails_with(check_attention(attention_with_tiled_heads, verbose=False), "tiled heads", "k0 k0 k1 k1")
+    assert_fails_with(check_top_p(top_p_dropping_crossing_token, verbose=False),
+                      "dropping the crossing token", "crosses the threshold")
+    assert_fails_with(check_pooling(pool_last_position, verbose=False), "pooling the pad position",
+                      "pooling the pad position")
