@@ -9,8 +9,8 @@
   from the library.
 - Any other fence (``python no-run``, ``bash``, ``text``) is left alone.
 
-When the bundled model ``"tiny-shakespeare"`` is not installed, a page runs up to its first
-executed block that names it and is then skipped, with the reason.
+When a bundled model a block names (``"tiny-shakespeare"``, ``"tiny-shakespeare-genre"``) is not
+installed, the page runs up to that block and is then skipped, with the reason.
 """
 
 import importlib
@@ -28,7 +28,8 @@ EXPECTED_PAGES = {
     "swiglu.md", "heads.md", "generation.md", "checkpoints.md", "testing.md", "cli.md",
     "trace.md", "teaching.md",
 }
-BUNDLED_MODEL = "tiny-shakespeare"
+# A bundled model named in a block, as a string literal: "tiny-shakespeare", "tiny-shakespeare-genre".
+BUNDLED_NAME = re.compile(r"[\"'](tiny-shakespeare[\w-]*)[\"']")
 
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
@@ -121,14 +122,15 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     from llama_np.checkpoint import bundled_model_names
 
-    bundled_installed = BUNDLED_MODEL in bundled_model_names()
+    installed = set(bundled_model_names())
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": f"docs.{page.stem}"}
     for body, line in executed_blocks(page):
-        if f'"{BUNDLED_MODEL}"' in body and not bundled_installed:
-            # The blocks before this one have run; the rest need the bundled model.
-            pytest.skip(f"{page.name} line {line} on runs the bundled model {BUNDLED_MODEL!r}, "
-                        "which is not installed in llama_np/assets/")
+        missing = sorted(set(BUNDLED_NAME.findall(body)) - installed)
+        if missing:
+            # The blocks before this one have run; the rest need the bundled models.
+            pytest.skip(f"{page.name} line {line} on runs the bundled model(s) {missing}, "
+                        "not installed in llama_np/assets/")
         # Leading newlines make the line numbers in a traceback those of the Markdown file.
         code = compile("\n" * (line - 1) + body, str(page), "exec")
         exec(code, namespace)
