@@ -288,7 +288,7 @@ def generic_hint(outcomes: Sequence[CaseOutcome], tag_hints: dict) -> str:
             return (f"Your values are the expected ones times {factor:.4g} (case '{outcome.case.name}'): "
                     "a scale factor is missing, extra or inverted.")
     worst = min(failed, key=lambda o: o.fraction_correct)
-    return (f"{100 * (1 - worst.fraction_correct):.1f}% of the values of case '{worst.case.name}' differ "
+    return (f"{percent(1 - worst.fraction_correct)} of the values of case '{worst.case.name}' differ "
             f"(largest scaled difference {worst.worst_error:.3g} at index {worst.worst_index}). Compare "
             "your intermediate arrays with the library's on that case, one step at a time.")
 
@@ -324,18 +324,24 @@ def run_check(name: str, fn: Callable, cases: Sequence[Case], mistakes: Sequence
     return result
 
 
+def percent(fraction: float) -> str:
+    """A share as a percentage that never shows 100.0% unless every value is right."""
+    shown = 100 * fraction
+    return f"{min(shown, 99.9) if fraction < 1 else shown:.1f}%"
+
+
 def format_report(result: CheckResult) -> str:
     """A few lines: verdict, share of values correct, one line per case, the hint."""
     right = sum(o.passed for o in result.cases)
     verdict = "passed" if result.passed else "FAILED"
     lines = [f"{result.name}: {verdict} — {right} of {len(result.cases)} cases right, "
-             f"{100 * result.fraction_correct:.1f}% of values correct"]
+             f"{percent(result.fraction_correct)} of values correct"]
     worst = result.worst_case
     for outcome in result.cases:
         mark = "✓" if outcome.passed else "✗"
         line = f"  {mark} {outcome.case.name}"
         if not outcome.passed:
-            detail = outcome.problem or (f"{100 * outcome.fraction_correct:.1f}% correct, largest "
+            detail = outcome.problem or (f"{percent(outcome.fraction_correct)} correct, largest "
                                          f"difference {outcome.worst_error:.3g} at {outcome.worst_index}")
             line += f": {detail}" + ("   <- worst case" if outcome is worst else "")
         lines.append(line)

@@ -172,12 +172,12 @@ TOP_P_MISTAKES = (
 )
 
 
-def _safe_top_p(logits, top_p, margin=1e-4):
+def _safe_top_p(logits, top_p, margin=2e-5):
     """top_p moved a little, if needed, so that no cumulative probability lies within ``margin`` of
     1 − top_p — float32 and float64 sums then agree on every token."""
     cumulative = np.cumsum(np.sort(_probabilities(logits), axis=-1), axis=-1)
     for step in range(50):
-        candidate = top_p + 0.0021 * ((step + 1) // 2) * (-1) ** step
+        candidate = top_p + 0.001 * ((step + 1) // 2) * (-1) ** step
         if np.abs(cumulative - (1 - candidate)).min() > margin:
             return round(candidate, 4)
     return top_p
