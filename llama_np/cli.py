@@ -18,9 +18,9 @@ User mistakes (a missing path, a corrupt file, a bad argument) end with one line
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
-import tempfile
 import textwrap
 import warnings
 import zipfile
@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 import llama_np
-from llama_np.checkpoint import Checkpoint, resolve_model_path
+from llama_np import layers
+from llama_np.checkpoint import Checkpoint, atomic_write, resolve_model_path
 from llama_np.config import LlamaConfig
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.model import KEEP_WIDENED_LIMIT, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
@@ -249,10 +250,8 @@ def shorten(text: str, width: int = 60) -> str:
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
-    """softmax over the last axis, in float64."""
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    """Probabilities over the last axis, computed in float64 for printing."""
+    return layers.softmax(np.asarray(z, dtype=np.float64))
 
 
 # ============================================================================================
@@ -292,15 +291,10 @@ def check_output_path(path: Path) -> None:
 
 
 def save_npz(path: Path, **arrays) -> None:
-    """np.savez into a temporary file beside ``path``, then a rename: never half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """np.savez through ``atomic_write`` (a temporary file beside ``path``, then a rename)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path, [buffer.getvalue()])
 
 
 # ============================================================================================

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_np import layers
 from llama_np.errors import CheckpointError, InputError
 
 # ---------------------------------------------------------------------------- KV cache
@@ -162,10 +163,8 @@ def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    """Probabilities in float64, so that cumulative sums over a large vocabulary stay exact."""
+    return layers.softmax(logits.astype(np.float64))
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
