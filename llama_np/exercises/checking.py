@@ -129,7 +129,7 @@ def as_parts(output, count: int) -> tuple[tuple | None, str | None]:
         return None, "returned None (is a `return` missing?)"
     if count > 1:
         if not isinstance(output, (tuple, list)) or len(output) != count:
-            return None, f"should return a tuple of {count} arrays, returned {type(output).__name__}"
+            return None, f"returned a {type(output).__name__}; it should return a tuple of {count} arrays"
         items = tuple(output)
     else:
         items = (output,)
@@ -277,7 +277,10 @@ def generic_hint(outcomes: Sequence[CaseOutcome], tag_hints: dict) -> str:
                 "Print the shapes of the arrays you combine on the line that failed.")
     with_problem = [o for o in failed if o.problem]
     if with_problem:
-        return f"Your result {with_problem[0].problem} (case '{with_problem[0].case.name}')."
+        problem = with_problem[0].problem
+        # problems read either "returned ..." (about the call) or "has ..." (about the array)
+        subject = "Your function" if problem.startswith("returned") else "Your result"
+        return f"{subject} {problem} (case '{with_problem[0].case.name}')."
     with_nan = [o for o in failed if any(np.isnan(p.astype(np.float64)).any() for p in o.parts)]
     if with_nan:
         return (f"Your result contains NaN (case '{with_nan[0].case.name}'): look for 0/0, "

@@ -45,8 +45,8 @@ def _rms_norm_without_weight(x, weight, eps):
 RMS_NORM_MISTAKES = (
     Mistake("eps outside the square root",
             "Is eps inside the square root? RMSNorm divides by sqrt(mean(x²) + eps), not by "
-            "sqrt(mean(x²)) + eps. The two agree for ordinary tokens and part ways when mean(x²) is "
-            "small, as in the nearly silent tokens.", (_rms_norm_eps_outside,)),
+            "sqrt(mean(x²)) + eps. The two agree only for tokens with a large mean square and part "
+            "ways as mean(x²) shrinks towards eps.", (_rms_norm_eps_outside,)),
     Mistake("eps missing",
             "eps is missing: an all-zero vector (such as a freshly initialised pad embedding) then "
             "gives 0/0 = NaN. Divide by sqrt(mean(x²) + eps).", (_rms_norm_without_eps,)),
