@@ -69,6 +69,8 @@ def _token_lookup(id_to_token) -> Callable[[int], str]:
 
 # ---------------------------------------------------------------------------- attention
 
+MAX_FIGURE_INCHES = 14
+
 
 def _layer_pattern(attentions, layer: int) -> np.ndarray:
     """(B, H, T, S) weights of one layer from a trace cache or a model's ``attentions`` tuple."""
@@ -99,7 +101,9 @@ def plot_attention_head(attentions, layer: int, head: int, tokens: Sequence[str]
     pattern = _blank_padding(_layer_pattern(attentions, layer)[batch_index], attention_mask, batch_index)
     weights = pattern[head]  # (T, S)
     queries, keys = weights.shape
-    fig = Figure(figsize=(1.6 + 0.3 * keys, 1.2 + 0.3 * queries), layout="constrained")
+    # 0.3 inch a token, up to a page's width: long passages shrink instead of growing without end
+    scale = min(0.3, MAX_FIGURE_INCHES / max(keys, queries))
+    fig = Figure(figsize=(1.6 + scale * keys, 1.2 + scale * queries), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8).set_label("attention weight")
