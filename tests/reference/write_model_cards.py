@@ -54,6 +54,10 @@ def titles(names):
     return ", ".join(TITLES.get(n, n) for n in names)
 
 
+def counts(by_genre):
+    return ", ".join(f"{n:,} {g}" for g, n in by_genre.items())
+
+
 def size_on_disk(name):
     folder = ASSETS / name
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "MODEL_CARD.md")
@@ -188,6 +192,9 @@ def genre_card(r):
     m = r["confusion"]
     matrix = "\n".join(f"| **{g}** | " + " | ".join(str(v) for v in row) + f" | {sum(row)} |" for g, row in zip(genres, m))
     recall = ", ".join(f"{g} {m[i][i] / max(1, sum(m[i])):.1%}" for i, g in enumerate(genres))
+    test_totals = [sum(row) for row in m]
+    test_major = genres[test_totals.index(max(test_totals))]
+    test_major_share = max(test_totals) / sum(test_totals)
     per_play = ", ".join(f"{TITLES[p]} {a:.1%}" for p, a in r["per_play_accuracy"].items())
     return f"""# tiny-shakespeare-genre
 
@@ -223,9 +230,9 @@ the play's heading in the First Folio (1623); Cymbeline and Troilus and Cressida
 tragedies, Pericles (not in the Folio) and the poems are not used.
 
 - **Training plays ({len(r['train_plays'])}):** {titles(r['train_plays'])} —
-  passages {r['train_counts']}.
+  {counts(r['train_counts'])} passages.
 - **Test plays ({len(r['test_plays'])}, never seen by the tokenizer, the language model or the classifier):**
-  {titles(r['test_plays'])} — passages {r['test_counts']}.
+  {titles(r['test_plays'])} — {counts(r['test_counts'])} passages.
 
 Train and test plays are different, so the classifier cannot succeed by recognising a play's
 characters; it has to generalise (names that recur across the history plays, such as the
@@ -245,6 +252,7 @@ passages; AdamW (weight decay {t['weight_decay']}), warm-up {t['warmup_steps']} 
 | | accuracy |
 |---|---|
 | majority-class baseline (always "{r['majority_class']}", the most frequent class among training passages) | {r['majority_accuracy']:.1%} |
+| always the most frequent class of the test passages ("{test_major}"), for reference | {test_major_share:.1%} |
 | **tiny-shakespeare-genre** | **{r['accuracy']:.1%}** |
 | (for comparison: on 2,000 training passages) | {r['train_accuracy']:.1%} |
 
