@@ -312,7 +312,9 @@ def main():
                       sentencepiece=spm.__version__, numpy=np.__version__, python=platform.python_version()),
         samples=sample_generations(args.out, sp),
     )
-    (WORK_DIR / "lm_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # A trial run into another folder must not overwrite the numbers of the shipped model.
+    results_path = WORK_DIR / "lm_results.json" if args.out == OUT_DIR else args.out / "lm_results.json"
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
     for s in results["samples"]:
         log(f"--- {s['prompt']!r}\n{s['text']}")
     log("done")

@@ -205,7 +205,9 @@ def main():
         versions=dict(torch=torch.__version__, transformers=transformers.__version__,
                       sentencepiece=spm.__version__, numpy=np.__version__, python=platform.python_version()),
     )
-    (WORK_DIR / "genre_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # A trial run into another folder must not overwrite the numbers of the shipped model.
+    results_path = WORK_DIR / "genre_results.json" if args.out == OUT_DIR else args.out / "genre_results.json"
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
     log("done")
 
 
