@@ -452,14 +452,26 @@ class Checkpoint:
             )
 
 
+def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
+    """The JSON object in a file such as config.json; ``error`` naming the file if it is
+    unreadable, not JSON, or not an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as problem:
+        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+    except ValueError as problem:  # JSONDecodeError and UnicodeDecodeError
+        raise error(f"{path} is not valid JSON: {problem}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _read_index(index_path: Path) -> dict[Path, list[str]]:
     """model.safetensors.index.json -> {shard file: tensor names the index places in it}."""
     directory = index_path.parent
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {index_path} as JSON: {error}") from error
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = read_json_object(index_path)
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
     ):

@@ -97,15 +97,9 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "LlamaConfig":
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"cannot read {path}: {error.strerror or error}") from None
-        try:
-            fields = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path} is not valid JSON: {error}") from None
+        from llama_np.checkpoint import read_json_object
+
+        fields = read_json_object(path, ConfigError)
         try:
             return cls.from_dict(fields)
         except ConfigError as error:

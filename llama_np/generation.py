@@ -10,7 +10,6 @@ repetition penalty -> temperature -> top-k -> top-p -> softmax -> sample (or arg
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
-from llama_np.errors import CheckpointError, InputError
+from llama_np.errors import InputError
 
 # ---------------------------------------------------------------------------- KV cache
 
@@ -95,12 +94,9 @@ class GenerationConfig:
         path = Path(directory) / "generation_config.json"
         if not path.is_file():
             return base
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"cannot read {path}: {error}") from None
-        if not isinstance(values, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
+        from llama_np.checkpoint import read_json_object
+
+        values = read_json_object(path)
         known = {f.name for f in fields(cls)} - {"extra"}
         for name, value in values.items():
             if name in known:

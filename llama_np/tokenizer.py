@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llama_np.checkpoint import atomic_write, atomic_write_text, resolve_model_path
+from llama_np.checkpoint import atomic_write, atomic_write_text, read_json_object, resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
 
 SPIECE_UNDERLINE = "▁"  # sentencepiece's visible space, U+2581
@@ -1022,15 +1022,10 @@ def _llama2_dialog(messages) -> list[dict]:
 
 
 def _read_json(path: Path) -> dict:
+    """A tokenizer side file (tokenizer_config.json, ...) as a dict; {} when it is absent."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise TokenizerError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, TokenizerError)
 
 
 def _token_content(value, path, field):

@@ -272,7 +272,6 @@ def generic_hint(outcomes: Sequence[CaseOutcome], tag_hints: dict) -> str:
     if by_tag:
         return by_tag
     if errors:
-        error = errors[0].error
         return (f"Your function {errors[0].problem} (case '{errors[0].case.name}'). "
                 "Print the shapes of the arrays you combine on the line that failed.")
     with_problem = [o for o in failed if o.problem]
