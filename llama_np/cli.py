@@ -33,7 +33,7 @@ from llama_np import layers
 from llama_np.checkpoint import Checkpoint, atomic_write, resolve_model_path
 from llama_np.config import LlamaConfig
 from llama_np.errors import InputError, LlamaNPError
-from llama_np.model import KEEP_WIDENED_LIMIT, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
 from llama_np.tokenizer import LlamaTokenizer, TextStreamer
 
 DEFAULT_MODEL = "tiny-shakespeare"
@@ -520,8 +520,9 @@ def print_memory(config, parameters: int, stored_bytes: int, length: int, classi
     print(f"  {'weights widened to float32':<40} {human_bytes(weights)}")
     for name, size in activations.items():
         print(f"  {name:<40} {human_bytes(size)}")
-    if weights > KEEP_WIDENED_LIMIT:
-        print(f"  (weights above {human_bytes(KEEP_WIDENED_LIMIT)} are widened layer by layer on every "
+    limit = keep_widened_limit()
+    if weights > limit:
+        print(f"  (weights above {human_bytes(limit)}, half the memory available now, are widened layer by layer on every "
               f"call, so the resident size is closer to the {human_bytes(stored_bytes)} memory-mapped "
               "from disk plus one widened layer, at some cost in speed)")
     print("  rough estimate: NumPy temporaries and the Python process itself are not counted")
