@@ -6,13 +6,16 @@
     llama-np logits PROMPT      the most likely next tokens; --out saves the full logits
     llama-np compare REF.npz    run the model on stored input ids and check stored logits
     llama-np inspect            config, parameter count, dtypes, sizes and memory
+    llama-np dump PROMPT        save every named activation (golden activations) to an .npz
+    llama-np diff A.npz B.npz   the first activation where two dumps part ways
+    llama-np attention PROMPT   save a figure of one head's or one layer's attention
 
 Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory, or a bundled model name) and
 defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for classify).
 
 User mistakes (a missing path, a corrupt file, a bad argument) end with one line
-``llama-np: error: ...`` on stderr and exit status 2, never a traceback. ``compare`` exits with
-1 when the logits differ by more than the tolerance. Ctrl-C exits with 130.
+``llama-np: error: ...`` on stderr and exit status 2, never a traceback. ``compare`` and ``diff``
+exit with 1 when the numbers differ by more than the tolerance. Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from llama_np.config import LlamaConfig
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
 from llama_np.tokenizer import LlamaTokenizer, TextStreamer
+from llama_np.trace import forward_order
 
 DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_CLASSIFIER = "tiny-shakespeare-genre"
@@ -533,11 +537,133 @@ def print_memory(config, parameters: int, stored_bytes: int, length: int, classi
 # ============================================================================================
 
 
+# ============================================================================================
+# dump and diff: golden activations for debugging a port layer by layer
+# ============================================================================================
+
+DUMP_INPUTS = ("input_ids", "attention_mask")
+
+
+def run_dump(args) -> int:
+    """Save the prompt's ids, logits and every traced activation (float32) under its hook name."""
+    out = Path(args.out)
+    check_output_path(out)
+    model_class = model_class_for(args.model)
+    model, tokenizer = model_class.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
+    names_filter = (lambda name: any(part in name for part in args.names)) if args.names else None
+    logits, cache = model.run_with_cache(input_ids, names_filter=names_filter)
+    arrays = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+              "logits": np.asarray(logits, dtype=np.float32)}
+    arrays.update((name, np.asarray(value, dtype=np.float32)) for name, value in cache.items())
+    save_npz(out, **arrays)
+    size = sum(a.nbytes for a in arrays.values())
+    print(f"saved {len(cache)} activations, logits {arrays['logits'].shape} and input_ids "
+          f"{input_ids.shape} ({human_bytes(size)}) to {out}")
+    return EXIT_OK
+
+
+def read_dump(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz dump; pickled arrays are refused (allow_pickle=False)."""
+    if not path.is_file():
+        raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
+            return {name: archive[name] for name in archive.files}
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path} is not a readable .npz file: {error}") from None
+
+
+def run_diff(args) -> int:
+    """Compare two dumps name by name, in forward order, and name the first divergence.
+
+    Works on any two .npz files holding arrays under the same names: two llama_np dumps, or a
+    llama_np dump and one written by another implementation with the hook names of
+    ``docs/trace.md``. Both must come from the same input ids.
+    """
+    if not args.atol > 0:
+        raise UsageError(f"--atol must be positive, got {args.atol}")
+    first, second = read_dump(Path(args.first)), read_dump(Path(args.second))
+    if "input_ids" in first and "input_ids" in second and not np.array_equal(first["input_ids"], second["input_ids"]):
+        raise InputError(f"{args.first} and {args.second} were made from different input_ids; "
+                         "dump both from the same ids")
+    common = sorted((set(first) & set(second)) - set(DUMP_INPUTS), key=forward_order)
+    if not common:
+        raise InputError(f"{args.first} and {args.second} share no arrays to compare")
+    print(f"{'activation':<36} {'shape':<18} {'max|Δ|':>10}  scaled")
+    first_divergence = None
+    for name in common:
+        a, b = first[name].astype(np.float64), second[name].astype(np.float64)
+        if a.shape != b.shape:
+            print(f"{name:<36} {str(a.shape) + ' vs ' + str(b.shape):<18}  shapes differ")
+            first_divergence = first_divergence or name
+            continue
+        difference = np.abs(a - b)
+        scaled = float((difference / np.maximum(1.0, np.abs(b))).max()) if a.size else 0.0
+        if not np.isfinite(scaled):
+            scaled = np.inf
+        outside = scaled > args.atol
+        flag = "  <- outside tolerance" if outside else ""
+        print(f"{name:<36} {str(a.shape):<18} {float(difference.max()) if a.size else 0.0:>10.3e}  "
+              f"{scaled:.2e}{flag}")
+        if outside and first_divergence is None:
+            first_divergence = name
+    for label, only in ((args.first, set(first) - set(second)), (args.second, set(second) - set(first))):
+        if only:
+            shown = sorted(only, key=forward_order)
+            print(f"only in {label}: {', '.join(shown[:6])}{', ...' if len(shown) > 6 else ''}")
+    if first_divergence is not None:
+        print(f"FAIL: first divergence at {first_divergence} (tolerance {args.atol:g} x max(1, |value|))")
+        return EXIT_FAILED
+    print(f"PASS: {len(common)} arrays within {args.atol:g} x max(1, |value|)")
+    return EXIT_OK
+
+
+# ============================================================================================
+# attention figure
+# ============================================================================================
+
+
+def run_attention(args) -> int:
+    """Save one head's attention pattern, or a whole layer's heads grouped by key/value head."""
+    from llama_np.plotting import plot_attention_head, plot_attention_layer  # matplotlib: only here
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UsageError(f"--out must name a .png, .svg or .pdf file, got {out}")
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: the directory {out.parent} does not exist")
+    model_class = model_class_for(args.model)
+    model, tokenizer = model_class.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    config = model.config
+    if not 0 <= args.layer < config.num_hidden_layers:
+        raise UsageError(f"--layer must be in [0, {config.num_hidden_layers}), got {args.layer}")
+    if args.head is not None and not 0 <= args.head < config.num_attention_heads:
+        raise UsageError(f"--head must be in [0, {config.num_attention_heads}), got {args.head}")
+    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)
+    _, cache = model.run_with_cache(input_ids, names_filter=f"blocks.{args.layer}.attn.hook_pattern")
+    tokens = tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
+    if args.head is None:
+        figure = plot_attention_layer(cache, args.layer, config.num_key_value_heads, tokens=tokens)
+    else:
+        figure = plot_attention_head(cache, args.layer, args.head, tokens=tokens)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=out.suffix.lower()[1:], dpi=120)
+    atomic_write(out, [buffer.getvalue()])
+    what = f"head {args.head}" if args.head is not None else "all heads"
+    print(f"saved layer {args.layer}, {what}, over {input_ids.shape[1]} tokens to {out}")
+    return EXIT_OK
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="llama-np",
         description="Llama 2 in plain NumPy: generate, chat, classify, look at logits, compare "
-                    "with reference logits and inspect checkpoints.",
+                    "with reference logits, inspect checkpoints, and dump and diff activations.",
         epilog="examples:\n"
                "  llama-np generate \"ROMEO.\" --max-new-tokens 40\n"
                "  llama-np inspect --model ~/models/Llama-2-7b-hf\n"
@@ -647,6 +773,47 @@ def build_parser() -> ArgumentParser:
     inspect.add_argument("--seq-len", type=int, metavar="T",
                          help="sequence length for the memory estimate (default: max_position_embeddings)")
     inspect.set_defaults(run=run_inspect)
+
+    dump = add_verb(
+        "dump", "save every named activation of a forward pass (golden activations) to an .npz",
+        'llama-np dump "ROMEO. But soft" --out golden.npz --names hook_resid_post hook_pattern',
+        [model_option(DEFAULT_MODEL)],
+        description="Run PROMPT once and save input_ids, attention_mask, logits and every traced "
+                    "activation under its TransformerLens-style hook name (hook_embed, "
+                    "blocks.{l}.attn.hook_q, blocks.{l}.hook_resid_post, ...; see docs/trace.md), "
+                    "as float32. Write the same names from your own implementation, on the same "
+                    "input_ids, and 'llama-np diff' finds the first place the two part ways.")
+    dump.add_argument("prompt", metavar="PROMPT")
+    dump.add_argument("--out", required=True, metavar="FILE.npz", help="where to save the activations")
+    dump.add_argument("--names", nargs="+", metavar="PART",
+                      help="keep only hook names containing one of these parts (default: all)")
+    dump.set_defaults(run=run_dump)
+
+    diff = add_verb(
+        "diff", "compare two activation dumps and name the first divergence (exit 1 if any)",
+        "llama-np diff golden.npz my_port.npz --atol 1e-4",
+        description="Compare the arrays two .npz dumps share, in the order the forward pass "
+                    "computes them, print max |Δ| for each, and name the first one outside the "
+                    "tolerance: |a - b| <= ATOL * max(1, |b|). Exit 0 when all agree, 1 otherwise. "
+                    "Both dumps must come from the same input_ids.")
+    diff.add_argument("first", metavar="A.npz")
+    diff.add_argument("second", metavar="B.npz", help="the reference: tolerances scale with its values")
+    diff.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                      help=f"tolerance, scaled by max(1, |value|) (default: {DEFAULT_ATOL:g})")
+    diff.set_defaults(run=run_diff)
+
+    attention = add_verb(
+        "attention", "save a figure of a layer's (or one head's) attention over a prompt",
+        'llama-np attention "ROMEO. But soft, what light" --layer 2 --head 1 --out head.png',
+        [model_option(DEFAULT_MODEL)],
+        description="Run PROMPT and save the attention weights of --layer as a figure: one head's "
+                    "pattern with --head, else every head of the layer with the query heads that "
+                    "share a key/value head grouped together.")
+    attention.add_argument("prompt", metavar="PROMPT")
+    attention.add_argument("--layer", type=int, required=True, metavar="L", help="layer index, from 0")
+    attention.add_argument("--head", type=int, metavar="H", help="one query head (default: the whole layer)")
+    attention.add_argument("--out", required=True, metavar="FILE.png", help="a .png, .svg or .pdf to write")
+    attention.set_defaults(run=run_attention)
     return parser
 
 

@@ -81,6 +81,22 @@ def hook_names(config) -> list[str]:
     return names
 
 
+def forward_order(name: str) -> tuple:
+    """A sort key that puts hook names in the order the forward pass reaches them.
+
+    "hook_embed" first, then layer by layer in LAYER_HOOK_POINTS order, then
+    "ln_final.hook_normalized"; any other name (e.g. "logits") after those, alphabetically.
+    """
+    if name == "hook_embed":
+        return (0, 0, 0, name)
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in LAYER_HOOK_POINTS:
+        return (1, int(parts[1]), LAYER_HOOK_POINTS.index(parts[2]), name)
+    if name == "ln_final.hook_normalized":
+        return (2, 0, 0, name)
+    return (3, 0, 0, name)
+
+
 def names_filter_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:
     """Turn the ``names_filter`` argument into a predicate on hook names.
 

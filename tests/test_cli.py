@@ -22,7 +22,7 @@ from llama_np.tokenizer import LlamaTokenizer
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data" / "fixtures"
 TOKENIZER_MODEL = REPO / "tests" / "data" / "tokenizer" / "tokenizer.model"
-VERBS = ("generate", "chat", "classify", "logits", "compare", "inspect")
+VERBS = ("generate", "chat", "classify", "logits", "compare", "inspect", "dump", "diff", "attention")
 LABELS = {0: "comedy", 1: "history", 2: "tragedy"}
 PROMPT = "To be, or not to be"
 
@@ -375,3 +375,50 @@ def test_logits_refuses_an_out_file_in_a_missing_directory_before_running(capsys
     assert_one_line_error(status, err)
     assert out == ""
     assert "absent" in err
+
+
+# -------------------------------------------------------------------------------- dump, diff, attention
+
+
+def test_dump_saves_every_hook_and_diff_passes_on_itself(capsys, lm_dir, tmp_path):
+    golden = tmp_path / "golden.npz"
+    status, out, err = run(capsys, "dump", PROMPT, "--model", lm_dir, "--out", golden)
+    assert status == 0, err
+    saved = np.load(golden)
+    model = LlamaForCausalLM.from_pretrained(lm_dir)
+    assert set(llama_np.trace.hook_names(model.config)) <= set(saved.files)
+    np.testing.assert_array_equal(saved["logits"], model(saved["input_ids"]).logits)
+    status, out, _ = run(capsys, "diff", golden, golden)
+    assert status == 0 and out.strip().endswith("max(1, |value|)") and "PASS" in out
+
+
+def test_diff_names_the_first_divergence_in_forward_order(capsys, lm_dir, tmp_path):
+    golden = tmp_path / "golden.npz"
+    run(capsys, "dump", PROMPT, "--model", lm_dir, "--out", golden)
+    changed = dict(np.load(golden))
+    changed["blocks.1.hook_resid_post"] = changed["blocks.1.hook_resid_post"] + 1.0  # later
+    changed["blocks.0.mlp.hook_post"] = changed["blocks.0.mlp.hook_post"] * 1.01  # earlier
+    port = tmp_path / "port.npz"
+    np.savez(port, **changed)
+    status, out, _ = run(capsys, "diff", port, golden)
+    assert status == 1
+    assert "first divergence at blocks.0.mlp.hook_post" in out
+
+
+def test_diff_refuses_dumps_of_different_inputs(capsys, lm_dir, tmp_path):
+    first, second = tmp_path / "a.npz", tmp_path / "b.npz"
+    run(capsys, "dump", PROMPT, "--model", lm_dir, "--out", first, "--names", "hook_embed")
+    run(capsys, "dump", PROMPT + " more", "--model", lm_dir, "--out", second, "--names", "hook_embed")
+    status, _, err = run(capsys, "diff", first, second)
+    assert_one_line_error(status, err)
+    assert "different input_ids" in err
+
+
+def test_attention_writes_a_png_and_checks_the_layer(capsys, lm_dir, tmp_path):
+    figure = tmp_path / "layer.png"
+    status, out, err = run(capsys, "attention", PROMPT, "--model", lm_dir, "--layer", 1, "--out", figure)
+    assert status == 0, err
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    status, _, err = run(capsys, "attention", PROMPT, "--model", lm_dir, "--layer", 9, "--out", figure)
+    assert_one_line_error(status, err)
+    assert "--layer" in err
