@@ -383,6 +383,8 @@ def run_compare(args) -> int:
     classifier = ref_logits.ndim == 2
     dtype = np.dtype(args.dtype)
     model_class = LlamaForSequenceClassification if classifier else LlamaForCausalLM
+    if args.model is None:  # a classifier reference (B, labels) defaults to the bundled classifier
+        args.model = DEFAULT_CLASSIFIER if classifier else DEFAULT_MODEL
     model = model_class.from_pretrained(args.model, dtype=dtype)
     width = model.config.num_labels if classifier else model.config.vocab_size
     if ref_logits.shape[-1] != width:
@@ -675,9 +677,10 @@ def build_parser() -> ArgumentParser:
 
     def model_option(default):
         common = ArgumentParser(add_help=False)
+        shown = default or f"{DEFAULT_MODEL}, or {DEFAULT_CLASSIFIER} for classifier logits (B, labels)"
         common.add_argument("--model", default=default, metavar="NAME_OR_PATH",
                             help="a checkpoint directory (config.json, *.safetensors, tokenizer.model) "
-                                 f"or a bundled model name (default: {default})")
+                                 f"or a bundled model name (default: {shown})")
         return common
 
     sampling = ArgumentParser(add_help=False)
@@ -745,7 +748,7 @@ def build_parser() -> ArgumentParser:
     compare = add_verb(
         "compare", "check the model's logits against a stored reference (exit 1 on mismatch)",
         "llama-np compare reference.npz --model ./Llama-2-7b-converted --atol 1e-3",
-        [model_option(DEFAULT_MODEL)],
+        [model_option(None)],
         description="Run the model on the input ids stored in REFERENCE.npz and compare with its "
                     "logits: 'input_ids' (B, T) and 'logits' (B, T, V) -- or (B, labels) for a "
                     "sequence classifier -- with optional 'attention_mask' and 'position_ids' "

@@ -422,3 +422,10 @@ def test_attention_writes_a_png_and_checks_the_layer(capsys, lm_dir, tmp_path):
     status, _, err = run(capsys, "attention", PROMPT, "--model", lm_dir, "--layer", 9, "--out", figure)
     assert_one_line_error(status, err)
     assert "--layer" in err
+
+
+def test_compare_checks_a_classifier_reference_against_the_bundled_classifier_by_default(capsys):
+    reference = REPO / "tests" / "data" / "bundled" / "tiny-shakespeare-genre.npz"
+    status, out, err = run(capsys, "compare", reference, "--prefix", "left")
+    assert status == 0, err
+    assert "PASS" in out
