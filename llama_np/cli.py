@@ -306,31 +306,36 @@ def save_npz(path: Path, **arrays) -> None:
 # ============================================================================================
 
 
-def read_reference(path: Path, prefix: str | None) -> dict[str, np.ndarray]:
-    """input_ids (B, T), logits (B, T, V) or (B, labels), optional attention_mask and
-    position_ids (B, T), from an .npz file; InputError naming the problem otherwise.
-
-    Pickled object arrays are refused (allow_pickle=False): loading one could run code.
-    With ``prefix``, the arrays are ``<prefix>.input_ids`` etc., as in llama_np's test data.
-    """
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz file. Pickled object arrays are refused (allow_pickle=False):
+    loading one could run code."""
     if not path.is_file():
         raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
-            names = list(archive.files)
-            key = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
-            missing = [key(name) for name in ("input_ids", "logits") if key(name) not in names]
-            if missing:
-                raise InputError(f"{path} has no {' or '.join(missing)}; {describe_keys(names, prefix)}")
-            reference = {name: archive[key(name)]
-                         for name in ("input_ids", "logits", "attention_mask", "position_ids")
-                         if key(name) in names}
+            return {name: archive[name] for name in archive.files}
     except InputError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise InputError(f"{path} is not a readable .npz file: {error}") from None
+
+
+def read_reference(path: Path, prefix: str | None) -> dict[str, np.ndarray]:
+    """input_ids (B, T), logits (B, T, V) or (B, labels), optional attention_mask and
+    position_ids (B, T), from an .npz file; InputError naming the problem otherwise.
+
+    With ``prefix``, the arrays are ``<prefix>.input_ids`` etc., as in llama_np's test data.
+    """
+    arrays = read_npz(path)
+    names = list(arrays)
+    key = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    missing = [key(name) for name in ("input_ids", "logits") if key(name) not in arrays]
+    if missing:
+        raise InputError(f"{path} has no {' or '.join(missing)}; {describe_keys(names, prefix)}")
+    reference = {name: arrays[key(name)] for name in ("input_ids", "logits", "attention_mask", "position_ids")
+                 if key(name) in arrays}
     return check_reference(path, reference)
 
 
@@ -565,21 +570,6 @@ def run_dump(args) -> int:
     return EXIT_OK
 
 
-def read_dump(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz dump; pickled arrays are refused (allow_pickle=False)."""
-    if not path.is_file():
-        raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
-            return {name: archive[name] for name in archive.files}
-    except InputError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
-        raise InputError(f"{path} is not a readable .npz file: {error}") from None
-
-
 def run_diff(args) -> int:
     """Compare two dumps name by name, in forward order, and name the first divergence.
 
@@ -589,7 +579,7 @@ def run_diff(args) -> int:
     """
     if not args.atol > 0:
         raise UsageError(f"--atol must be positive, got {args.atol}")
-    first, second = read_dump(Path(args.first)), read_dump(Path(args.second))
+    first, second = read_npz(Path(args.first)), read_npz(Path(args.second))
     if "input_ids" in first and "input_ids" in second and not np.array_equal(first["input_ids"], second["input_ids"]):
         raise InputError(f"{args.first} and {args.second} were made from different input_ids; "
                          "dump both from the same ids")
