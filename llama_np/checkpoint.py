@@ -147,8 +147,8 @@ def _parse_header_json(path: Path, header_bytes: bytes) -> dict:
         raise CheckpointError(f"the header of {path} is not valid UTF-8: {error}") from error
     try:
         header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except ValueError as error:
-        raise CheckpointError(f"the header of {path} is not valid JSON: {error}") from error
+    except (ValueError, RecursionError) as error:  # RecursionError: nested thousands deep
+        raise CheckpointError(f"the header of {path} is not valid JSON: {error}") from None
     if not isinstance(header, dict):
         raise CheckpointError(
             f"the header of {path} is a JSON {type(header).__name__}; expected an object "
@@ -183,7 +183,7 @@ def _validate_entry(
             "data_offsets"
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in STORAGE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
         raise CheckpointError(
             f"{where} has dtype {dtype!r}; llama_np reads {', '.join(STORAGE_DTYPES)} "
             "(integer, quantized and float8 weights are not supported)"
@@ -460,7 +460,7 @@ def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
         value = json.loads(path.read_text(encoding="utf-8"))
     except OSError as problem:
         raise error(f"cannot read {path}: {problem.strerror or problem}") from None
-    except ValueError as problem:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as problem:  # bad JSON or UTF-8; nested thousands deep
         raise error(f"{path} is not valid JSON: {problem}") from None
     if not isinstance(value, dict):
         raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
@@ -673,6 +673,11 @@ def bundled_model_names() -> list[str]:
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     """An existing directory as given, else the bundled model of that name, else CheckpointError."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise CheckpointError(
+            f"a model is named by a path or a bundled model name (a str), got "
+            f"{type(name_or_path).__name__} {name_or_path!r:.80}"
+        )
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -5,6 +5,7 @@ Broken files are crafted byte by byte so that each header check is exercised on 
 
 import json
 import mmap
+import re
 import struct
 import time
 import warnings
@@ -345,6 +346,8 @@ def test_absurd_header_length_is_rejected_before_reading(tmp_path):
         (b"\xff\xfe{}", "not valid UTF-8"),
         (b"[1, 2, 3]", "JSON list; expected an object"),
         (b'{"a": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}, "a": {}}', "twice"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON.*recursion"),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "not valid JSON.*recursion"),
     ],
 )
 def test_header_that_is_not_a_json_object(tmp_path, header, expected):
@@ -354,11 +357,11 @@ def test_header_that_is_not_a_json_object(tmp_path, header, expected):
     assert str(path) in str(error.value)
 
 
-@pytest.mark.parametrize("dtype", ["I8", "U8", "F8_E4M3", "I64", "float32"])
+@pytest.mark.parametrize("dtype", ["I8", "U8", "F8_E4M3", "I64", "float32", ["F32"], {"F32": 1}, None])
 def test_unknown_dtype_names_tensor_and_dtype(tmp_path, dtype):
     path = write_raw(tmp_path / "x.safetensors", {"q.weight": entry((4,), 0, 4, dtype)},
                      data=b"\0" * 4)
-    with pytest.raises(CheckpointError, match=rf"'q.weight'.*dtype '{dtype}'"):
+    with pytest.raises(CheckpointError, match=rf"'q.weight'.*dtype {re.escape(repr(dtype))}"):
         read_safetensors_header(path)
 
 
@@ -702,6 +705,12 @@ def test_a_file_is_not_a_model_directory(tmp_path, assets):
     file_path.write_text("{}")
     with pytest.raises(CheckpointError, match="is a file"):
         resolve_model_path(file_path)
+
+
+@pytest.mark.parametrize("name", [5, None, b"tiny-shakespeare", ["tiny-shakespeare"]])
+def test_a_model_name_that_is_not_a_str_or_path_is_a_checkpoint_error(name):
+    with pytest.raises(CheckpointError, match=rf"path or a bundled model name .*got {type(name).__name__}"):
+        resolve_model_path(name)
 
 
 def test_saved_files_get_the_usual_permissions_not_private_temp_ones(tmp_path):
