@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from llama_np.errors import ConfigError
 
 # Defaults of Transformers' LlamaConfig when a key is absent (REFERENCE.md §1).
@@ -53,6 +55,15 @@ ROPE_REQUIRED_FIELDS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
 }
+
+# Optional yarn fields: null (Transformers' default) or a positive number (REFERENCE.md §3).
+YARN_OPTIONAL_FIELDS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
+
+# The settings that switch a part of the model on or off; JSON true or false, nothing else.
+BOOLEAN_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+# Every number the model computes with passes through float32: a larger one becomes inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
@@ -232,14 +243,23 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        self._validate_pretraining_tp()
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        for name in BOOLEAN_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not _is_positive_number(self.rms_norm_eps):
-            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+            raise ConfigError(f"rms_norm_eps must be a positive number below float32's maximum, "
+                              f"got {self.rms_norm_eps!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and 0 <= value):
                 raise ConfigError(f"{name} must be a non-negative integer or null, got {value!r}")
+        # Transformers refuses this too: the embedding has no row for such a pad token.
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ConfigError(f"pad_token_id={self.pad_token_id} is outside the vocabulary "
+                              f"[0, vocab_size={self.vocab_size})")
         eos = self.eos_token_id
         eos_list = eos if isinstance(eos, list) else [eos]
         if eos is not None and not all(_is_int(e) and e >= 0 for e in eos_list):
@@ -248,21 +268,48 @@ class LlamaConfig:
             raise ConfigError(f"problem_type must be one of {PROBLEM_TYPES} or null, got {self.problem_type!r}")
         self._validate_rope()
 
+    def _validate_pretraining_tp(self):
+        """pretraining_tp cuts weights into equal slices (layers.linear_tp): each size it cuts
+        must divide evenly, or rows would be dropped (the logits would lose vocabulary entries)."""
+        tp = self.pretraining_tp
+        sliced = {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "num_attention_heads * head_dim": self.num_attention_heads * self.head_dim,
+            "num_key_value_heads * head_dim": self.num_key_value_heads * self.head_dim,
+        }
+        uneven = [f"{name} = {size}" for name, size in sliced.items() if size % tp]
+        if uneven:
+            raise ConfigError(f"pretraining_tp={tp} must divide every size it slices; it does not "
+                              f"divide {', '.join(uneven)}")
+
     def _validate_rope(self):
         rope = self.rope_parameters
         rope_type = rope.get("rope_type")
-        if rope_type not in ROPE_REQUIRED_FIELDS:
+        if not isinstance(rope_type, str) or rope_type not in ROPE_REQUIRED_FIELDS:
             raise ConfigError(
                 f"rope type {rope_type!r} is not supported; known types: {sorted(ROPE_REQUIRED_FIELDS)}"
             )
-        if not _is_positive_number(rope.get("rope_theta")):
-            raise ConfigError(f"rope_theta must be a positive number, got {rope.get('rope_theta')!r}")
+        # theta is the base of the wavelengths theta^(2i/hd): at or below 1 they do not grow.
+        theta = rope.get("rope_theta")
+        if not (_is_positive_number(theta) and theta > 1):
+            raise ConfigError(f"rope_theta must be a number above 1 and below float32's maximum, "
+                              f"got {theta!r}")
         for name in ROPE_REQUIRED_FIELDS[rope_type]:
             if name not in rope or rope[name] is None:
                 raise ConfigError(f"rope type {rope_type!r} needs the field {name!r} in the RoPE settings")
             if not _is_positive_number(rope[name]):
-                raise ConfigError(f"RoPE field {name} must be a positive number, got {rope[name]!r}")
-        if rope_type in ("linear", "dynamic", "llama3") and rope["factor"] < 1:
+                raise ConfigError(f"RoPE field {name} must be a positive number below float32's "
+                                  f"maximum, got {rope[name]!r}")
+        if rope_type == "yarn":
+            for name in YARN_OPTIONAL_FIELDS:
+                if rope.get(name) is not None and not _is_positive_number(rope[name]):
+                    raise ConfigError(f"RoPE field {name} must be a positive number or null, "
+                                      f"got {rope[name]!r}")
+            if not isinstance(rope.get("truncate", True), bool):
+                raise ConfigError(f"RoPE field truncate must be true or false, got {rope['truncate']!r}")
+        if rope_type in ("linear", "dynamic", "llama3", "yarn") and rope["factor"] < 1:
             raise ConfigError(f"RoPE field factor must be >= 1 for rope type {rope_type!r}, got {rope['factor']!r}")
         if rope_type == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
             raise ConfigError(
@@ -314,5 +361,6 @@ def _is_positive_int(value) -> bool:
 
 
 def _is_positive_number(value) -> bool:
+    """A number in (0, float32 max]: the model computes in float32, where more is inf."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
+            and math.isfinite(value) and 0 < value <= FLOAT32_MAX)

@@ -91,10 +91,45 @@ def test_yarn_original_max_positions_defaults_to_max_position_embeddings():
     (dict(rope_scaling="linear"), "rope_scaling"),
     (dict(eos_token_id="</s>"), "eos_token_id"),
     (dict(problem_type="ranking"), "problem_type"),
+    # A string or number where JSON true/false belongs: "false" would switch the feature on.
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(attention_bias=1), "attention_bias must be true or false"),
+    (dict(mlp_bias=None), "mlp_bias must be true or false"),
+    # pretraining_tp slices: 64 % 3 would silently drop vocabulary rows from the logits.
+    (dict(pretraining_tp=3), r"pretraining_tp=3 must divide.*hidden_size = 32"),
+    (dict(pretraining_tp=2, vocab_size=63), r"pretraining_tp=2 must divide.*vocab_size = 63"),
+    (dict(pretraining_tp=10**30), "pretraining_tp=1000000000000000000000000000000 must divide"),
+    (dict(rms_norm_eps=1e308), "rms_norm_eps must be a positive number below float32's maximum"),
+    (dict(pad_token_id=64), r"pad_token_id=64 is outside the vocabulary \[0, vocab_size=64\)"),
+    (dict(rope_scaling={"rope_type": ["linear"], "factor": 2.0}), r"rope type \['linear'\]"),
+    (dict(rope_parameters={"rope_type": {}, "rope_theta": 1e4}), "rope type {}"),
+    (dict(rope_theta=1.0), "rope_theta must be a number above 1"),
+    (dict(rope_theta=1e-300), "rope_theta must be a number above 1"),
+    (dict(rope_theta=1e308), "rope_theta must be a number above 1 and below float32's maximum"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 1e300}), "factor must be a positive number"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 0.5}), "factor must be >= 1"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}), "beta_fast"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_slow": "8"}), "beta_slow"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "attention_factor": []}), "attention_factor"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": float("nan")}), "mscale"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "truncate": "no"}), "truncate"),
 ])
 def test_bad_field_raises_config_error_naming_it(overrides, field):
     with pytest.raises(ConfigError, match=field):
         LlamaConfig.from_dict(small(**overrides))
+
+
+def test_yarn_optional_fields_may_be_null_or_positive():
+    config = LlamaConfig.from_dict(small(rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "beta_fast": None, "beta_slow": 2.0, "attention_factor": 1.2,
+        "mscale": None, "mscale_all_dim": None, "truncate": False}))
+    assert config.rope_parameters["beta_slow"] == 2.0 and config.rope_parameters["truncate"] is False
+
+
+def test_config_json_nested_thousands_deep_is_a_config_error_naming_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON.*recursion"):
+        LlamaConfig.from_pretrained(tmp_path)
 
 
 def test_unreadable_config_json_names_the_file(tmp_path):
