@@ -24,7 +24,7 @@ import numpy as np
 
 from llama_np import layers
 from llama_np.config import LlamaConfig
-from llama_np.errors import InputError
+from llama_np.errors import CheckpointError, InputError
 from llama_np.generation import GenerationConfig, KVCache, generate
 
 # A hook receives (name, activation) at every named point of the forward pass; see trace.py.
@@ -356,6 +356,7 @@ class LlamaPreTrainedModel:
         prefix = cls.base_prefix
         if cls is LlamaModel and f"{prefix}embed_tokens.weight" not in checkpoint:
             prefix = ""  # a checkpoint saved from a bare LlamaModel has no "model." prefix
+        _check_layer_count(config, checkpoint, prefix)
         expected = cls.expected_shapes(config, prefix)
         checkpoint.check_shapes(expected, optional=cls.optional_tensors(config))
         tensors = {name: checkpoint[name] for name in expected if name in checkpoint}
@@ -444,8 +445,8 @@ class LlamaPreTrainedModel:
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(config.num_hidden_layers)
-        if cache is not None and not isinstance(cache, KVCache):
-            raise InputError(f"past_key_values must be the KVCache a previous call returned, got {type(cache).__name__}")
+        if cache is not None:
+            _check_cache(cache, config, batch)
         past_length = cache.get_seq_length() if cache is not None else 0
         attention_mask = _check_attention_mask(attention_mask, batch, past_length + length)
         if position_ids is None:
@@ -630,6 +631,8 @@ def classification_loss(pooled: np.ndarray, labels, config: LlamaConfig) -> floa
     otherwise multi-label (binary cross-entropy with logits, mean).
     """
     labels = np.asarray(labels)
+    if labels.dtype.kind not in "iuf":
+        raise InputError(f"labels must be numbers (class indices or targets), got dtype {labels.dtype}")
     if config.problem_type is None:
         if config.num_labels == 1:
             config.problem_type = "regression"
@@ -639,9 +642,15 @@ def classification_loss(pooled: np.ndarray, labels, config: LlamaConfig) -> floa
             config.problem_type = "multi_label_classification"
     z = pooled.astype(np.float64)
     if config.problem_type == "regression":
+        if labels.size != z.size:
+            raise InputError(f"regression labels must hold {z.size} values (batch x num_labels), "
+                             f"got shape {labels.shape}")
         target = labels.astype(np.float64).reshape(z.shape[0], -1)
         return float(np.mean((z.reshape(z.shape[0], -1) - target) ** 2))
     if config.problem_type == "single_label_classification":
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"single-label classification takes integer class indices as labels, "
+                             f"got dtype {labels.dtype}")
         labels = labels.reshape(-1)
         if labels.shape[0] != z.shape[0]:
             raise InputError(f"labels has {labels.shape[0]} entries for a batch of {z.shape[0]}")
@@ -659,8 +668,23 @@ def classification_loss(pooled: np.ndarray, labels, config: LlamaConfig) -> floa
 # ---------------------------------------------------------------------------- input checks
 
 
+def _check_layer_count(config: LlamaConfig, checkpoint, prefix: str) -> None:
+    """Refuse a config with more layers than the checkpoint stores, before listing each tensor
+    it would miss: a corrupt num_hidden_layers such as 10**30 would never finish that list."""
+    layers_prefix = f"{prefix}layers."
+    stored = {name[len(layers_prefix):].split(".")[0] for name in checkpoint
+              if name.startswith(layers_prefix)}
+    if config.num_hidden_layers > len(stored):
+        raise CheckpointError(
+            f"config.json has num_hidden_layers={config.num_hidden_layers}, but the checkpoint in "
+            f"{checkpoint.directory} stores {len(stored)} layers ({layers_prefix}N.*)")
+
+
 def _check_compute_dtype(dtype):
-    dtype = np.dtype(dtype)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # a name NumPy does not know, such as "bfloat16"
+        raise InputError(f"dtype must be np.float32 or np.float64, got {dtype!r}") from None
     if dtype not in (np.float32, np.float64):
         raise InputError(f"dtype must be np.float32 or np.float64, got {dtype.name}")
     return dtype
@@ -692,6 +716,22 @@ def _check_input_ids(input_ids, vocab_size: int) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
+def _check_cache(cache, config: LlamaConfig, batch: int) -> None:
+    """past_key_values must be a KVCache this model filled for these same rows."""
+    if not isinstance(cache, KVCache):
+        raise InputError(f"past_key_values must be the KVCache a previous call returned, got {type(cache).__name__}")
+    if len(cache) != config.num_hidden_layers:
+        raise InputError(f"past_key_values holds {len(cache)} layers; this model has {config.num_hidden_layers}")
+    if cache.get_seq_length() == 0:
+        return
+    rows, kv_heads, _, head_dim = cache.keys[0].shape  # (B, KV, capacity, hd)
+    if (rows, kv_heads, head_dim) != (batch, config.num_key_value_heads, config.head_dim):
+        raise InputError(
+            f"past_key_values holds keys for B={rows} rows, KV={kv_heads} heads of size hd={head_dim}; "
+            f"this call needs B={batch}, KV={config.num_key_value_heads}, hd={config.head_dim}: "
+            "pass the cache this model returned for the same rows")
+
+
 def _check_attention_mask(attention_mask, batch: int, key_length: int):
     if attention_mask is None:
         return None
@@ -710,7 +750,7 @@ def _check_position_ids(position_ids, batch: int, length: int) -> np.ndarray:
     ids = np.asarray(position_ids)
     if ids.ndim == 1:
         ids = ids[None, :]
-    if ids.shape[-1] != length or ids.shape[0] not in (1, batch) or not np.issubdtype(ids.dtype, np.integer):
+    if ids.ndim != 2 or ids.shape[-1] != length or ids.shape[0] not in (1, batch) or not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"position_ids must be integers of shape {(batch, length)}, got {ids.dtype} {ids.shape}")
     if ids.min() < 0:
         raise InputError(f"position_ids must be non-negative, got {int(ids.min())}")

@@ -11,6 +11,8 @@ import pytest
 
 from llama_np import (InputError, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                       LlamaModel)
+from llama_np.errors import CheckpointError
+from llama_np.generation import KVCache
 from llama_np.model import last_non_pad_index
 
 CONFIG = dict(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
@@ -178,3 +180,45 @@ def test_positions_past_max_position_embeddings_warn_for_default_rope(lm):
 def test_compute_dtype_other_than_float32_or_64_is_refused():
     with pytest.raises(InputError, match="float16"):
         LlamaForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=np.float16)
+
+
+def test_a_config_with_more_layers_than_the_checkpoint_is_refused_at_once(lm, tmp_path):
+    lm.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    # 10**30 layers: listing every missing tensor would never finish, so this must fail first.
+    (tmp_path / "config.json").write_text(config.replace('"num_hidden_layers": 2', '"num_hidden_layers": 1000000000000000000000000000000'))
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers=10{30}, but the checkpoint .* stores 2 layers"):
+        LlamaForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("positions", [np.zeros((1, 1, 9), dtype=np.int64), np.array(3), "0 1 2"])
+def test_position_ids_that_are_not_one_or_two_dimensional_are_an_input_error(lm, ids, positions):
+    with pytest.raises(InputError, match="position_ids must be integers of shape"):
+        lm(ids, position_ids=positions)
+
+
+def test_a_cache_from_another_model_or_batch_is_an_input_error(lm, ids):
+    with pytest.raises(InputError, match="holds 5 layers; this model has 2"):
+        lm(ids, past_key_values=KVCache(5))
+    cache = lm(ids[:1], use_cache=True).past_key_values
+    with pytest.raises(InputError, match=r"keys for B=1 rows.*this call needs B=2"):
+        lm(ids[:, :1], past_key_values=cache)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "no-such-dtype"])
+def test_a_compute_dtype_numpy_does_not_know_is_an_input_error(dtype):
+    with pytest.raises(InputError, match=f"float32 or np.float64, got '{dtype}'"):
+        LlamaForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=dtype)
+
+
+def test_classification_labels_of_the_wrong_kind_are_input_errors():
+    model = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG, num_labels=3, pad_token_id=0), seed=2)
+    ids = np.array([[4, 5, 6], [7, 8, 0]])
+    model(ids, labels=np.array([2, 0]))  # fixes the problem type to single-label, as in Transformers
+    with pytest.raises(InputError, match="integer class indices.*float64"):
+        model(ids, labels=np.array([0.5, 1.0]))
+    with pytest.raises(InputError, match="labels must be numbers.*<U1"):
+        model(ids, labels=np.array(["a", "b"]))
+    regression = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG, num_labels=1, pad_token_id=0), seed=2)
+    with pytest.raises(InputError, match=r"regression labels must hold 2 values.*\(2, 2\)"):
+        regression(ids, labels=np.ones((2, 2)))
