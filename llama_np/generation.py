@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
-from llama_np.errors import InputError
+from llama_np.errors import CheckpointError, InputError
 
 # ---------------------------------------------------------------------------- KV cache
 
@@ -103,7 +103,20 @@ class GenerationConfig:
                 setattr(base, name, value)
             else:
                 base.extra[name] = value
+        try:
+            base.check(config.vocab_size)
+        except InputError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         return base
+
+    def check(self, vocab_size: int) -> None:
+        """InputError naming the first setting that ``generate`` could not use."""
+        if not _is_int(self.max_length) or self.max_length < 0:
+            raise InputError(f"max_length must be a non-negative integer, got {self.max_length!r}")
+        max_new_tokens = 0 if self.max_new_tokens is None else self.max_new_tokens
+        _check_generation_arguments(vocab_size, max_new_tokens, self.do_sample, self.temperature,
+                                    self.top_k, self.top_p, self.repetition_penalty,
+                                    self.eos_token_id, self.pad_token_id)
 
 
 # ---------------------------------------------------------------------------- logit processors
@@ -213,27 +226,24 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     eos_token_id = settings.eos_token_id if eos_token_id is None else eos_token_id
     pad_token_id = settings.pad_token_id if pad_token_id is None else pad_token_id
 
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
+    from llama_np.model import _check_attention_mask, _check_input_ids  # model.py imports this module
+
+    ids = model_input_ids = _check_input_ids(input_ids, model.config.vocab_size)  # (B, T)
     if max_new_tokens is None:
         max_new_tokens = settings.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = max(settings.max_length - ids.shape[-1], 0)
-    _check_generation_arguments(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
+    _check_generation_arguments(model.config.vocab_size, max_new_tokens, do_sample, temperature, top_k,
+                                top_p, repetition_penalty, eos_token_id, pad_token_id, seed)
+    _check_callbacks(streamer, stats)
     eos_ids = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     if pad_token_id is None and eos_ids.size:
         pad_token_id = int(eos_ids[0])
 
-    ids = model_input_ids = np.asarray(ids)
     batch = ids.shape[0]
     if attention_mask is None:
         attention_mask = _infer_attention_mask(ids, pad_token_id, eos_ids)
-    mask = np.asarray(attention_mask, dtype=np.int64)
-    if mask.ndim == 1:
-        mask = mask[None, :]
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask has shape {mask.shape}; input_ids has shape {ids.shape}")
+    mask = _check_attention_mask(attention_mask, *ids.shape)
     if (mask.sum(axis=-1) == 0).any():
         raise InputError("a row of attention_mask is all zeros: every prompt needs at least one token")
     rng = np.random.default_rng(seed)
@@ -289,9 +299,16 @@ def _infer_attention_mask(ids, pad_token_id, eos_ids) -> np.ndarray:
     return np.ones(ids.shape, dtype=np.int64)
 
 
-def _check_generation_arguments(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty):
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_generation_arguments(vocab_size, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                repetition_penalty, eos_token_id=None, pad_token_id=None, seed=None):
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise InputError(f"do_sample must be True or False, got {do_sample!r}")
     if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
         raise InputError(f"temperature must be > 0 when sampling, got {temperature!r} "
                          "(use do_sample=False for greedy decoding)")
@@ -301,3 +318,20 @@ def _check_generation_arguments(max_new_tokens, do_sample, temperature, top_k, t
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if not (isinstance(repetition_penalty, (int, float)) and repetition_penalty > 0):
         raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    # Both ids end up in the output: pad fills finished rows and is fed back to the model.
+    eos_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, np.ndarray)) else [eos_token_id]
+    if eos_token_id is not None and not all(_is_int(i) and 0 <= i < vocab_size for i in eos_ids):
+        raise InputError(f"eos_token_id must be a token id in [0, {vocab_size}), a list of them or None, "
+                         f"got {eos_token_id!r}")
+    if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab_size):
+        raise InputError(f"pad_token_id must be a token id in [0, {vocab_size}) or None, got {pad_token_id!r}")
+    if seed is not None and not (_is_int(seed) and seed >= 0):
+        raise InputError(f"seed must be a non-negative integer or None, got {seed!r}")
+
+
+def _check_callbacks(streamer, stats) -> None:
+    if streamer is not None and not (hasattr(streamer, "put") or callable(streamer)):
+        raise InputError(f"streamer must have put() and end() (like TextStreamer) or be callable, "
+                         f"got {type(streamer).__name__}")
+    if stats is not None and not isinstance(stats, dict):
+        raise InputError(f"stats must be a dict to fill in, got {type(stats).__name__}")

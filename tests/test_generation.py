@@ -1,9 +1,11 @@
 """Logit processors, sampling and generate() on a small random model."""
 
+import json
+
 import numpy as np
 import pytest
 
-from llama_np import InputError, LlamaConfig, LlamaForCausalLM
+from llama_np import CheckpointError, InputError, LlamaConfig, LlamaForCausalLM
 from llama_np.generation import (KVCache, apply_repetition_penalty, next_token_logits, sample,
                                  top_k_filter, top_p_filter)
 
@@ -98,11 +100,46 @@ def test_sampling_with_a_seed_is_reproducible_and_streams_every_token(lm):
     (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(top_k=-2), "top_k"),
+    (dict(do_sample="false"), "do_sample must be True or False, got 'false'"),
+    (dict(eos_token_id=10**30), r"eos_token_id must be a token id in \[0, 40\)"),
+    (dict(eos_token_id=[2, "x"]), "eos_token_id must be a token id"),
+    (dict(eos_token_id=[[2]]), "eos_token_id must be a token id"),
+    (dict(pad_token_id=40), r"pad_token_id must be a token id in \[0, 40\)"),
+    (dict(pad_token_id=[0, 1]), "pad_token_id must be a token id"),
+    (dict(seed=-1), "seed must be a non-negative integer"),
+    (dict(seed=1.5), "seed must be a non-negative integer"),
+    (dict(streamer=5), "streamer must have put"),
+    (dict(stats=[]), "stats must be a dict"),
+    (dict(attention_mask=[[0.5, 1]]), "attention_mask must hold only 0"),
+    (dict(attention_mask=[["a", "b"]]), "attention_mask must hold only 0"),
+    (dict(attention_mask=[[1, 1, 1]]), "attention_mask has shape"),
 ])
 def test_invalid_generation_arguments_raise_input_error(lm, kwargs, name):
     kwargs.setdefault("max_new_tokens", 2)
     with pytest.raises(InputError, match=name):
         lm.generate([[5, 6]], **kwargs)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("abc", "integers"), (None, "integers"), (5, "shape"), ([[5, 6], [7]], "different lengths"),
+    ([[5, 40]], "token id 40, outside the vocabulary"),
+])
+def test_invalid_prompts_raise_input_error_before_generating(lm, prompt, message):
+    with pytest.raises(InputError, match=message):
+        lm.generate(prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"do_sample": "no"}, "do_sample must be True or False"),
+    ({"max_length": "20"}, "max_length must be a non-negative integer"),
+    ({"eos_token_id": 1e30}, "eos_token_id must be a token id"),
+    ({"temperature": "hot", "do_sample": True}, "temperature must be > 0"),
+])
+def test_a_bad_generation_config_json_is_a_checkpoint_error_naming_it(lm, tmp_path, settings, message):
+    lm.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError, match=f"generation_config.json: {message}"):
+        LlamaForCausalLM.from_pretrained(tmp_path)
 
 
 def test_kv_cache_grows_and_returns_everything_stored():
