@@ -157,9 +157,10 @@ def read_model(path: str | Path) -> BPEModel:
                 for sub_number, sub_value in protobuf_fields(value):
                     if sub_number == 3:
                         add_dummy_prefix = bool(sub_value)
-    except (TokenizerError, UnicodeDecodeError, struct.error, AttributeError, TypeError) as error:
+        if not pieces:
+            raise TokenizerError("it holds no sentencepiece pieces")
+        unk_id = types.index(UNKNOWN) if UNKNOWN in types else 0
+        # ValueError: a byte piece not spelled <0xNN>
+        return BPEModel(pieces, scores, types, add_dummy_prefix=add_dummy_prefix, unk_id=unk_id)
+    except (TokenizerError, UnicodeDecodeError, struct.error, AttributeError, TypeError, ValueError) as error:
         raise TokenizerError(f"{path} is not a valid sentencepiece model: {error}") from None
-    if not pieces:
-        raise TokenizerError(f"{path} holds no sentencepiece pieces")
-    unk_id = types.index(UNKNOWN) if UNKNOWN in types else 0
-    return BPEModel(pieces, scores, types, add_dummy_prefix=add_dummy_prefix, unk_id=unk_id)

@@ -78,6 +78,12 @@ def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
         ) from None
     if processor.get_piece_size() == 0:
         raise TokenizerError(f"{path} is a sentencepiece model with no pieces")
+    # sentencepiece loads pieces that are not UTF-8 but fails on each later use of them.
+    try:
+        processor.id_to_piece(list(range(processor.get_piece_size())))
+    except UnicodeDecodeError as error:
+        raise TokenizerError(f"{path} holds a piece that is not valid UTF-8 ({error}); the file is "
+                             "corrupt") from None
     return processor, model_bytes
 
 
@@ -117,7 +123,9 @@ class LlamaTokenizer:
         model_max_length=VERY_LARGE_INTEGER,
         additional_special_tokens=None,
     ):
-        self.legacy = True if legacy is None else bool(legacy)
+        _check_settings(dict(add_bos_token=add_bos_token, add_eos_token=add_eos_token, legacy=legacy,
+                             add_prefix_space=add_prefix_space, model_max_length=model_max_length))
+        self.legacy = True if legacy is None else legacy
         self.vocab_file = str(vocab_file)
         # legacy=False loads the model without its dummy prefix; the prefix is then added by
         # hand at the start of the text only (REFERENCE §5).
@@ -731,25 +739,41 @@ class LlamaTokenizer:
         ):
             if config.get(key) is not None:
                 settings[key] = config[key]
+        config_path = directory / TOKENIZER_CONFIG_NAME
+        _check_settings(settings, config_path)
         for name in SPECIAL_TOKEN_NAMES:
             # As in Transformers, special_tokens_map.json wins over tokenizer_config.json.
             value = special_map.get(name, config.get(name, "absent"))
             if value != "absent":
                 settings[name] = _token_content(value, directory / TOKENIZER_CONFIG_NAME, name)
+        extra_path = directory / (
+            SPECIAL_TOKENS_MAP_NAME if special_map.get("additional_special_tokens") else TOKENIZER_CONFIG_NAME
+        )
         extra = special_map.get("additional_special_tokens") or config.get(
             "additional_special_tokens"
         )
         if extra:
+            if not isinstance(extra, list):  # a string would become one special token per letter
+                raise TokenizerError(
+                    f"{extra_path}: additional_special_tokens must be a list of tokens, got {extra!r:.80}"
+                )
             settings["additional_special_tokens"] = [
-                _token_content(t, directory / TOKENIZER_CONFIG_NAME, "additional_special_tokens")
-                for t in extra
+                _token_content(t, extra_path, "additional_special_tokens") for t in extra
             ]
         settings.update(kwargs)
         tokenizer = cls(vocab_file, **settings)
 
         # Tokens saved with ids beyond the sentencepiece vocabulary must come back at those ids.
-        config_path = directory / TOKENIZER_CONFIG_NAME
-        for index, token in (config.get("added_tokens_decoder") or {}).items():
+        added = config.get("added_tokens_decoder") or {}
+        if not isinstance(added, dict):
+            raise TokenizerError(
+                f"{config_path}: added_tokens_decoder must map token ids to tokens, got {added!r:.80}"
+            )
+        for index, token in added.items():
+            if not (index.isascii() and index.isdigit()):
+                raise TokenizerError(
+                    f"{config_path}: added_tokens_decoder has the key {index!r}; expected a token id"
+                )
             content = _token_content(token, config_path, "added_tokens_decoder")
             loaded = tokenizer.added_tokens_encoder.get(content)
             if loaded is None and int(index) < tokenizer.vocab_size:
@@ -920,7 +944,27 @@ def _check_text(text):
             "text must be a string (or a list of strings for a batch), "
             f"got {type(text).__name__} {text!r:.80}"
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # e.g. undecodable bytes of a command-line argument
+        raise TokenizerError(
+            f"text holds {text[error.start:error.end]!r}, which is not a character UTF-8 can "
+            f"encode (a lone surrogate), at position {error.start}"
+        ) from None
     return text
+
+
+def _check_settings(settings: dict, path=None) -> None:
+    """TokenizerError naming the setting (and the file it was read from) that has a wrong type:
+    a string such as "false" would otherwise switch a flag on."""
+    where = f"{path}: " if path else ""
+    for name in ("add_bos_token", "add_eos_token", "legacy", "add_prefix_space"):
+        value = settings.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise TokenizerError(f"{where}{name} must be true or false, got {value!r:.80}")
+    limit = settings.get("model_max_length")
+    if limit is not None and not (_is_integer(limit) and limit > 0):
+        raise TokenizerError(f"{where}model_max_length must be a positive integer, got {limit!r:.80}")
 
 
 def _check_token_string(name, token):
@@ -1030,10 +1074,11 @@ def _read_json(path: Path) -> dict:
 
 def _token_content(value, path, field):
     """A token as saved by Transformers: a string, null, or an AddedToken dict with "content"."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+    content = value.get("content") if isinstance(value, dict) else value
+    if content is None and not isinstance(value, dict):
+        return None
+    if isinstance(content, str) and content:
+        return content
     raise TokenizerError(
-        f"{path}: {field} is {value!r:.80}; expected a string or a dict with 'content'"
+        f"{path}: {field} is {value!r:.80}; expected a non-empty string or a dict with 'content'"
     )

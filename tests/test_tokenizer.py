@@ -722,3 +722,51 @@ def test_bad_call_arguments_are_tokenizer_errors(kwargs, match):
 def test_unknown_special_token_name_is_an_error():
     with pytest.raises(TokenizerError, match="unknown special token name 'cls_token'"):
         LlamaTokenizer(MODEL).add_special_tokens({"cls_token": "<cls>"})
+
+
+def test_a_piece_that_is_not_utf8_is_refused_when_the_model_loads(tmp_path):
+    # sentencepiece itself loads such a file and fails on every later use of the piece.
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(MODEL.read_bytes().replace("▁".encode(), b"\xe2\x96\xff", 1))
+    with pytest.raises(TokenizerError, match=f"{path} holds a piece that is not valid UTF-8"):
+        LlamaTokenizer(path)
+    with pytest.raises(TokenizerError, match=f"{path} is not a valid sentencepiece model"):
+        read_model(path)
+
+
+def test_a_byte_piece_not_spelled_0xNN_is_refused_by_the_pure_python_reader(tmp_path):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(MODEL.read_bytes().replace(b"<0x41>", b"<0xZZ>", 1))
+    with pytest.raises(TokenizerError, match=f"{path} is not a valid sentencepiece model.*'ZZ'"):
+        read_model(path)
+
+
+@pytest.mark.parametrize("text", ["\udcff", "caf\udce9"])
+def test_text_with_a_lone_surrogate_is_a_tokenizer_error(text):
+    # Python turns undecodable bytes of a command-line argument into lone surrogates.
+    with pytest.raises(TokenizerError, match="lone surrogate"):
+        LlamaTokenizer(MODEL).encode(text)
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"add_bos_token": "false"}, "add_bos_token must be true or false, got 'false'"),
+    ({"legacy": 0}, "legacy must be true or false"),
+    ({"add_prefix_space": "no"}, "add_prefix_space must be true or false"),
+    ({"model_max_length": "2048"}, "model_max_length must be a positive integer"),
+    ({"model_max_length": -1}, "model_max_length must be a positive integer"),
+    # A string would become one special token per letter.
+    ({"additional_special_tokens": "<tool>"}, "additional_special_tokens must be a list"),
+    ({"bos_token": {"content": ""}}, "bos_token is .*expected a non-empty string"),
+    ({"added_tokens_decoder": ["<pad>"]}, "added_tokens_decoder must map token ids to tokens"),
+    ({"added_tokens_decoder": {"x": {"content": "<pad>"}}}, "added_tokens_decoder has the key 'x'"),
+])
+def test_bad_tokenizer_config_values_are_errors_naming_the_file(tmp_path, settings, match):
+    shutil.copyfile(MODEL, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(TokenizerError, match=f"tokenizer_config.json: {match}"):
+        LlamaTokenizer.from_pretrained(tmp_path)
+
+
+def test_bad_settings_passed_in_python_are_tokenizer_errors():
+    with pytest.raises(TokenizerError, match="add_eos_token must be true or false, got 'yes'"):
+        LlamaTokenizer(MODEL, add_eos_token="yes")
