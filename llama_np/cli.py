@@ -312,9 +312,10 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # an .npy file: np.load returns the array
+            raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
+        with archive:
             return {name: archive[name] for name in archive.files}
     except InputError:
         raise
@@ -586,6 +587,11 @@ def run_diff(args) -> int:
     common = sorted((set(first) & set(second)) - set(DUMP_INPUTS), key=forward_order)
     if not common:
         raise InputError(f"{args.first} and {args.second} share no arrays to compare")
+    for path, arrays in ((args.first, first), (args.second, second)):
+        # Activations are real numbers; a complex array would lose its imaginary part unseen.
+        odd = [f"{name} ({arrays[name].dtype})" for name in common if arrays[name].dtype.kind not in "biuf"]
+        if odd:
+            raise InputError(f"{path}: these arrays are not real numbers: {', '.join(odd[:6])}")
     print(f"{'activation':<36} {'shape':<18} {'max|Δ|':>10}  scaled")
     first_divergence = None
     for name in common:

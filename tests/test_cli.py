@@ -429,3 +429,49 @@ def test_compare_checks_a_classifier_reference_against_the_bundled_classifier_by
     status, out, err = run(capsys, "compare", reference, "--prefix", "left")
     assert status == 0, err
     assert "PASS" in out
+
+
+def test_compare_refuses_a_single_npy_array_renamed_to_npz(capsys, lm_dir, tmp_path):
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros(3))
+    status, _, err = run(capsys, "compare", single, "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "holds a single array, not an .npz archive" in err
+
+
+@pytest.mark.parametrize("value", [np.array(["x"]), np.array([1 + 2j])], ids=["strings", "complex"])
+def test_diff_refuses_arrays_that_are_not_real_numbers(capsys, tmp_path, value):
+    good, odd = tmp_path / "good.npz", tmp_path / "odd.npz"
+    np.savez(good, input_ids=np.array([[1]]), hook_embed=np.array([1.0]))
+    np.savez(odd, input_ids=np.array([[1]]), hook_embed=value)
+    status, _, err = run(capsys, "diff", good, odd)
+    assert_one_line_error(status, err)
+    assert f"are not real numbers: hook_embed ({value.dtype})" in err
+
+
+def test_a_prompt_with_undecodable_bytes_is_one_line_error(capsys, lm_dir):
+    # Python hands undecodable bytes of an argument over as lone surrogates ("\udcff").
+    status, _, err = run(capsys, "logits", "caf\udcff", "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "lone surrogate" in err
+
+
+@pytest.mark.parametrize("file_name, text, message", [
+    ("config.json", "[" * 100_000, "config.json is not valid JSON"),
+    ("tokenizer_config.json", '{"add_bos_token": "yes"}', "add_bos_token must be true or false"),
+    ("generation_config.json", '{"do_sample": "no"}', "do_sample must be True or False"),
+])
+def test_broken_side_files_of_a_model_are_one_line_errors(capsys, lm_dir, tmp_path, file_name, text, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(lm_dir, broken)
+    (broken / file_name).write_text(text)
+    status, _, err = run(capsys, "generate", PROMPT, "--model", broken, "--max-new-tokens", 2)
+    assert_one_line_error(status, err)
+    assert message in err and file_name in err
+
+
+def test_a_negative_seed_is_one_line_error(capsys, lm_dir):
+    status, _, err = run(capsys, "generate", PROMPT, "--model", lm_dir, "--seed", -1, "--max-new-tokens", 2)
+    assert_one_line_error(status, err)
+    assert "seed must be a non-negative integer" in err
