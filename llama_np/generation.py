@@ -303,20 +303,25 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _is_number(value) -> bool:
+    """A real number, NumPy scalars (np.float32(0.7)) included, but not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_generation_arguments(vocab_size, max_new_tokens, do_sample, temperature, top_k, top_p,
                                 repetition_penalty, eos_token_id=None, pad_token_id=None, seed=None):
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if not isinstance(do_sample, (bool, np.bool_)):
         raise InputError(f"do_sample must be True or False, got {do_sample!r}")
-    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+    if do_sample and not (_is_number(temperature) and temperature > 0):
         raise InputError(f"temperature must be > 0 when sampling, got {temperature!r} "
                          "(use do_sample=False for greedy decoding)")
     if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
         raise InputError(f"top_k must be a non-negative integer or None, got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if not (_is_number(top_p) and 0 < top_p <= 1):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not (isinstance(repetition_penalty, (int, float)) and repetition_penalty > 0):
+    if not (_is_number(repetition_penalty) and repetition_penalty > 0):
         raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
     # Both ids end up in the output: pad fills finished rows and is fed back to the model.
     eos_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, np.ndarray)) else [eos_token_id]

@@ -169,3 +169,9 @@ def test_streamer_objects_get_the_prompt_first_then_each_token_then_end(lm):
     np.testing.assert_array_equal(np.concatenate(recorder.calls[1:5]), out[0, 3:])
     assert recorder.calls[5] == "end" and len(recorder.calls) == 6
     assert (stats["new_tokens"], stats["decode_steps"]) == (4, 3)
+
+
+def test_numpy_scalars_are_accepted_as_sampling_settings(lm):
+    out = lm.generate([[5, 6]], max_new_tokens=3, do_sample=True, temperature=np.float32(0.7),
+                      top_p=np.float64(0.9), repetition_penalty=np.float32(1.1), seed=0, eos_token_id=[])
+    assert out.shape == (1, 5)
