@@ -124,18 +124,25 @@ class GenerationConfig:
 # Each takes logits (B, V) and returns new logits (B, V); removed tokens get −inf.
 
 
-def apply_repetition_penalty(logits: np.ndarray, input_ids: np.ndarray, penalty: float) -> np.ndarray:
+def apply_repetition_penalty(logits: np.ndarray, input_ids: np.ndarray, penalty: float,
+                             attention_mask: np.ndarray | None = None) -> np.ndarray:
     """CTRL's repetition penalty (Keskar et al., 2019) on every id already in the sequence.
 
     logits (B, V); input_ids (B, S). A seen token's logit z becomes z / penalty when z > 0 and
-    z · penalty when z <= 0, so penalty > 1 always makes it less likely.
+    z · penalty when z <= 0, so penalty > 1 always makes it less likely. With attention_mask
+    (B, S), the left padding before a row's first real token is not counted, as in Transformers'
+    generate (its prompt_ignore_length).
     """
     if penalty == 1.0:
         return logits
     logits = logits.copy()
-    rows = np.arange(logits.shape[0])[:, None]
-    seen = logits[rows, input_ids]  # (B, S)
-    logits[rows, input_ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+    rows = np.broadcast_to(np.arange(logits.shape[0])[:, None], input_ids.shape)  # (B, S)
+    counted = np.ones(input_ids.shape, dtype=bool)
+    if attention_mask is not None:
+        counted = np.cumsum(np.asarray(attention_mask) != 0, axis=-1) > 0  # from the first real token on
+    rows, ids = rows[counted], input_ids[counted]
+    seen = logits[rows, ids]
+    logits[rows, ids] = np.where(seen < 0, seen * penalty, seen / penalty)
     return logits
 
 
@@ -157,14 +164,19 @@ def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
 
     Sorted ascending, a token is dropped when the cumulative probability up to and including it
     is <= 1 − top_p; the token that crosses the threshold is kept, and so is the most likely
-    token whatever top_p is.
+    token whatever top_p is. Even top_p = 1 drops tokens whose probability rounds to 0.
+
+    The arithmetic is Transformers' on CPU, so that a cut falling exactly on a tie (e.g. 200 equal
+    logits and top_p = 0.5) removes as many tokens: probabilities in the logits' dtype, a
+    cumulative sum accumulated in float64 and rounded back to that dtype at every step (torch's
+    cumsum), compared with 1 − top_p in that dtype. Which of several tied tokens at the cut go
+    is not reproducible: torch's sort is not stable; ours is.
     """
-    if top_p >= 1.0:
-        return logits
     order = np.argsort(logits, axis=-1, kind="stable")  # ascending
     sorted_logits = np.take_along_axis(logits, order, axis=-1)
-    cumulative = np.cumsum(_softmax(sorted_logits), axis=-1)
-    remove_sorted = cumulative <= (1 - top_p)
+    probabilities = layers.softmax(sorted_logits)
+    cumulative = np.cumsum(probabilities, axis=-1, dtype=np.float64).astype(probabilities.dtype)
+    remove_sorted = cumulative <= probabilities.dtype.type(1 - float(top_p))
     remove_sorted[:, -1] = False  # always keep at least one token
     remove = np.zeros_like(remove_sorted)
     np.put_along_axis(remove, order, remove_sorted, axis=-1)
@@ -183,16 +195,23 @@ def sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((cumulative <= u).sum(axis=-1), logits.shape[-1] - 1)
 
 
-def next_token_logits(logits, input_ids, do_sample, temperature, top_k, top_p, repetition_penalty):
-    """Apply the processors in Transformers' order; greedy decoding uses only the penalty."""
-    logits = apply_repetition_penalty(logits, input_ids, repetition_penalty)
+def next_token_logits(logits, input_ids, do_sample, temperature, top_k, top_p, repetition_penalty,
+                      attention_mask=None):
+    """Apply the processors in Transformers' order; greedy decoding uses only the penalty.
+
+    Like Transformers' generate, each processor runs only when it changes something
+    (temperature != 1, top_k not 0 or None, top_p < 1).
+    """
+    logits = apply_repetition_penalty(logits, input_ids, repetition_penalty, attention_mask)
     if not do_sample:
         return logits
     if temperature != 1.0:
         logits = apply_temperature(logits, temperature)
     if top_k:
         logits = top_k_filter(logits, top_k)
-    return top_p_filter(logits, top_p)
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return logits
 
 
 # ---------------------------------------------------------------------------- generate
@@ -261,7 +280,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     steps = 0
     for steps in range(1, max_new_tokens + 1):
         scores = next_token_logits(logits.astype(np.float32), sequences, do_sample, temperature,
-                                   top_k, top_p, repetition_penalty)
+                                   top_k, top_p, repetition_penalty, attention_mask=mask)
         tokens = sample(scores, rng) if do_sample else np.argmax(scores, axis=-1)
         if pad_token_id is not None:
             tokens = np.where(unfinished, tokens, pad_token_id)
