@@ -415,14 +415,21 @@ class LlamaPreTrainedModel:
     def num_parameters(self) -> int:
         return sum(int(np.prod(self.weights.shape(name))) for name in self.weights.tensors)
 
-    def resize_token_embeddings(self, new_num_tokens: int) -> None:
+    def resize_token_embeddings(self, new_num_tokens: int, pad_token_id: int | None = None) -> None:
         """Grow (or shrink) the vocabulary to ``new_num_tokens`` rows.
 
         New embedding (and lm_head) rows are the mean of the existing rows, so a freshly added
-        token such as ``<pad>`` starts as an "average" token. ``config.vocab_size`` follows.
+        token such as ``<pad>`` starts as an "average" token. ``config.vocab_size`` follows, and
+        ``config.pad_token_id`` too when ``pad_token_id`` is given:
+
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            model.resize_token_embeddings(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
         """
         if not isinstance(new_num_tokens, (int, np.integer)) or new_num_tokens <= 0:
             raise InputError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        if pad_token_id is not None and not (
+                isinstance(pad_token_id, (int, np.integer)) and 0 <= pad_token_id < new_num_tokens):
+            raise InputError(f"pad_token_id must be a token id in [0, {new_num_tokens}), got {pad_token_id!r}")
         for name in (f"{self.base_prefix}embed_tokens.weight", "lm_head.weight"):
             if name not in self.weights:
                 continue
@@ -434,6 +441,8 @@ class LlamaPreTrainedModel:
                 new = np.concatenate([old, extra], axis=0)
             self.weights[name] = new
         self.config.vocab_size = int(new_num_tokens)
+        if pad_token_id is not None:
+            self.config.pad_token_id = int(pad_token_id)
 
     def _run_stack(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                    use_cache=False, output_hidden_states=False, output_attentions=False,

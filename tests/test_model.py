@@ -222,3 +222,11 @@ def test_classification_labels_of_the_wrong_kind_are_input_errors():
     regression = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG, num_labels=1, pad_token_id=0), seed=2)
     with pytest.raises(InputError, match=r"regression labels must hold 2 values.*\(2, 2\)"):
         regression(ids, labels=np.ones((2, 2)))
+
+
+def test_resize_token_embeddings_sets_the_pad_token_of_the_config_when_given():
+    model = LlamaForCausalLM.from_config(LlamaConfig(**CONFIG), seed=1)
+    model.resize_token_embeddings(51, pad_token_id=50)
+    assert (model.config.vocab_size, model.config.pad_token_id) == (51, 50)
+    with pytest.raises(InputError, match="pad_token_id"):
+        model.resize_token_embeddings(52, pad_token_id=52)
