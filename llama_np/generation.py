@@ -247,7 +247,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
 
     from llama_np.model import _check_attention_mask, _check_input_ids  # model.py imports this module
 
-    ids = model_input_ids = _check_input_ids(input_ids, model.config.vocab_size)  # (B, T)
+    ids = _check_input_ids(input_ids, model.config.vocab_size)  # (B, T) int64
     if max_new_tokens is None:
         max_new_tokens = settings.max_new_tokens
     if max_new_tokens is None:
@@ -272,10 +272,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)
     unfinished = np.ones(batch, dtype=bool)
     started = time.perf_counter()
-    out = model(model_input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
     prompt_seconds = time.perf_counter() - started
-    cache, sequences = out.past_key_values, ids.astype(np.int64)
+    cache, sequences = out.past_key_values, ids
     logits = out.logits[:, -1]
     steps = 0
     for steps in range(1, max_new_tokens + 1):
