@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_np import layers
+from tolerance import REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
 rng = np.random.default_rng(1234)
 
@@ -17,7 +18,7 @@ def test_rms_norm_matches_the_formula_with_eps_inside_the_root():
     weight = rng.normal(size=8).astype(np.float32)
     eps = 1e-5
     expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * weight
-    np.testing.assert_allclose(layers.rms_norm(x, weight, eps), expected, rtol=1e-6, atol=1e-6)
+    assert_close(layers.rms_norm(x, weight, eps), expected, "rms_norm", REPEATED_TOLERANCE)
 
 
 def test_default_rope_frequencies_follow_torch_float_recipe():
@@ -43,7 +44,7 @@ def test_dynamic_scaling_is_plain_rope_within_max_positions_and_larger_base_beyo
     np.testing.assert_array_equal(within, plain)
     assert beyond[0] == 1.0 and (beyond[1:] < plain[1:]).all()
     base = 10000.0 * ((2.0 * 24 / 16) - 1.0) ** (64 / 62)
-    np.testing.assert_allclose(beyond, layers.default_rope_frequencies(64, base)[0], rtol=1e-6)
+    assert_relatively_close(beyond, layers.default_rope_frequencies(64, base)[0], "dynamic inv_freq")
 
 
 def test_llama3_scaling_keeps_high_frequencies_and_divides_low_ones():
@@ -51,7 +52,7 @@ def test_llama3_scaling_keeps_high_frequencies_and_divides_low_ones():
     scaled, _ = layers.llama3_rope_frequencies(128, 500000.0, 8.0, 1.0, 4.0, 8192)
     wavelen = 2 * np.pi / plain
     np.testing.assert_array_equal(scaled[wavelen < 8192 / 4], plain[wavelen < 8192 / 4])
-    np.testing.assert_allclose(scaled[wavelen > 8192], plain[wavelen > 8192] / 8, rtol=1e-6)
+    assert_relatively_close(scaled[wavelen > 8192], plain[wavelen > 8192] / 8, "llama3 long wavelengths")
     medium = (wavelen >= 8192 / 4) & (wavelen <= 8192)
     assert medium.any()
     assert ((scaled[medium] < plain[medium]) & (scaled[medium] > plain[medium] / 8)).all()
@@ -61,8 +62,8 @@ def test_yarn_attention_factor_is_0_1_ln_factor_plus_1():
     inv_freq, attention_factor = layers.yarn_rope_frequencies(64, 10000.0, 4.0, 2048)
     assert attention_factor == pytest.approx(0.1 * np.log(4.0) + 1.0)
     plain, _ = layers.default_rope_frequencies(64, 10000.0)
-    np.testing.assert_allclose(inv_freq[0], plain[0])  # fastest pair: extrapolated (kept)
-    np.testing.assert_allclose(inv_freq[-1], plain[-1] / 4, rtol=1e-6)  # slowest: interpolated
+    np.testing.assert_array_equal(inv_freq[0], plain[0])  # fastest pair: extrapolated (kept)
+    assert_relatively_close(inv_freq[-1], plain[-1] / 4, "yarn slowest pair")  # slowest: interpolated
 
 
 def rope_by_complex_numbers(x, positions, inv_freq):
@@ -79,9 +80,9 @@ def test_apply_rope_rotates_pair_i_with_i_plus_half():
     inv_freq, _ = layers.default_rope_frequencies(16, 10000.0)
     cos, sin = layers.rope_cos_sin(positions, inv_freq)
     rotated = layers.apply_rope(x, cos, sin)
-    np.testing.assert_allclose(rotated, rope_by_complex_numbers(x, positions, inv_freq), rtol=1e-5, atol=1e-5)
+    assert_close(rotated, rope_by_complex_numbers(x, positions, inv_freq), "RoPE vs complex numbers", REPEATED_TOLERANCE)
     # a rotation keeps the norm of every pair
-    np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    assert_close(np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1), "norms after RoPE", REPEATED_TOLERANCE)
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (4, 2), (4, 1)])
@@ -102,7 +103,7 @@ def test_meta_layout_with_permuted_rows_gives_the_same_attention_scores(num_head
     meta = scores(wq_meta, wk_meta, layers.apply_rope_interleaved)
     hf = scores(layers.permute_rope_rows(wq_meta, num_heads),
                 layers.permute_rope_rows(wk_meta, num_kv_heads), layers.apply_rope)
-    np.testing.assert_allclose(hf, meta, rtol=1e-4, atol=1e-4)
+    assert_close(hf, meta, "HF vs Meta layout scores", REPEATED_TOLERANCE)
     np.testing.assert_array_equal(
         layers.unpermute_rope_rows(layers.permute_rope_rows(wk_meta, num_kv_heads), num_kv_heads), wk_meta)
 
@@ -135,8 +136,8 @@ def test_fully_masked_query_row_gives_uniform_weights_not_nan():
     mask = layers.attention_mask(np.array([[0, 0, 1]]), 3, 0, 1)
     out, weights = layers.attention(q, k, v, mask, 0.5)
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(weights[0, :, 0], np.full((2, 3), 1 / 3), rtol=1e-6)
-    np.testing.assert_allclose(weights[0, :, 2].sum(-1), 1.0, rtol=1e-6)
+    assert_close(weights[0, :, 0], np.full((2, 3), 1 / 3), "uniform all-masked row", REPEATED_TOLERANCE)
+    assert_close(weights[0, :, 2].sum(-1), np.ones((2,)), "softmax row sums", REPEATED_TOLERANCE)
 
 
 def test_attention_matches_an_explicit_loop_over_heads():
@@ -152,7 +153,7 @@ def test_attention_matches_an_explicit_loop_over_heads():
         scores[np.triu_indices(T, 1)] = -np.inf
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
-        np.testing.assert_allclose(out[0, head], weights @ v[0, kv], rtol=1e-5, atol=1e-6)
+        assert_close(out[0, head], weights @ v[0, kv], f"head {head}", REPEATED_TOLERANCE)
 
 
 def test_swiglu_is_down_of_silu_gate_times_up():
@@ -160,15 +161,15 @@ def test_swiglu_is_down_of_silu_gate_times_up():
     gate, up, down = (rng.normal(size=s).astype(np.float32) for s in [(10, 6), (10, 6), (6, 10)])
     g = x @ gate.T
     expected = ((g / (1 + np.exp(-g))) * (x @ up.T)) @ down.T
-    np.testing.assert_allclose(layers.swiglu(x, gate, up, down), expected, rtol=1e-5, atol=1e-6)
+    assert_close(layers.swiglu(x, gate, up, down), expected, "swiglu", REPEATED_TOLERANCE)
 
 
 def test_pretraining_tp_slicing_gives_the_same_projection():
     x = rng.normal(size=(2, 3, 8)).astype(np.float32)
     w = rng.normal(size=(12, 8)).astype(np.float32)
-    np.testing.assert_allclose(layers.linear_tp(x, w, 2, "out"), x @ w.T, rtol=1e-5, atol=1e-6)
+    assert_close(layers.linear_tp(x, w, 2, "out"), x @ w.T, "tp=2 by output rows", REPEATED_TOLERANCE)
     w_in = rng.normal(size=(5, 8)).astype(np.float32)
-    np.testing.assert_allclose(layers.linear_tp(x, w_in, 4, "in"), x @ w_in.T, rtol=1e-5, atol=1e-6)
+    assert_close(layers.linear_tp(x, w_in, 4, "in"), x @ w_in.T, "tp=4 by input columns", REPEATED_TOLERANCE)
 
 
 def test_embedding_uses_the_stored_pad_row_and_init_zeroes_it():

@@ -14,6 +14,7 @@ from llama_np import (InputError, LlamaConfig, LlamaForCausalLM, LlamaForSequenc
 from llama_np.errors import CheckpointError
 from llama_np.generation import KVCache
 from llama_np.model import last_non_pad_index
+from tolerance import FLOAT32_TOLERANCE, REPEATED_TOLERANCE, assert_close
 
 CONFIG = dict(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32)
@@ -35,7 +36,7 @@ def test_decoding_with_the_cache_gives_the_logits_of_the_whole_sequence(lm, ids)
     second = lm(ids[:, 5:7], past_key_values=first.past_key_values, use_cache=True)
     third = lm(ids[:, 7:], past_key_values=second.past_key_values, use_cache=True)
     stepwise = np.concatenate([first.logits, second.logits, third.logits], axis=1)
-    np.testing.assert_allclose(stepwise, full, rtol=1e-5, atol=1e-5)
+    assert_close(stepwise, full, "cached vs whole-sequence logits", REPEATED_TOLERANCE)
     assert third.past_key_values.get_seq_length() == 9
 
 
@@ -45,14 +46,14 @@ def test_left_padding_with_mask_and_positions_equals_the_unpadded_row(lm, ids):
     mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
     positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
     out = lm(padded, attention_mask=mask, position_ids=positions).logits
-    np.testing.assert_allclose(out[:, 3:], lm(row).logits, rtol=1e-5, atol=1e-5)
+    assert_close(out[:, 3:], lm(row).logits, "left-padded vs unpadded logits", REPEATED_TOLERANCE)
 
 
 def test_float64_compute_agrees_with_float32(lm, ids):
     wide = LlamaForCausalLM(lm.config, lm.weights.__class__(lm.weights.tensors, np.float64))
     logits64 = wide(ids).logits
     assert logits64.dtype == np.float64
-    np.testing.assert_allclose(logits64, lm(ids).logits, rtol=1e-4, atol=1e-4)
+    assert_close(lm(ids).logits, logits64, "float32 vs float64 logits", FLOAT32_TOLERANCE)
 
 
 def test_outputs_have_one_hidden_state_per_layer_plus_embeddings(lm, ids):
@@ -60,8 +61,8 @@ def test_outputs_have_one_hidden_state_per_layer_plus_embeddings(lm, ids):
     assert len(out.hidden_states) == CONFIG["num_hidden_layers"] + 1
     assert out.attentions[0].shape == (2, 6, 9, 9)
     assert out.logits.shape == (2, 2, 50)
-    np.testing.assert_allclose(out.logits, lm(ids).logits[:, -2:], rtol=1e-6)
-    np.testing.assert_allclose(out.attentions[1].sum(-1), 1.0, rtol=1e-5)
+    assert_close(out.logits, lm(ids).logits[:, -2:], "logits_to_keep=2 vs the last two", REPEATED_TOLERANCE)
+    assert_close(out.attentions[1].sum(-1), np.ones((2, 6, 9)), "attention row sums", REPEATED_TOLERANCE)
     assert out["logits"] is out.logits
 
 
@@ -100,7 +101,7 @@ def test_resize_token_embeddings_adds_mean_rows_and_updates_the_config(tmp_path)
     model.resize_token_embeddings(51)
     new = model.weights["model.embed_tokens.weight"]
     assert new.shape == (51, 24) and model.config.vocab_size == 51
-    np.testing.assert_allclose(new[50], old.mean(axis=0), rtol=1e-6)
+    assert_close(new[50], old.mean(axis=0), "new row = mean row", REPEATED_TOLERANCE)
     assert model.weights["lm_head.weight"].shape == (51, 24)
     assert model(np.array([[50, 1]])).logits.shape == (1, 2, 51)
 
@@ -113,10 +114,10 @@ def test_classification_pools_at_the_rightmost_non_pad_token_for_both_paddings()
     left = np.array([[0, 0, 5, 9, 14, 7]])
     assert last_non_pad_index(np.concatenate([right, left]), 0).tolist() == [3, 5]
     alone = model(row[None]).logits
-    np.testing.assert_allclose(model(right, attention_mask=(right != 0)).logits, alone, rtol=1e-5, atol=1e-6)
+    assert_close(model(right, attention_mask=(right != 0)).logits, alone, "right-padded", REPEATED_TOLERANCE)
     positions = np.array([[0, 0, 0, 1, 2, 3]])
-    np.testing.assert_allclose(model(left, attention_mask=(left != 0), position_ids=positions).logits,
-                               alone, rtol=1e-5, atol=1e-6)
+    assert_close(model(left, attention_mask=(left != 0), position_ids=positions).logits, alone,
+                 "left-padded", REPEATED_TOLERANCE)
 
 
 def test_classification_losses_infer_the_problem_type():

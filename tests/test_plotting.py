@@ -7,6 +7,7 @@ from matplotlib.figure import Figure
 from llama_np import LlamaConfig, LlamaForCausalLM, layers, plotting
 from llama_np.errors import InputError
 from llama_np.plotting import display_token
+from tolerance import REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
 CONFIG = dict(vocab_size=41, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
               num_attention_heads=6, num_key_value_heads=2, head_dim=4, pad_token_id=0)
@@ -85,7 +86,7 @@ def test_rope_frequency_figure_compares_scaling_types():
     plain, _ = layers.default_rope_frequencies(64, 10000.0)
     linear, _ = layers.linear_rope_frequencies(64, 10000.0, 4.0)
     fig = plotting.plot_rope_frequencies({"default": plain, "linear ×4": linear}, max_position_embeddings=4096)
-    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), plain)
+    assert_relatively_close(fig.axes[0].lines[0].get_ydata(), plain, "plotted frequencies")
     assert_titled_and_labelled(fig)
 
 
@@ -95,7 +96,7 @@ def test_rope_rotation_keeps_each_pair_on_its_circle():
     fig = plotting.plot_rope_rotation(vector, inv_freq, num_positions=12, pairs=[0, 3])
     first_pair = fig.axes[0].collections[0].get_offsets()  # dims 0 and 4 over 12 positions
     assert first_pair.shape == (12, 2)
-    np.testing.assert_allclose(np.hypot(*first_pair.T), np.hypot(1, 5), rtol=1e-5)
+    assert_relatively_close(np.hypot(*first_pair.T), np.full(len(first_pair), np.hypot(1, 5)), "rotation radius", REPEATED_TOLERANCE)
     assert_titled_and_labelled(fig)
 
 
@@ -112,7 +113,7 @@ def test_logit_lens_writes_the_top_token_of_each_cell(model, cache):
 def test_activation_norms_leave_padding_out(cache):
     fig = plotting.plot_activation_norms(cache, attention_mask=PADDING)
     resid_post = np.linalg.norm(cache.stack("hook_resid_post").astype(np.float64), axis=-1)[:, PADDING.astype(bool)]
-    np.testing.assert_allclose(fig.axes[0].lines[-1].get_ydata(), resid_post.mean(axis=-1))
+    assert_close(fig.axes[0].lines[-1].get_ydata(), resid_post.mean(axis=-1), "plotted means", REPEATED_TOLERANCE)
     assert_titled_and_labelled(fig)
 
 

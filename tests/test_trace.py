@@ -8,6 +8,7 @@ from llama_np import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassificati
 from llama_np import model as model_module
 from llama_np.errors import InputError
 from llama_np.trace import ActivationCache, hook_names, logit_lens, run_with_cache
+from tolerance import REPEATED_TOLERANCE, assert_close
 
 # GQA with 3 query heads per key/value head, odd sizes, two layers.
 CONFIG = dict(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
@@ -115,7 +116,7 @@ def test_each_hook_value_equals_recomputing_it_with_layers_py(model, traced, lay
         assert recorded.shape == expected.shape, point
         if point in ("attn.hook_attn_scores", "attn.hook_pattern"):
             recorded, expected = recorded.transpose(0, 2, 1, 3)[real_queries], expected.transpose(0, 2, 1, 3)[real_queries]
-        np.testing.assert_allclose(recorded, expected, rtol=1e-6, atol=1e-6, err_msg=point)
+        assert_close(recorded, expected, point, REPEATED_TOLERANCE)
 
 
 def test_embedding_residual_chain_and_final_norm(model, traced):
@@ -127,7 +128,7 @@ def test_embedding_residual_chain_and_final_norm(model, traced):
     final = layers.rms_norm(cache["blocks.1.hook_resid_post"], model.weights["model.norm.weight"],
                             model.config.rms_norm_eps)
     np.testing.assert_array_equal(cache["ln_final.hook_normalized"], final)
-    np.testing.assert_allclose(layers.linear(final, model.lm_head_weight()), logits, rtol=1e-6, atol=1e-6)
+    assert_close(layers.linear(final, model.lm_head_weight()), logits, "lm_head(final norm)", REPEATED_TOLERANCE)
 
 
 def test_pattern_equals_the_models_output_attentions(model, traced):
@@ -167,7 +168,7 @@ def test_logit_lens_of_the_last_layer_is_the_models_logits(model, traced):
     logits, cache = traced
     lens = logit_lens(model, cache)
     assert lens.shape == (2,) + logits.shape
-    np.testing.assert_allclose(lens[-1], logits, rtol=1e-6, atol=1e-6)
+    assert_close(lens[-1], logits, "logit lens of the last layer", REPEATED_TOLERANCE)
 
 
 def test_classification_and_bare_models_return_their_own_output():

@@ -6,6 +6,13 @@
   the absolute difference is bounded, never just (ours - reference).
 - losses: the same rule with 1e-5.
 - token ids (greedy generations): identical.
+- two llama_np computations of the same float32 maths (REPEATED_TOLERANCE): the same scaled rule
+  with 1e-5. A matrix product summed in another order rounds differently — another batch size,
+  `logits_to_keep`, the KV cache, another BLAS thread count or CPU kernel (OpenBLAS picks its
+  kernel by CPU and cache size: `OPENBLAS_CORETYPE`, `OPENBLAS_L2_SIZE`) — so such comparisons are
+  never exact and never relative-only: a logit near zero differs by ~1e-8 in absolute terms.
+- elementwise float32 maths with no summation (RoPE frequencies, cos/sin tables, a mean row):
+  relative 1e-6, a few units in the last place (`assert_relatively_close`).
 
 Only positions that carry meaning are compared: callers pass `where` to select the rows whose
 attention_mask is 1 (a padded query row has no defined output; REFERENCE.md §3 "Mask").
@@ -15,6 +22,8 @@ import numpy as np
 
 FLOAT32_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-5
+REPEATED_TOLERANCE = 1e-5
+ELEMENTWISE_TOLERANCE = 1e-6
 
 
 def scaled_deviation(ours, reference):
@@ -24,7 +33,7 @@ def scaled_deviation(ours, reference):
     return np.abs(ours - reference) / np.maximum(1.0, np.abs(reference))
 
 
-def assert_close_to_reference(ours, reference, what, tolerance=FLOAT32_TOLERANCE, where=None):
+def assert_close(ours, reference, what, tolerance=FLOAT32_TOLERANCE, where=None):
     """Fail unless every compared element is within tolerance * max(1, |reference|).
 
     `where` is a boolean array broadcastable to the reference's shape selecting the elements
@@ -50,6 +59,24 @@ def assert_close_to_reference(ours, reference, what, tolerance=FLOAT32_TOLERANCE
             f"{within:.1%} of the compared values are within tolerance"
         )
     return largest
+
+
+# The name the reference tests read best with; the rule is the same.
+assert_close_to_reference = assert_close
+
+
+def assert_relatively_close(ours, expected, what, tolerance=ELEMENTWISE_TOLERANCE):
+    """Elementwise |ours - expected| <= tolerance * |expected|, for maths without summation."""
+    ours = np.asarray(ours, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if ours.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {ours.shape}, expected shape {expected.shape}")
+    outside = ~(np.abs(ours - expected) <= tolerance * np.abs(expected))  # NaN counts as outside
+    if outside.any():
+        worst = np.unravel_index(np.argmax(np.where(outside, np.abs(ours - expected), -1)), ours.shape)
+        raise AssertionError(f"{what}: {np.count_nonzero(outside)} of {ours.size} values differ by more "
+                             f"than {tolerance:g} relative; at {tuple(int(i) for i in worst)}: ours "
+                             f"{ours[worst]!r}, expected {expected[worst]!r}")
 
 
 def assert_loss_close_to_reference(ours, reference, what):
