@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_np.checkpoint import atomic_write_text, read_json_object, resolve_model_path
 from llama_np.errors import ConfigError
+from llama_np.inputs import is_integer
 
 # Defaults of Transformers' LlamaConfig when a key is absent (REFERENCE.md §1).
 DEFAULTS = {
@@ -108,8 +110,6 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "LlamaConfig":
-        from llama_np.checkpoint import read_json_object
-
         fields = read_json_object(path, ConfigError)
         try:
             return cls.from_dict(fields)
@@ -119,8 +119,6 @@ class LlamaConfig:
     @classmethod
     def from_pretrained(cls, name_or_path) -> "LlamaConfig":
         """Read ``config.json`` from a checkpoint directory or a bundled model name."""
-        from llama_np.checkpoint import resolve_model_path
-
         directory = resolve_model_path(name_or_path)
         path = directory / CONFIG_FILE
         if not path.is_file():
@@ -144,8 +142,6 @@ class LlamaConfig:
 
     def save_pretrained(self, directory) -> None:
         """Write ``config.json`` into ``directory`` (atomically: a temp file, then a rename)."""
-        from llama_np.checkpoint import atomic_write_text
-
         Path(directory).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -231,6 +227,7 @@ class LlamaConfig:
             value = getattr(self, name)
             if not _is_positive_int(value):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            self.__dict__[name] = int(value)  # np.int64(64) is welcome; config.json holds ints
         if self.__dict__.get("_head_dim_derived") and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} does not divide "
@@ -254,22 +251,24 @@ class LlamaConfig:
                               f"got {self.rms_norm_eps!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and 0 <= value):
+            if value is not None and not (is_integer(value) and 0 <= value):
                 raise ConfigError(f"{name} must be a non-negative integer or null, got {value!r}")
+            if value is not None:
+                self.__dict__[name] = int(value)
         # Transformers refuses this too: the embedding has no row for such a pad token.
         if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
             raise ConfigError(f"pad_token_id={self.pad_token_id} is outside the vocabulary "
                               f"[0, vocab_size={self.vocab_size})")
         eos = self.eos_token_id
         eos_list = eos if isinstance(eos, list) else [eos]
-        if eos is not None and not all(_is_int(e) and e >= 0 for e in eos_list):
+        if eos is not None and not all(is_integer(e) and e >= 0 for e in eos_list):
             raise ConfigError(f"eos_token_id must be an integer, a list of integers or null, got {eos!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ConfigError(f"problem_type must be one of {PROBLEM_TYPES} or null, got {self.problem_type!r}")
         self._validate_rope()
 
     def _validate_pretraining_tp(self):
-        """pretraining_tp cuts weights into equal slices (layers.linear_tp): each size it cuts
+        """pretraining_tp cuts weights into equal slices (layers.linear): each size it cuts
         must divide evenly, or rows would be dropped (the logits would lose vocabulary entries)."""
         tp = self.pretraining_tp
         sliced = {
@@ -352,12 +351,8 @@ def _normalise_spelling(fields: dict) -> dict:
     return fields
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_positive_int(value) -> bool:
-    return _is_int(value) and value > 0
+    return is_integer(value) and value > 0
 
 
 def _is_positive_number(value) -> bool:

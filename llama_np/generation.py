@@ -1,8 +1,7 @@
 """Text generation: the key/value cache, the logit processors, sampling and ``generate``.
 
-One step of generation runs the model on the newest token only; the keys and values of every
-earlier position are read from the cache, so a step costs O(S) instead of O(S²). Keys are cached
-after RoPE, which is why cached and uncached decoding give the same logits.
+One step of generation runs the model on the newest token only, with the keys and values of every
+earlier position read from the KV cache (``llama_np/cache.py``).
 
 The logit processing order is Transformers' (REFERENCE.md §6):
 repetition penalty -> temperature -> top-k -> top-p -> softmax -> sample (or argmax for greedy).
@@ -17,48 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
+from llama_np.cache import KVCache  # noqa: F401  (generate's cache; also importable from here)
+from llama_np.checkpoint import read_json_object
 from llama_np.errors import CheckpointError, InputError
-
-# ---------------------------------------------------------------------------- KV cache
-
-
-class KVCache:
-    """Keys and values of every past position, per layer: (B, KV, S, hd) each.
-
-    Storage grows by doubling, so appending one token is O(1) amortised rather than a copy of
-    the whole history at every step.
-    """
-
-    def __init__(self, num_layers: int):
-        self.keys: list[np.ndarray | None] = [None] * num_layers
-        self.values: list[np.ndarray | None] = [None] * num_layers
-        self.lengths = [0] * num_layers
-
-    def get_seq_length(self, layer_index: int = 0) -> int:
-        """How many positions the cache holds (S before this call)."""
-        return self.lengths[layer_index]
-
-    def update(self, layer_index: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Append k, v (B, KV, T, hd) to layer ``layer_index``; return all (B, KV, S, hd)."""
-        start, new = self.lengths[layer_index], k.shape[2]
-        stored_k = self.keys[layer_index]
-        if stored_k is None or start + new > stored_k.shape[2]:
-            capacity = max(2 * (start + new), 16)
-            grown_k = np.empty(k.shape[:2] + (capacity, k.shape[3]), dtype=k.dtype)
-            grown_v = np.empty(v.shape[:2] + (capacity, v.shape[3]), dtype=v.dtype)
-            if stored_k is not None:
-                grown_k[:, :, :start] = stored_k[:, :, :start]
-                grown_v[:, :, :start] = self.values[layer_index][:, :, :start]
-            self.keys[layer_index], self.values[layer_index] = grown_k, grown_v
-        self.keys[layer_index][:, :, start:start + new] = k
-        self.values[layer_index][:, :, start:start + new] = v
-        self.lengths[layer_index] = start + new
-        end = start + new
-        return self.keys[layer_index][:, :, :end], self.values[layer_index][:, :, :end]
-
-    def __len__(self):
-        return len(self.keys)
-
+from llama_np.inputs import check_attention_mask, check_input_ids, is_integer, is_number
 
 # ---------------------------------------------------------------------------- settings
 
@@ -94,8 +55,6 @@ class GenerationConfig:
         path = Path(directory) / "generation_config.json"
         if not path.is_file():
             return base
-        from llama_np.checkpoint import read_json_object
-
         values = read_json_object(path)
         known = {f.name for f in fields(cls)} - {"extra"}
         for name, value in values.items():
@@ -111,7 +70,7 @@ class GenerationConfig:
 
     def check(self, vocab_size: int) -> None:
         """InputError naming the first setting that ``generate`` could not use."""
-        if not _is_int(self.max_length) or self.max_length < 0:
+        if not is_integer(self.max_length) or self.max_length < 0:
             raise InputError(f"max_length must be a non-negative integer, got {self.max_length!r}")
         max_new_tokens = 0 if self.max_new_tokens is None else self.max_new_tokens
         _check_generation_arguments(vocab_size, max_new_tokens, self.do_sample, self.temperature,
@@ -245,9 +204,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     eos_token_id = settings.eos_token_id if eos_token_id is None else eos_token_id
     pad_token_id = settings.pad_token_id if pad_token_id is None else pad_token_id
 
-    from llama_np.model import _check_attention_mask, _check_input_ids  # model.py imports this module
-
-    ids = _check_input_ids(input_ids, model.config.vocab_size)  # (B, T) int64
+    ids = check_input_ids(input_ids, model.config.vocab_size)  # (B, T) int64
     if max_new_tokens is None:
         max_new_tokens = settings.max_new_tokens
     if max_new_tokens is None:
@@ -262,7 +219,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     batch = ids.shape[0]
     if attention_mask is None:
         attention_mask = _infer_attention_mask(ids, pad_token_id, eos_ids)
-    mask = _check_attention_mask(attention_mask, *ids.shape)
+    mask = check_attention_mask(attention_mask, *ids.shape)
     if (mask.sum(axis=-1) == 0).any():
         raise InputError("a row of attention_mask is all zeros: every prompt needs at least one token")
     rng = np.random.default_rng(seed)
@@ -318,38 +275,29 @@ def _infer_attention_mask(ids, pad_token_id, eos_ids) -> np.ndarray:
     return np.ones(ids.shape, dtype=np.int64)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value) -> bool:
-    """A real number, NumPy scalars (np.float32(0.7)) included, but not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_generation_arguments(vocab_size, max_new_tokens, do_sample, temperature, top_k, top_p,
                                 repetition_penalty, eos_token_id=None, pad_token_id=None, seed=None):
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if not isinstance(do_sample, (bool, np.bool_)):
         raise InputError(f"do_sample must be True or False, got {do_sample!r}")
-    if do_sample and not (_is_number(temperature) and temperature > 0):
+    if do_sample and not (is_number(temperature) and temperature > 0):
         raise InputError(f"temperature must be > 0 when sampling, got {temperature!r} "
                          "(use do_sample=False for greedy decoding)")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+    if top_k is not None and (not is_integer(top_k) or top_k < 0):
         raise InputError(f"top_k must be a non-negative integer or None, got {top_k!r}")
-    if not (_is_number(top_p) and 0 < top_p <= 1):
+    if not (is_number(top_p) and 0 < top_p <= 1):
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not (_is_number(repetition_penalty) and repetition_penalty > 0):
+    if not (is_number(repetition_penalty) and repetition_penalty > 0):
         raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
     # Both ids end up in the output: pad fills finished rows and is fed back to the model.
     eos_ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, np.ndarray)) else [eos_token_id]
-    if eos_token_id is not None and not all(_is_int(i) and 0 <= i < vocab_size for i in eos_ids):
+    if eos_token_id is not None and not all(is_integer(i) and 0 <= i < vocab_size for i in eos_ids):
         raise InputError(f"eos_token_id must be a token id in [0, {vocab_size}), a list of them or None, "
                          f"got {eos_token_id!r}")
-    if pad_token_id is not None and not (_is_int(pad_token_id) and 0 <= pad_token_id < vocab_size):
+    if pad_token_id is not None and not (is_integer(pad_token_id) and 0 <= pad_token_id < vocab_size):
         raise InputError(f"pad_token_id must be a token id in [0, {vocab_size}) or None, got {pad_token_id!r}")
-    if seed is not None and not (_is_int(seed) and seed >= 0):
+    if seed is not None and not (is_integer(seed) and seed >= 0):
         raise InputError(f"seed must be a non-negative integer or None, got {seed!r}")
 
 

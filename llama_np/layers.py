@@ -45,6 +45,22 @@ def init_embedding(vocab_size: int, hidden_size: int, padding_idx: int | None,
 # ---------------------------------------------------------------------------- RMSNorm
 
 
+def rms(x: np.ndarray, eps: float) -> np.ndarray:
+    """The root mean square of each vector, eps inside the root.  x (..., D) -> (..., 1)
+
+        rms(x) = sqrt(mean(x²) + eps)
+
+    Computed in float32 (or wider) even for half-precision x.
+    """
+    x_wide = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
+    return np.sqrt(np.mean(x_wide * x_wide, axis=-1, keepdims=True) + x_wide.dtype.type(eps))
+
+
+def normalize(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """x / rms(x), cast back to x's dtype.  x (..., D); scale (..., 1) -> (..., D)"""
+    return (x.astype(scale.dtype, copy=False) / scale).astype(x.dtype, copy=False)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """Root-mean-square layer norm (Zhang & Sennrich, 2019).
 
@@ -55,11 +71,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     eps sits inside the square root. The normalisation runs in float32 (or wider) and is cast
     back to the input dtype *before* the weight multiplies it, as Transformers does.
     """
-    compute_dtype = np.promote_types(x.dtype, np.float32)
-    x_wide = x.astype(compute_dtype, copy=False)
-    variance = np.mean(x_wide * x_wide, axis=-1, keepdims=True)
-    normalised = x_wide / np.sqrt(variance + compute_dtype.type(eps))
-    return weight * normalised.astype(x.dtype, copy=False)
+    return weight * normalize(x, rms(x, eps))
 
 
 # ---------------------------------------------------------------------------- RoPE frequencies
@@ -328,6 +340,22 @@ def softmax(scores: np.ndarray, axis: int = -1) -> np.ndarray:
     return exp / np.sum(exp, axis=axis, keepdims=True)
 
 
+def attention_scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None, scaling: float) -> np.ndarray:
+    """How much each query matches each key, before the softmax.
+
+    q (B, H, T, hd); k (B, KV, S, hd); mask (B, 1, T, S) additive or None  ->  (B, H, T, S)
+
+        scores = q · kᵀ · scaling + mask
+
+    Each key head serves H / KV query heads (``repeat_kv``). scaling is hd^−0.5 for Llama.
+    """
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scaling)
+    if mask is not None:
+        scores = scores + mask.astype(scores.dtype, copy=False)
+    return scores
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
               scaling: float) -> tuple[np.ndarray, np.ndarray]:
     """Scaled dot-product attention with grouped-query key/value heads.
@@ -339,48 +367,32 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
 
     scaling is hd^−0.5 for Llama. The softmax runs in float32 even for float16 inputs.
     """
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scaling)  # (B, H, T, S)
-    if mask is not None:
-        scores = scores + mask.astype(scores.dtype, copy=False)
-    weights = softmax(scores).astype(q.dtype, copy=False)
-    return weights @ v, weights
+    weights = softmax(attention_scores(q, k, mask, scaling)).astype(q.dtype, copy=False)
+    return weights @ repeat_kv(v, q.shape[1] // v.shape[1]), weights
 
 
 # ---------------------------------------------------------------------------- projections and MLP
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+           pretraining_tp: int = 1) -> np.ndarray:
     """y = x · Wᵀ + b. x (..., in); weight (out, in); bias (out,) or None  ->  (..., out).
 
     The weight is stored (out, in) as in torch.nn.Linear, hence the transpose.
+
+    ``pretraining_tp`` > 1 reproduces the summation order of Transformers 4.45, which sums the
+    product in that many slices of the input columns (for o_proj and down_proj):
+    y = Σ_i x[..., cols_i] · W[:, cols_i]ᵀ. The same maths, rounded differently
+    (docs/reference.md §3, "pretraining_tp"). Its slices of the output rows (q/k/v, gate/up,
+    lm_head) are the same dot products as one product, so they need no argument here.
     """
-    y = x @ weight.T
+    if pretraining_tp == 1:
+        y = x @ weight.T
+    else:
+        columns = weight.shape[1] // pretraining_tp
+        slices = [slice(i * columns, (i + 1) * columns) for i in range(pretraining_tp)]
+        y = sum(x[..., part] @ weight[:, part].T for part in slices)
     return y if bias is None else y + bias
-
-
-def linear_tp(x: np.ndarray, weight: np.ndarray, pretraining_tp: int, split: str) -> np.ndarray:
-    """A projection computed in ``pretraining_tp`` slices, as Transformers 4.45 does when tp > 1.
-
-    split="out": the output rows of W are cut into tp equal parts and the results concatenated
-                 (q/k/v, gate/up, lm_head).
-    split="in":  the input columns of W and the last axis of x are cut into tp parts and the
-                 partial products summed (o_proj, down_proj).
-
-    Same maths as ``linear`` with a different summation order; biases are ignored on this path
-    (REFERENCE.md §3, "pretraining_tp").
-    """
-    if split == "out":
-        rows = weight.shape[0] // pretraining_tp
-        parts = [x @ weight[i * rows:(i + 1) * rows].T for i in range(pretraining_tp)]
-        return np.concatenate(parts, axis=-1)
-    columns = weight.shape[1] // pretraining_tp
-    total = 0
-    for i in range(pretraining_tp):
-        part = slice(i * columns, (i + 1) * columns)
-        total = total + x[..., part] @ weight[:, part].T
-    return total
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -396,8 +408,5 @@ def swiglu(x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj:
 
         mlp(x) = down( silu(gate(x)) ⊙ up(x) )
     """
-    if pretraining_tp > 1:
-        hidden = silu(linear_tp(x, gate_proj, pretraining_tp, "out")) * linear_tp(x, up_proj, pretraining_tp, "out")
-        return linear_tp(hidden, down_proj, pretraining_tp, "in")
     hidden = silu(linear(x, gate_proj, gate_bias)) * linear(x, up_proj, up_bias)  # (B, T, I)
-    return linear(hidden, down_proj, down_bias)
+    return linear(hidden, down_proj, down_bias, pretraining_tp)

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from llama_np import layers
 from llama_np.errors import InputError
+from llama_np.trace import logit_lens
 
 SPACE_MARK = "␣"  # shown for sentencepiece's "▁" (a word start) and for real spaces
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -243,8 +244,6 @@ def plot_logit_lens(model, cache, tokens: Sequence[str], id_to_token, batch_inde
     tokenizer's ``convert_ids_to_tokens``, any callable id -> piece, or a list of pieces.
     Colour is the probability of that top token; the last row is the model's own prediction.
     """
-    from llama_np.trace import logit_lens
-
     lens = logit_lens(model, cache)[:, batch_index].astype(np.float64)  # (L, T, V)
     lens -= lens.max(axis=-1, keepdims=True)
     probabilities = np.exp(lens) / np.exp(lens).sum(axis=-1, keepdims=True)

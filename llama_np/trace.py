@@ -1,38 +1,23 @@
-"""Named activation capture: every intermediate array of a forward pass, by TransformerLens' names.
+"""Hook points: every intermediate array of a forward pass, by TransformerLens' names.
 
     logits, cache = model.run_with_cache(input_ids)
     cache["blocks.0.attn.hook_pattern"]          # (B, H, T, S) softmax weights of layer 0
+    cache["pattern", 0]                          # the same, in TransformerLens' shorthand
     cache.stack("hook_resid_post")               # (L, B, T, D) the residual stream after each layer
 
-The forward pass in ``model.py`` calls an optional ``hook(name, array)`` at each point listed by
-``hook_names``; ``run_with_cache`` passes a hook that stores the arrays it is asked for. Without a
-hook the model skips all of this (``hook=None``), so an ordinary forward pays nothing. The hook
-only reads, so the logits are the same with and without it.
+    def ablate_head_3(z, hook):                  # z (B, T, H, hd)
+        z = z.copy(); z[:, :, 3] = 0; return z
+    out = model.run_with_hooks(input_ids, fwd_hooks=[("blocks.0.attn.hook_z", ablate_head_3)])
+
+The forward pass in ``model.py`` hands each activation to a *tap*, ``tap(name, x)``, which
+returns ``x`` or what a hook put in its place. An ordinary call passes ``no_tap``, which returns
+``x`` untouched; ``run_with_cache`` passes a tap that also keeps a reference to it, and
+``run_with_hooks`` one that calls the user's hooks. There is one forward pass, traced or not,
+so the logits are bit-identical with and without a trace.
 
 The names follow TransformerLens (https://transformerlensorg.github.io/TransformerLens/), so what
-a learner finds here carries over to interpretability material written for it:
-
-    hook_embed                            (B, T, D)     token embeddings
-    blocks.{l}.hook_resid_pre             (B, T, D)     the residual stream entering layer l
-    blocks.{l}.ln1.hook_normalized        (B, T, D)     input_layernorm output
-    blocks.{l}.attn.hook_q                (B, T, H, hd) queries, before RoPE
-    blocks.{l}.attn.hook_k, hook_v        (B, T, KV, hd) keys and values, before RoPE
-    blocks.{l}.attn.hook_rot_q            (B, T, H, hd) queries after RoPE
-    blocks.{l}.attn.hook_rot_k            (B, T, KV, hd) keys after RoPE
-    blocks.{l}.attn.hook_attn_scores      (B, H, T, S)  q·kᵀ·hd^−0.5 + mask, before the softmax
-    blocks.{l}.attn.hook_pattern          (B, H, T, S)  softmax weights
-    blocks.{l}.attn.hook_z                (B, T, H, hd) weights · v, per head, before o_proj
-    blocks.{l}.hook_attn_out              (B, T, D)     attention output after o_proj
-    blocks.{l}.hook_resid_mid             (B, T, D)     residual stream after attention
-    blocks.{l}.ln2.hook_normalized        (B, T, D)     post_attention_layernorm output
-    blocks.{l}.mlp.hook_pre               (B, T, I)     gate projection, before SiLU
-    blocks.{l}.mlp.hook_pre_linear        (B, T, I)     up projection
-    blocks.{l}.mlp.hook_post              (B, T, I)     silu(gate) ⊙ up, before down_proj
-    blocks.{l}.hook_mlp_out               (B, T, D)     MLP output after down_proj
-    blocks.{l}.hook_resid_post            (B, T, D)     residual stream leaving layer l
-    ln_final.hook_normalized              (B, T, D)     the final norm's output
-
-Unlike TransformerLens, keys and values keep their KV heads (GQA is not expanded).
+a learner finds here carries over to interpretability material written for it; docs/trace.md
+lists every name with its shape and meaning, and docs/reference.md §8 the semantics we match.
 
 Shape legend: B batch, T query positions, S key positions, D hidden size, H query heads,
 KV key/value heads, hd head_dim, I intermediate size, V vocabulary size, L layers.
@@ -40,6 +25,7 @@ KV key/value heads, hd head_dim, I intermediate size, V vocabulary size, L layer
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Iterable
 
 import numpy as np
@@ -47,9 +33,18 @@ import numpy as np
 from llama_np import layers
 from llama_np.errors import InputError
 
+Tap = Callable[[str, np.ndarray], np.ndarray]
+
+
+def no_tap(name: str, x: np.ndarray) -> np.ndarray:
+    """The tap of an ordinary forward pass: every hook point is the identity."""
+    return x
+
+
 # The hook points of one decoder layer, in the order the forward pass reaches them.
 LAYER_HOOK_POINTS = (
     "hook_resid_pre",
+    "ln1.hook_scale",
     "ln1.hook_normalized",
     "attn.hook_q",
     "attn.hook_k",
@@ -59,8 +54,10 @@ LAYER_HOOK_POINTS = (
     "attn.hook_attn_scores",
     "attn.hook_pattern",
     "attn.hook_z",
+    "attn.hook_result",  # only with model.set_use_attn_result(True)
     "hook_attn_out",
     "hook_resid_mid",
+    "ln2.hook_scale",
     "ln2.hook_normalized",
     "mlp.hook_pre",
     "mlp.hook_pre_linear",
@@ -68,32 +65,49 @@ LAYER_HOOK_POINTS = (
     "hook_mlp_out",
     "hook_resid_post",
 )
+OPTIONAL_LAYER_HOOK_POINTS = {"attn.hook_result": "use_attn_result"}
+FINAL_HOOK_POINTS = ("ln_final.hook_scale", "ln_final.hook_normalized")
+UNEMBED_HOOK_POINTS = ("unembed.hook_in", "unembed.hook_out")  # LlamaForCausalLM only
 
 NamesFilter = None | str | Iterable[str] | Callable[[str], bool]
 
 
-def hook_names(config) -> list[str]:
-    """Every hook name of a model with ``config.num_hidden_layers`` layers, in forward order."""
+def hook_names(config, use_attn_result: bool = False, unembed: bool = True) -> list[str]:
+    """Every hook name of a model with ``config.num_hidden_layers`` layers, in forward order.
+
+    ``use_attn_result`` adds the per-head ``attn.hook_result``; ``unembed`` the language-model
+    head's ``unembed.hook_in``/``hook_out`` (a classifier and the bare stack have none).
+    """
+    points = [p for p in LAYER_HOOK_POINTS if use_attn_result or p not in OPTIONAL_LAYER_HOOK_POINTS]
     names = ["hook_embed"]
     for layer in range(config.num_hidden_layers):
-        names += [f"blocks.{layer}.{point}" for point in LAYER_HOOK_POINTS]
-    names.append("ln_final.hook_normalized")
+        names += [f"blocks.{layer}.{point}" for point in points]
+    names += FINAL_HOOK_POINTS
+    if unembed:
+        names += UNEMBED_HOOK_POINTS
     return names
+
+
+def model_hook_names(model) -> list[str]:
+    """The hook names a forward of this model reaches, with its options as they are set."""
+    return hook_names(model.config, use_attn_result=model.use_attn_result,
+                      unembed=hasattr(model, "lm_head_weight"))
 
 
 def forward_order(name: str) -> tuple:
     """A sort key that puts hook names in the order the forward pass reaches them.
 
-    "hook_embed" first, then layer by layer in LAYER_HOOK_POINTS order, then
-    "ln_final.hook_normalized"; any other name (e.g. "logits") after those, alphabetically.
+    "hook_embed" first, then layer by layer in LAYER_HOOK_POINTS order, then the final norm and
+    the unembedding; any other name (e.g. "logits") after those, alphabetically.
     """
     if name == "hook_embed":
         return (0, 0, 0, name)
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in LAYER_HOOK_POINTS:
         return (1, int(parts[1]), LAYER_HOOK_POINTS.index(parts[2]), name)
-    if name == "ln_final.hook_normalized":
-        return (2, 0, 0, name)
+    final = FINAL_HOOK_POINTS + UNEMBED_HOOK_POINTS
+    if name in final:
+        return (2, final.index(name), 0, name)
     return (3, 0, 0, name)
 
 
@@ -119,18 +133,153 @@ def names_filter_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:
     return lambda name: name in wanted
 
 
+# ---------------------------------------------------------------------------- hooks
+
+
+class HookPoint:
+    """What a hook receives besides the activation: ``hook.name`` (and ``hook.layer()``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def layer(self) -> int | None:
+        """The layer index of a ``blocks.{l}.…`` hook point, None for the others."""
+        parts = self.name.split(".")
+        return int(parts[1]) if parts[0] == "blocks" else None
+
+    def __repr__(self):
+        return f"HookPoint({self.name!r})"
+
+
+def hooks_tap(model, fwd_hooks) -> Tap:
+    """A tap that calls ``fn(activation, hook)`` for each (name or predicate, fn) that matches.
+
+    A hook returning an array replaces the activation (same shape; it is cast to the activation's
+    dtype); returning None keeps it. Hooks run in the order given.
+    """
+    known = model_hook_names(model)
+    checked = []
+    for entry in fwd_hooks:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
+            raise InputError(f"fwd_hooks must be (hook name or predicate, function) pairs, got {entry!r}")
+        where, fn = entry
+        if isinstance(where, str):
+            if where not in known:
+                close = difflib.get_close_matches(where, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see llama_np.trace.hook_names"
+                raise InputError(f"fwd_hooks names {where!r}, which is not a hook point of this model{hint}")
+            matches = (lambda wanted: lambda name: name == wanted)(where)
+        elif callable(where):
+            matches = where
+        else:
+            raise InputError(f"a hook is named by a string or a predicate on names, got {where!r}")
+        checked.append((matches, fn))
+
+    def tap(name: str, x: np.ndarray) -> np.ndarray:
+        for matches, fn in checked:
+            if not matches(name):
+                continue
+            replaced = fn(x, HookPoint(name))
+            if replaced is None:
+                continue
+            replaced = np.asarray(replaced)
+            if replaced.shape != x.shape:
+                raise InputError(f"the hook on {name} returned shape {replaced.shape}; the activation "
+                                 f"has shape {x.shape} (return None to keep it)")
+            x = replaced.astype(x.dtype, copy=False)
+        return x
+
+    return tap
+
+
+def run_with_hooks(model, input_ids, fwd_hooks=(), attention_mask=None, **kwargs):
+    """Run ``model`` once with hooks that may read or replace activations.
+
+    ``fwd_hooks`` is a list of ``(name, fn)`` or ``(predicate, fn)``; ``fn(activation, hook)``
+    gets the array and a ``HookPoint`` (``hook.name``) and returns a replacement of the same
+    shape, or None to keep the activation. Other keyword arguments go to the model's call
+    (``labels``, ``past_key_values``, ``use_cache``, …); the model's usual output is returned.
+    """
+    return model(input_ids, attention_mask=attention_mask, tap=hooks_tap(model, fwd_hooks), **kwargs)
+
+
+def run_with_cache(model, input_ids, attention_mask=None, names_filter: NamesFilter = None,
+                   fwd_hooks=(), **kwargs):
+    """Run ``model`` once and keep the activations whose hook names pass ``names_filter``.
+
+    input_ids (B, T)  ->  (output, cache)
+
+    ``output`` is what the model's forward gives: logits (B, T, V) for LlamaForCausalLM,
+    pooled logits (B, num_labels) for LlamaForSequenceClassification, the last hidden state
+    (B, T, D) for LlamaModel. ``cache`` is an ``ActivationCache``. With ``fwd_hooks`` (as in
+    ``run_with_hooks``) the cache holds the activations as the hooks left them. Rows of padding
+    (attention_mask = 0) are recorded too; they hold no meaning (docs/reference.md §3, "Mask").
+    """
+    keep = names_filter_predicate(names_filter)
+    hooked = hooks_tap(model, fwd_hooks)
+    activations: dict[str, np.ndarray] = {}
+
+    def record(name: str, x: np.ndarray) -> np.ndarray:
+        x = hooked(name, x)
+        if keep(name):
+            activations[name] = x
+        return x
+
+    out = model(input_ids, attention_mask=attention_mask, tap=record, **kwargs)
+    output = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return output, ActivationCache(activations, model.config.num_hidden_layers, model)
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+# TransformerLens' shorthand (its utils.get_act_name): cache["pattern", 0] is
+# cache["blocks.0.attn.hook_pattern"]. Aliases first, then which sub-block each short name is in.
+_SHORT_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q",
+                  "value": "v", "mlp_pre": "pre", "mlp_mid": "mid", "mlp_post": "post"}
+_LAYER_TYPE_ALIASES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+_ATTENTION_POINTS = {"k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores"}
+_MLP_POINTS = {"pre", "post", "mid", "pre_linear"}
+
+
+def full_hook_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
+    """TransformerLens' shorthand to a full hook name: ("pattern", 0) -> "blocks.0.attn.hook_pattern".
+
+    ("resid_pre", 3) -> "blocks.3.hook_resid_pre"; ("scale", 2, "ln1") -> "blocks.2.ln1.hook_scale";
+    ("embed",) -> "hook_embed"; ("scale",) -> "ln_final.hook_scale". A full name is returned as is.
+    """
+    if "." in name or name.startswith("hook_"):
+        return name
+    name = _SHORT_ALIASES.get(name, name)
+    if name in _ATTENTION_POINTS:
+        layer_type = "attn"
+    elif name in _MLP_POINTS:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIASES:
+        layer_type = _LAYER_TYPE_ALIASES[layer_type]
+    if layer is None and name in ("scale", "normalized") and not layer_type:
+        layer_type = "ln_final"
+    prefix = "" if layer is None else f"blocks.{layer}."
+    return f"{prefix}{layer_type + '.' if layer_type else ''}hook_{name}"
+
+
 class ActivationCache:
     """The activations of one forward pass, by hook name: a read-only mapping to NumPy arrays.
 
-    ``cache[name]``, ``name in cache``, ``cache.keys()``, ``cache.items()`` and ``len(cache)``
-    behave like a dict's. ``cache.stack(point)`` gathers one hook point over every layer.
+    ``cache[name]``, ``cache["pattern", 0]`` (TransformerLens' shorthand), ``name in cache``,
+    ``keys()``, ``items()`` and ``len(cache)`` behave like a dict's. ``stack(point)`` gathers
+    one hook point over every layer; ``accumulated_resid``, ``decompose_resid``,
+    ``stack_head_results``, ``apply_ln_to_stack`` and ``logit_attrs`` are TransformerLens'
+    tools for attributing the output to layers and heads.
     """
 
-    def __init__(self, activations: dict[str, np.ndarray], num_layers: int):
+    def __init__(self, activations: dict[str, np.ndarray], num_layers: int, model=None):
         self._activations = dict(activations)
         self.num_layers = num_layers
+        self.model = model
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, key) -> np.ndarray:
+        name = full_hook_name(*key) if isinstance(key, tuple) else key
         try:
             return self._activations[name]
         except KeyError:
@@ -162,37 +311,115 @@ class ActivationCache:
         ``point`` is the part after ``blocks.{l}.``, e.g. "hook_resid_post" or
         "attn.hook_pattern".
         """
-        names = [f"blocks.{layer}.{point}" for layer in range(self.num_layers)]
-        missing = [name for name in names if name not in self._activations]
-        if missing:
-            raise KeyError(f"cannot stack {point!r}: {missing[0]!r} is not in this cache "
-                           f"(run_with_cache(..., names_filter=...) may have left it out)")
-        return np.stack([self._activations[name] for name in names])
+        return np.stack([self[f"blocks.{layer}.{point}"] for layer in range(self.num_layers)])
+
+    # -- TransformerLens' attribution tools
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          return_labels: bool = False):
+        """The residual stream as it stands before each layer: (components, B, T, D).
+
+        Entries are resid_pre of layers 0 … layer − 1 (with resid_mid between them when
+        ``incl_mid``), and, when ``layer`` is None or L, the final resid_post, labelled
+        "0_pre", "0_mid", …, "final_post". ``apply_ln`` divides by the scale of the norm that
+        reads the stream at ``layer`` (see ``apply_ln_to_stack``).
+        """
+        layer = self.num_layers if layer is None else layer
+        labels, parts = [], []
+        for l in range(layer):
+            labels.append(f"{l}_pre")
+            parts.append(self[f"blocks.{l}.hook_resid_pre"])
+            if incl_mid:
+                labels.append(f"{l}_mid")
+                parts.append(self[f"blocks.{l}.hook_resid_mid"])
+        if layer == self.num_layers:
+            labels.append("final_post")
+            parts.append(self[f"blocks.{self.num_layers - 1}.hook_resid_post"])
+        stack = np.stack(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer)
+        return (stack, labels) if return_labels else stack
+
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, apply_ln: bool = False,
+                        incl_embeds: bool = True, return_labels: bool = False):
+        """The residual stream at ``layer`` as the sum of what wrote to it: (components, B, T, D).
+
+        "embed", then "{l}_attn_out" and "{l}_mlp_out" of every earlier layer (and layer's own
+        attention output when ``mlp_input``: the stream the MLP reads). Rotary models have no
+        positional embedding in the stream. The components sum to resid_pre of ``layer``.
+        """
+        layer = self.num_layers if layer is None else layer
+        labels, parts = [], []
+        if incl_embeds:
+            labels.append("embed")
+            parts.append(self["hook_embed"])
+        for l in range(layer):
+            labels += [f"{l}_attn_out", f"{l}_mlp_out"]
+            parts += [self[f"blocks.{l}.hook_attn_out"], self[f"blocks.{l}.hook_mlp_out"]]
+        if mlp_input and layer < self.num_layers:
+            labels.append(f"{layer}_attn_out")
+            parts.append(self[f"blocks.{layer}.hook_attn_out"])
+        stack = np.stack(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input)
+        return (stack, labels) if return_labels else stack
+
+    def stack_head_results(self, layer: int | None = None, apply_ln: bool = False,
+                           return_labels: bool = False):
+        """Every head's output in the residual stream, layers 0 … layer − 1: (L·H, B, T, D).
+
+        Needs ``attn.hook_result`` (``model.set_use_attn_result(True)`` before the run). Labels
+        are "L{l}H{h}".
+        """
+        layer = self.num_layers if layer is None else layer
+        labels, parts = [], []
+        for l in range(layer):
+            result = self[f"blocks.{l}.attn.hook_result"]  # (B, T, H, D)
+            for h in range(result.shape[2]):
+                labels.append(f"L{l}H{h}")
+                parts.append(result[:, :, h])
+        stack = np.stack(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer)
+        return (stack, labels) if return_labels else stack
+
+    def apply_ln_to_stack(self, residual_stack: np.ndarray, layer: int | None = None,
+                          mlp_input: bool = False) -> np.ndarray:
+        """Divide each component by the scale of the norm that reads the stream at ``layer``.
+
+        residual_stack (components, B, T, D). The scale is rms(x) of the whole stream, recorded
+        by that norm's hook_scale: ln_final's for layer None or L, else ln1's (ln2's with
+        ``mlp_input``). RMSNorm does not centre, so this is all it does (its learned weight is
+        not applied, as in TransformerLens without weight folding). Dividing is linear, so the
+        components still sum to the normalised stream.
+        """
+        if layer is None or layer == self.num_layers:
+            scale = self["ln_final.hook_scale"]
+        else:
+            scale = self[f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
+        return residual_stack / scale
+
+    def logit_attrs(self, residual_stack: np.ndarray, tokens, incorrect_tokens=None) -> np.ndarray:
+        """How much each component pushes the logit of ``tokens``: residual · W_U[:, token].
+
+        residual_stack (components, B, T, D); tokens an id, or (B,) / (B, T) ids matching the
+        stack's batch (and position) axes  ->  (components, B, T) or as the tokens broadcast.
+        With ``incorrect_tokens``, the logit difference tokens − incorrect_tokens. Apply the
+        final norm's scale first (``apply_ln_to_stack``) for attributions that sum to the logits
+        divided by the final norm's weight.
+        """
+        if self.model is None or not hasattr(self.model, "lm_head_weight"):
+            raise InputError("logit_attrs needs the cache of a LlamaForCausalLM run (its lm_head)")
+        unembed = self.model.lm_head_weight()  # (V, D): row t is token t's direction
+        directions = unembed[np.asarray(tokens)]
+        if incorrect_tokens is not None:
+            directions = directions - unembed[np.asarray(incorrect_tokens)]
+        if directions.ndim == 2:  # one token per row of the batch: (B, D) -> (B, 1, D)
+            directions = directions[:, None, :]
+        return (residual_stack * directions).sum(axis=-1)
 
     def __repr__(self):
         return f"ActivationCache({len(self)} activations, {self.num_layers} layers)"
-
-
-def run_with_cache(model, input_ids, attention_mask=None, names_filter: NamesFilter = None):
-    """Run ``model`` once and keep the activations whose hook names pass ``names_filter``.
-
-    input_ids (B, T)  ->  (output, cache)
-
-    ``output`` is what the model's forward gives: logits (B, T, V) for LlamaForCausalLM,
-    pooled logits (B, num_labels) for LlamaForSequenceClassification, the last hidden state
-    (B, T, D) for LlamaModel. ``cache`` is an ``ActivationCache``. Rows of padding
-    (attention_mask = 0) are recorded too; they hold no meaning (REFERENCE.md §3, "Mask").
-    """
-    keep = names_filter_predicate(names_filter)
-    activations: dict[str, np.ndarray] = {}
-
-    def record(name: str, value: np.ndarray) -> None:
-        if keep(name):
-            activations[name] = value
-
-    out = model(input_ids, attention_mask=attention_mask, hook=record)
-    output = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    return output, ActivationCache(activations, model.config.num_hidden_layers)
 
 
 def logit_lens(model, cache: ActivationCache) -> np.ndarray:
@@ -205,7 +432,4 @@ def logit_lens(model, cache: ActivationCache) -> np.ndarray:
     residuals = cache.stack("hook_resid_post")  # (L, B, T, D)
     config = model.config
     normed = layers.rms_norm(residuals, model.weights[f"{model.base_prefix}norm.weight"], config.rms_norm_eps)
-    if config.pretraining_tp > 1:
-        return layers.linear_tp(normed, model.lm_head_weight(), config.pretraining_tp, "out")
     return layers.linear(normed, model.lm_head_weight())
-

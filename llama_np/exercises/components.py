@@ -470,7 +470,8 @@ def swiglu_cases(prefer_bundled: bool = True) -> list[Case]:
     sample = model_sample(prefer_bundled)
     cases = []
     for layer in (0, sample.config.num_hidden_layers - 1):
-        x, w = sample.activation("ln2.hook_normalized", layer), sample.layer(layer)
+        w = sample.layer(layer)
+        x = w.post_attention_layernorm * sample.activation("ln2.hook_normalized", layer)  # the MLP's input
         cases.append(Case(f"layer-{layer} MLP input of {sample.source}, shape {x.shape}",
                           (x, w.gate_proj, w.up_proj, w.down_proj),
                           layers.swiglu(x, w.gate_proj, w.up_proj, w.down_proj)))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llama_np.checkpoint import bundled_model_names
 from llama_np.config import LlamaConfig
 from llama_np.errors import LlamaNPError
 from llama_np.model import LlamaForCausalLM
@@ -67,12 +68,10 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.n
 
 
 def _bundled_sample() -> ModelSample | None:
-    from llama_np.checkpoint import bundled_model_names
-
     if BUNDLED_MODEL not in bundled_model_names():
         return None
     try:
-        from llama_np.tokenizer import LlamaTokenizer
+        from llama_np.tokenizer import LlamaTokenizer  # here, so a missing sentencepiece means the stand-in
 
         model = LlamaForCausalLM.from_pretrained(BUNDLED_MODEL)
         tokenizer = LlamaTokenizer.from_pretrained(BUNDLED_MODEL)

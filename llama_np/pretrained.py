@@ -1,0 +1,335 @@
+"""Everything about a model that is not its forward pass: weights, loading, saving, resizing.
+
+``model.py`` holds the maths of the three model classes; they inherit from
+``LlamaPreTrainedModel`` here, which opens a checkpoint (``from_pretrained``), builds a random
+model (``from_config``), writes one (``save_pretrained``), grows the vocabulary
+(``resize_token_embeddings``) and decides how much widened (float32) weight to keep in memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from llama_np import layers, trace
+from llama_np.checkpoint import Checkpoint, resolve_model_path, save_safetensors
+from llama_np.config import LlamaConfig
+from llama_np.errors import CheckpointError, InputError
+from llama_np.generation import GenerationConfig
+from llama_np.inputs import available_memory, check_compute_dtype, is_integer
+
+# The least memory for widened weights that from_pretrained keeps by default (see keep_widened_limit).
+KEEP_WIDENED_FLOOR = 2 * 1024**3
+
+
+def keep_widened_limit() -> int:
+    """Up to how many bytes of widened (float32) weights ``from_pretrained`` keeps by default.
+
+    Half the memory available right now (Linux's MemAvailable), and never less than 2 GiB: a
+    1.1B TinyLlama (4.4 GB in float32) then runs at full speed on a 16 GB laptop, while a 7B
+    float16 checkpoint (27 GB in float32) is widened layer by layer on every use instead.
+    """
+    available = available_memory()
+    return KEEP_WIDENED_FLOOR if available is None else max(KEEP_WIDENED_FLOOR, available // 2)
+
+
+# ---------------------------------------------------------------------------- tensor names
+
+
+# The tensors of one decoder layer: field of model.LayerWeights -> name under model.layers.{i}.
+LAYER_TENSOR_NAMES = {
+    "input_layernorm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "post_attention_layernorm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.o_proj.bias",
+    "gate_bias": "mlp.gate_proj.bias",
+    "up_bias": "mlp.up_proj.bias",
+    "down_bias": "mlp.down_proj.bias",
+}
+
+
+def layer_shapes(config: LlamaConfig) -> dict[str, tuple]:
+    """The shape of every tensor of one decoder layer, by LAYER_TENSOR_NAMES field."""
+    D, I, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    H, KV = config.num_attention_heads, config.num_key_value_heads
+    shapes = {
+        "input_layernorm": (D,), "q_proj": (H * hd, D), "k_proj": (KV * hd, D),
+        "v_proj": (KV * hd, D), "o_proj": (D, H * hd), "post_attention_layernorm": (D,),
+        "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I),
+    }
+    if config.attention_bias:
+        shapes.update(q_bias=(H * hd,), k_bias=(KV * hd,), v_bias=(KV * hd,), o_bias=(D,))
+    if config.mlp_bias:
+        shapes.update(gate_bias=(I,), up_bias=(I,), down_bias=(D,))
+    return shapes
+
+
+def expected_base_shapes(config: LlamaConfig, prefix: str = "model.") -> dict[str, tuple]:
+    """Every tensor of the Llama stack with the shape the config implies (docs/reference.md §2)."""
+    D, V = config.hidden_size, config.vocab_size
+    shapes = {f"{prefix}embed_tokens.weight": (V, D), f"{prefix}norm.weight": (D,)}
+    per_layer = layer_shapes(config)
+    for i in range(config.num_hidden_layers):
+        for field_name, shape in per_layer.items():
+            shapes[f"{prefix}layers.{i}.{LAYER_TENSOR_NAMES[field_name]}"] = shape
+    return shapes
+
+
+def parameter_count(config: LlamaConfig, head_rows: int) -> int:
+    """How many numbers the model holds, from the config alone (no list of every tensor).
+
+    ``head_rows`` is the head's output size: the vocabulary for an untied lm_head, num_labels for
+    a classifier, 0 for the bare stack or tied embeddings.
+    """
+    per_layer = sum(int(np.prod(shape)) for shape in layer_shapes(config).values())
+    D = config.hidden_size
+    return config.num_hidden_layers * per_layer + (config.vocab_size + 1 + head_rows) * D
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+class Weights:
+    """The named tensors of a model, widened to the compute dtype when they are used.
+
+    Values are memory-mapped checkpoint tensors (``checkpoint.StoredTensor``) or arrays. With
+    ``keep_widened`` the widened copy is kept after first use; without it, every use widens
+    again (slower, but the float32 copy of a layer lives only while that layer runs).
+    """
+
+    def __init__(self, tensors: dict, dtype=np.float32, keep_widened: bool = True):
+        self.tensors = dict(tensors)
+        self.dtype = np.dtype(dtype)
+        self.keep_widened = keep_widened
+        self._widened: dict[str, np.ndarray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._widened:
+            return self._widened[name]
+        stored = self.tensors[name]
+        if isinstance(stored, np.ndarray):
+            value = stored.astype(self.dtype, copy=False)
+        else:
+            value = stored.numpy(self.dtype)
+        if self.keep_widened:
+            self._widened[name] = value
+        return value
+
+    def get(self, name: str):
+        return self[name] if name in self.tensors else None
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self.tensors[name] = value
+        self._widened.pop(name, None)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.tensors[name].shape)
+
+    def items(self):
+        return ((name, self[name]) for name in self.tensors)
+
+    def layer(self, prefix: str, index: int, count: int, pretraining_tp: int = 1) -> dict:
+        """The widened tensors of decoder layer ``index``, by LAYER_TENSOR_NAMES field.
+
+        Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
+        (docs/reference.md §3, "pretraining_tp").
+        """
+        self._show_progress(index, count)
+        tensors = {field_name: self.get(f"{prefix}layers.{index}.{name}")
+                   for field_name, name in LAYER_TENSOR_NAMES.items()}
+        if pretraining_tp > 1:
+            tensors = {name: (None if name.endswith("_bias") else value) for name, value in tensors.items()}
+        return tensors
+
+    def _show_progress(self, index: int, count: int) -> None:
+        """On a terminal, weights widened on every use (a big model) show the layer they are on."""
+        if self.keep_widened or not sys.stderr.isatty():
+            return
+        end = "\n" if index == count - 1 else ""
+        print(f"\rlayer {index + 1}/{count}", end=end, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- loading and saving
+
+
+class LlamaPreTrainedModel:
+    """Loading, saving and the shared plumbing of the three model classes."""
+
+    base_prefix = "model."  # where the Llama stack's tensors live in a checkpoint
+    prefix_optional = False  # LlamaModel: a checkpoint saved from the bare stack has no "model."
+
+    def __init__(self, config: LlamaConfig, weights: Weights, generation_config=None):
+        self.config = config
+        self.weights = weights
+        self.dtype = weights.dtype
+        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
+        self.name_or_path = None
+        self.use_attn_result = False  # per-head attention outputs (attn.hook_result); see trace.py
+
+    # -- construction
+
+    @classmethod
+    def expected_shapes(cls, config: LlamaConfig, prefix: str = "model.") -> dict[str, tuple]:
+        return expected_base_shapes(config, prefix)
+
+    @classmethod
+    def optional_tensors(cls, config: LlamaConfig) -> tuple:
+        return ()
+
+    @classmethod
+    def head_rows(cls, config: LlamaConfig) -> int:
+        """Output rows of the head's own weight (0 for none): see ``parameter_count``."""
+        return 0
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None):
+        """Open a checkpoint directory or a bundled model by name. Memory-mapped and lazy.
+
+        Only headers are read here; tensors are widened to ``dtype`` (float32 or float64) when
+        first used. ``keep_widened`` keeps those widened copies instead of widening again on
+        every call; by default it is on when they fit in ``keep_widened_limit()`` (half the
+        available memory, at least 2 GiB).
+        """
+        dtype = check_compute_dtype(dtype)
+        directory = resolve_model_path(name_or_path)
+        config = LlamaConfig.from_pretrained(directory)
+        checkpoint = Checkpoint.open(directory)
+        prefix = cls.base_prefix
+        if cls.prefix_optional and f"{prefix}embed_tokens.weight" not in checkpoint:
+            prefix = ""
+        _check_layer_count(config, checkpoint, prefix)
+        expected = cls.expected_shapes(config, prefix)
+        checkpoint.check_shapes(expected, optional=cls.optional_tensors(config))
+        tensors = {name: checkpoint[name] for name in expected if name in checkpoint}
+        if prefix != cls.base_prefix:
+            tensors = {cls.base_prefix + name: t for name, t in tensors.items()}
+        widened_bytes = sum(int(np.prod(t.shape)) for t in tensors.values()) * np.dtype(dtype).itemsize
+        if keep_widened is None:
+            keep_widened = widened_bytes <= keep_widened_limit()
+        generation_config = GenerationConfig.from_pretrained(directory, config)
+        model = cls(config, Weights(tensors, dtype, keep_widened), generation_config)
+        model.name_or_path = str(name_or_path)
+        model.checkpoint = checkpoint
+        return model
+
+    @classmethod
+    def from_config(cls, config: LlamaConfig, seed: int = 0, dtype=np.float32):
+        """A randomly initialised model, as Transformers initialises one.
+
+        Linear weights ~ N(0, initializer_range²), norms = 1, biases = 0, and the embedding row
+        of ``pad_token_id`` = 0 (the one place ``padding_idx`` matters, docs/reference.md §3).
+        A config whose weights cannot fit in memory is refused before anything is allocated.
+        """
+        dtype = check_compute_dtype(dtype)
+        needed = parameter_count(config, cls.head_rows(config)) * 4  # float32 storage
+        available = available_memory()
+        if available is not None and needed > available:
+            raise InputError(
+                f"from_config: this config's {needed // 4:,} parameters need {needed / 2**30:,.1f} GiB "
+                f"in float32; {available / 2**30:.1f} GiB are available (vocab_size="
+                f"{config.vocab_size}, hidden_size={config.hidden_size}, num_hidden_layers="
+                f"{config.num_hidden_layers}, intermediate_size={config.intermediate_size})")
+        rng = np.random.default_rng(seed)
+        std = config.initializer_range
+        tensors = {}
+        for name, shape in cls.expected_shapes(config).items():
+            if name.endswith("embed_tokens.weight"):
+                tensors[name] = layers.init_embedding(*shape, config.pad_token_id, std, rng)
+            elif name.endswith("norm.weight"):
+                tensors[name] = np.ones(shape, np.float32)
+            elif name.endswith(".bias"):
+                tensors[name] = np.zeros(shape, np.float32)
+            else:
+                tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
+        return cls(config, Weights(tensors, dtype))
+
+    def save_pretrained(self, directory, storage_dtype=np.float32) -> None:
+        """Write config.json and model.safetensors (each atomically) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: np.ascontiguousarray(value, dtype=storage_dtype)
+                   for name, value in self.weights.items()}
+        save_safetensors(directory / "model.safetensors", tensors, metadata={"format": "pt"})
+        self.config.save_pretrained(directory)
+
+    # -- the weights
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(self.weights.shape(name))) for name in self.weights.tensors)
+
+    def resize_token_embeddings(self, new_num_tokens: int, pad_token_id: int | None = None) -> None:
+        """Grow (or shrink) the vocabulary to ``new_num_tokens`` rows.
+
+        New embedding (and lm_head) rows are the mean of the existing rows, so a freshly added
+        token such as ``<pad>`` starts as an "average" token. ``config.vocab_size`` follows, and
+        ``config.pad_token_id`` too when ``pad_token_id`` is given:
+
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            model.resize_token_embeddings(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        """
+        if not is_integer(new_num_tokens) or new_num_tokens <= 0:
+            raise InputError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        if pad_token_id is not None and not (is_integer(pad_token_id) and 0 <= pad_token_id < new_num_tokens):
+            raise InputError(f"pad_token_id must be a token id in [0, {new_num_tokens}), got {pad_token_id!r}")
+        for name in (f"{self.base_prefix}embed_tokens.weight", "lm_head.weight"):
+            if name not in self.weights:
+                continue
+            old = np.asarray(self.weights[name], dtype=np.float32)
+            if new_num_tokens <= old.shape[0]:
+                new = old[:new_num_tokens].copy()
+            else:
+                extra = np.repeat(old.mean(axis=0, keepdims=True), new_num_tokens - old.shape[0], axis=0)
+                new = np.concatenate([old, extra], axis=0)
+            self.weights[name] = new
+        self.config.vocab_size = int(new_num_tokens)
+        if pad_token_id is not None:
+            self.config.pad_token_id = int(pad_token_id)
+
+    # -- interpretability (llama_np/trace.py)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Also compute each head's output in the residual stream, ``attn.hook_result`` (B, T, H, D).
+
+        As in TransformerLens this costs memory (D numbers per head and position) and sums the
+        heads one by one instead of in one o_proj product, so it is off by default.
+        """
+        if not isinstance(use_attn_result, bool):
+            raise InputError(f"use_attn_result must be True or False, got {use_attn_result!r}")
+        self.use_attn_result = use_attn_result
+
+    def run_with_cache(self, input_ids, attention_mask=None, names_filter=None, **kwargs):
+        """Run the model and record named activations; see ``llama_np.trace.run_with_cache``."""
+        return trace.run_with_cache(self, input_ids, attention_mask=attention_mask, names_filter=names_filter, **kwargs)
+
+    def run_with_hooks(self, input_ids, fwd_hooks=(), attention_mask=None, **kwargs):
+        """Run the model with hooks that may read or replace activations; see ``llama_np.trace``."""
+        return trace.run_with_hooks(self, input_ids, fwd_hooks=fwd_hooks, attention_mask=attention_mask, **kwargs)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.config!r}, dtype={self.dtype.name})"
+
+
+def _check_layer_count(config: LlamaConfig, checkpoint, prefix: str) -> None:
+    """Refuse a config with more layers than the checkpoint stores, before listing each tensor
+    it would miss: a corrupt num_hidden_layers such as 10**30 would never finish that list."""
+    layers_prefix = f"{prefix}layers."
+    stored = {name[len(layers_prefix):].split(".")[0] for name in checkpoint
+              if name.startswith(layers_prefix)}
+    if config.num_hidden_layers > len(stored):
+        raise CheckpointError(
+            f"config.json has num_hidden_layers={config.num_hidden_layers}, but the checkpoint in "
+            f"{checkpoint.directory} stores {len(stored)} layers ({layers_prefix}N.*)")
