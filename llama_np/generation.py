@@ -3,7 +3,7 @@
 One step of generation runs the model on the newest token only, with the keys and values of every
 earlier position read from the KV cache (``llama_np/cache.py``).
 
-The logit processing order is Transformers' (REFERENCE.md §6):
+The logit processing order is Transformers' (docs/reference.md §6.2):
 repetition penalty -> temperature -> top-k -> top-p -> softmax -> sample (or argmax for greedy).
 """
 

@@ -25,7 +25,7 @@ def embedding(input_ids: np.ndarray, embed_tokens: np.ndarray) -> np.ndarray:
 
     ``padding_idx`` plays no part here: in Transformers it only zeroes the pad row at
     initialisation (and keeps its gradient at zero). A loaded checkpoint's pad row is used as
-    stored (REFERENCE.md §3, "Embedding"); see ``init_embedding``.
+    stored (docs/reference.md §3.1); see ``init_embedding``.
     """
     return embed_tokens[input_ids]
 
@@ -76,35 +76,39 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- RoPE frequencies
 #
-# Every function below returns (inv_freq, attention_factor): inv_freq (hd/2,) float32 holds the
-# angular frequency of each rotated pair, attention_factor multiplies cos and sin (1.0 except
-# for yarn). They follow the float recipe of REFERENCE.md §3 so that cos/sin match torch to the
-# last bit: an error of one ulp in inv_freq grows with position (1e-4 in cos near position 4000).
+# Every function below returns (inv_freq, attention_factor): inv_freq (hd/2,) holds the angular
+# frequency of each rotated pair, attention_factor multiplies cos and sin (1.0 except for yarn).
+# In float32 (the default) they follow torch's float recipe (docs/reference.md §3.3) so that
+# cos/sin match Transformers to the last bit: an error of one ulp in inv_freq grows with
+# position (1e-4 in cos near position 4000). With dtype=np.float64 the same formulas run in
+# float64 throughout, for a model computing in float64.
 
 
-def _theta_powers(theta: float, head_dim: int) -> np.ndarray:
+def _theta_powers(theta: float, head_dim: int, dtype=np.float32) -> np.ndarray:
     """theta^(2i/hd) for i < hd/2, as torch computes ``theta ** (arange(0, hd, 2) / hd)``.
 
     The exponent 2i/hd is formed in float32, the power is taken in float64 and rounded to
     float32. (A plain float32 ``np.power`` is one ulp off for about 15% of the entries.)
     """
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
+    exponent = np.arange(0, head_dim, 2, dtype=dtype) / np.dtype(dtype).type(head_dim)
+    return np.power(np.float64(theta), exponent.astype(np.float64)).astype(dtype)
 
 
-def default_rope_frequencies(head_dim: int, theta: float) -> tuple[np.ndarray, float]:
+def default_rope_frequencies(head_dim: int, theta: float, dtype=np.float32) -> tuple[np.ndarray, float]:
     """Plain RoPE (Su et al., 2021): inv_freq[i] = 1 / theta^(2i/hd)."""
-    return np.float32(1.0) / _theta_powers(theta, head_dim), 1.0
+    return np.dtype(dtype).type(1.0) / _theta_powers(theta, head_dim, dtype), 1.0
 
 
-def linear_rope_frequencies(head_dim: int, theta: float, factor: float) -> tuple[np.ndarray, float]:
+def linear_rope_frequencies(head_dim: int, theta: float, factor: float,
+                            dtype=np.float32) -> tuple[np.ndarray, float]:
     """Position interpolation: every frequency divided by ``factor`` (positions squeezed)."""
-    inv_freq, _ = default_rope_frequencies(head_dim, theta)
-    return inv_freq / np.float32(factor), 1.0
+    inv_freq, _ = default_rope_frequencies(head_dim, theta, dtype)
+    return inv_freq / np.dtype(dtype).type(factor), 1.0
 
 
 def dynamic_rope_frequencies(head_dim: int, theta: float, factor: float,
-                             max_position_embeddings: int, seq_len: int) -> tuple[np.ndarray, float]:
+                             max_position_embeddings: int, seq_len: int,
+                             dtype=np.float32) -> tuple[np.ndarray, float]:
     """Dynamic NTK scaling: a larger base once the sequence outgrows max_position_embeddings L.
 
         base' = theta · ((factor · T / L) − (factor − 1)) ^ (hd / (hd − 2)),   T = seq_len > L
@@ -113,16 +117,17 @@ def dynamic_rope_frequencies(head_dim: int, theta: float, factor: float,
     sequence length, so we do too.
     """
     if seq_len <= max_position_embeddings:
-        return default_rope_frequencies(head_dim, theta)
-    f32 = np.float32
+        return default_rope_frequencies(head_dim, theta, dtype)
+    f32 = np.dtype(dtype).type  # float32 as Transformers, or float64
     stretch = f32(factor) * f32(seq_len) / f32(max_position_embeddings) - f32(factor - 1)
     base = f32(theta) * np.power(stretch, f32(head_dim / (head_dim - 2)))
-    return default_rope_frequencies(head_dim, float(base))
+    return default_rope_frequencies(head_dim, float(base), dtype)
 
 
 def llama3_rope_frequencies(head_dim: int, theta: float, factor: float, low_freq_factor: float,
                             high_freq_factor: float,
-                            original_max_position_embeddings: int) -> tuple[np.ndarray, float]:
+                            original_max_position_embeddings: int,
+                            dtype=np.float32) -> tuple[np.ndarray, float]:
     """Llama 3.1 scaling: long wavelengths divided by ``factor``, short ones kept, a blend between.
 
     With wavelen = 2π / inv_freq, low_wl = orig / low_freq_factor, high_wl = orig / high_freq_factor:
@@ -131,8 +136,8 @@ def llama3_rope_frequencies(head_dim: int, theta: float, factor: float, low_freq
       otherwise          -> (1 − s) · inv_freq / factor + s · inv_freq,
                             s = (orig / wavelen − low_freq_factor) / (high_freq_factor − low_freq_factor)
     """
-    f32 = np.float32
-    inv_freq, _ = default_rope_frequencies(head_dim, theta)
+    f32 = np.dtype(dtype).type  # float32 as Transformers, or float64
+    inv_freq, _ = default_rope_frequencies(head_dim, theta, dtype)
     orig = original_max_position_embeddings
     wavelen = f32(2 * math.pi) / inv_freq
     low_freq_wavelen = orig / low_freq_factor
@@ -141,14 +146,14 @@ def llama3_rope_frequencies(head_dim: int, theta: float, factor: float, low_freq
     smooth = (f32(orig) / wavelen - f32(low_freq_factor)) / f32(high_freq_factor - low_freq_factor)
     smoothed = (f32(1) - smooth) * scaled / f32(factor) + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return np.where(is_medium, smoothed, scaled).astype(np.float32), 1.0
+    return np.where(is_medium, smoothed, scaled).astype(dtype), 1.0
 
 
 def yarn_rope_frequencies(head_dim: int, theta: float, factor: float,
                           original_max_position_embeddings: int, beta_fast: float = 32.0,
                           beta_slow: float = 1.0, attention_factor: float | None = None,
                           mscale: float | None = None, mscale_all_dim: float | None = None,
-                          truncate: bool = True) -> tuple[np.ndarray, float]:
+                          truncate: bool = True, dtype=np.float32) -> tuple[np.ndarray, float]:
     """YaRN (Peng et al., 2023): interpolate low frequencies, keep high ones, ramp between.
 
     Dimension pairs that turn fewer than ``beta_slow`` times over the original context are
@@ -156,7 +161,7 @@ def yarn_rope_frequencies(head_dim: int, theta: float, factor: float,
     a linear ramp blends the pairs in between. cos and sin are multiplied by an attention factor,
     0.1 · ln(factor) + 1 unless given (Transformers 5.x formulas).
     """
-    f32 = np.float32
+    f32 = np.dtype(dtype).type  # float32 as Transformers, or float64
 
     def mscale_of(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -178,59 +183,60 @@ def yarn_rope_frequencies(head_dim: int, theta: float, factor: float,
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid dividing by zero in the ramp
-    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - f32(low)) / f32(high - low), 0, 1)
-    extrapolation_weight = f32(1) - ramp.astype(np.float32)
+    ramp = np.clip((np.arange(head_dim // 2, dtype=dtype) - f32(low)) / f32(high - low), 0, 1)
+    extrapolation_weight = f32(1) - ramp.astype(dtype)
 
-    powers = _theta_powers(theta, head_dim)
+    powers = _theta_powers(theta, head_dim, dtype)
     inv_freq_extrapolation = f32(1) / powers
     inv_freq_interpolation = f32(1) / (f32(factor) * powers)
     inv_freq = (inv_freq_interpolation * (f32(1) - extrapolation_weight)
                 + inv_freq_extrapolation * extrapolation_weight)
-    return inv_freq.astype(np.float32), attention_factor
+    return inv_freq.astype(dtype), attention_factor
 
 
 def rope_frequencies(head_dim: int, rope_parameters: dict, max_position_embeddings: int,
-                     seq_len: int = 0) -> tuple[np.ndarray, float]:
-    """inv_freq (hd/2,) float32 and the cos/sin attention factor for a config's RoPE settings.
+                     seq_len: int = 0, dtype=np.float32) -> tuple[np.ndarray, float]:
+    """inv_freq (hd/2,) and the cos/sin attention factor for a config's RoPE settings.
 
     ``rope_parameters`` is ``LlamaConfig.rope_parameters`` (rope_type, rope_theta and the
     scaling fields). ``seq_len`` (the largest position + 1) matters only for ``dynamic``.
+    ``dtype`` is float32 (torch's recipe, the default) or float64.
     """
     p = rope_parameters
     rope_type, theta = p["rope_type"], p["rope_theta"]
     if rope_type == "default":
-        return default_rope_frequencies(head_dim, theta)
+        return default_rope_frequencies(head_dim, theta, dtype)
     if rope_type == "linear":
-        return linear_rope_frequencies(head_dim, theta, p["factor"])
+        return linear_rope_frequencies(head_dim, theta, p["factor"], dtype)
     if rope_type == "dynamic":
-        return dynamic_rope_frequencies(head_dim, theta, p["factor"], max_position_embeddings, seq_len)
+        return dynamic_rope_frequencies(head_dim, theta, p["factor"], max_position_embeddings, seq_len, dtype)
     if rope_type == "llama3":
         return llama3_rope_frequencies(head_dim, theta, p["factor"], p["low_freq_factor"],
-                                       p["high_freq_factor"], p["original_max_position_embeddings"])
+                                       p["high_freq_factor"], p["original_max_position_embeddings"], dtype)
     if rope_type == "yarn":
         return yarn_rope_frequencies(
             head_dim, theta, p["factor"], p["original_max_position_embeddings"],
             beta_fast=p.get("beta_fast") or 32.0, beta_slow=p.get("beta_slow") or 1.0,
             attention_factor=p.get("attention_factor"), mscale=p.get("mscale"),
-            mscale_all_dim=p.get("mscale_all_dim"), truncate=p.get("truncate", True),
+            mscale_all_dim=p.get("mscale_all_dim"), truncate=p.get("truncate", True), dtype=dtype,
         )
     raise ValueError(f"unknown rope type {rope_type!r}")
 
 
-def rope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray,
-                 attention_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def rope_cos_sin(position_ids: np.ndarray, inv_freq: np.ndarray, attention_factor: float = 1.0,
+                 dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """The cos and sin tables of the HF layout for some positions.
 
-    position_ids (B, T) integers; inv_freq (hd/2,)  ->  cos, sin (B, T, hd) float32
+    position_ids (B, T) integers; inv_freq (hd/2,)  ->  cos, sin (B, T, hd) in ``dtype``
 
-    angle[b, t, i] = position · inv_freq[i] in float32, duplicated to hd (pair i ↔ i + hd/2);
-    cos and sin are evaluated in float64 from those float32 angles and rounded, which matches
-    torch's float32 cos/sin.
+    angle[b, t, i] = position · inv_freq[i] in ``dtype``, duplicated to hd (pair i ↔ i + hd/2);
+    cos and sin are evaluated in float64 from those angles and rounded, which for float32 (the
+    default) matches torch's float32 cos/sin.
     """
-    angles = position_ids.astype(np.float32)[..., None] * inv_freq.astype(np.float32)  # (B, T, hd/2)
+    angles = position_ids.astype(dtype)[..., None] * inv_freq.astype(dtype)  # (B, T, hd/2)
     angles = np.concatenate([angles, angles], axis=-1).astype(np.float64)  # (B, T, hd)
-    cos = (np.cos(angles) * attention_factor).astype(np.float32)
-    sin = (np.sin(angles) * attention_factor).astype(np.float32)
+    cos = (np.cos(angles) * attention_factor).astype(dtype)
+    sin = (np.sin(angles) * attention_factor).astype(dtype)
     return cos, sin
 
 
@@ -383,7 +389,7 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
     ``pretraining_tp`` > 1 reproduces the summation order of Transformers 4.45, which sums the
     product in that many slices of the input columns (for o_proj and down_proj):
     y = Σ_i x[..., cols_i] · W[:, cols_i]ᵀ. The same maths, rounded differently
-    (docs/reference.md §3, "pretraining_tp"). Its slices of the output rows (q/k/v, gate/up,
+    (docs/reference.md §3.11). Its slices of the output rows (q/k/v, gate/up,
     lm_head) are the same dot products as one product, so they need no argument here.
     """
     if pretraining_tp == 1:

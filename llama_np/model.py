@@ -34,7 +34,7 @@ from llama_np.errors import InputError
 from llama_np.generation import generate
 from llama_np.pretrained import (KEEP_WIDENED_FLOOR, LlamaPreTrainedModel, Weights,  # noqa: F401
                                  expected_base_shapes, keep_widened_limit)
-from llama_np.trace import Tap, no_tap
+from llama_np.trace import HookOptions, Tap, no_tap
 
 # ---------------------------------------------------------------------------- outputs
 
@@ -120,21 +120,36 @@ def tap_heads(tap: Tap, name: str, x):
     return tap(name, x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
 
 
+def project_heads(x, weight, bias, heads: int):
+    """A q, k or v projection split into heads: (B, T, D) -> (B, T, heads, hd).
+
+    With one input per head, (B, T, heads, D) as ``use_split_qkv_input`` gives, head h reads its
+    own copy through its rows of the weight: W[h·hd:(h+1)·hd].
+    """
+    if x.ndim == 3:
+        return layers.linear(x, weight, bias).reshape(*x.shape[:2], heads, -1)
+    per_head = weight.reshape(heads, -1, weight.shape[-1])  # (heads, hd, D)
+    y = (x.transpose(0, 2, 1, 3) @ per_head.swapaxes(-1, -2)).transpose(0, 2, 1, 3)
+    return y if bias is None else y + bias.reshape(heads, -1)
+
+
 def self_attention(x, w: LayerWeights, config: LlamaConfig, cos, sin, mask, layer_index: int,
-                   cache: KVCache | None = None, tap: Tap = no_tap, use_attn_result: bool = False):
+                   cache: KVCache | None = None, tap: Tap = no_tap, options: HookOptions = HookOptions()):
     """Multi-head self-attention with RoPE and grouped key/value heads.
 
-    x (B, T, D); cos, sin (B, T, hd); mask (B, 1, T, S)  ->  output (B, T, D), weights (B, H, T, S)
+    x (B, T, D), or a (query, key, value) triple of per-head inputs (B, T, heads, D);
+    cos, sin (B, T, hd); mask (B, 1, T, S)  ->  output (B, T, D), weights (B, H, T, S)
 
     With a cache, this layer's new keys/values are appended to it and attention runs over all
     S = past + T positions. Keys are cached *after* RoPE, so they are never rotated again.
     """
-    batch, length, _ = x.shape
+    x_q, x_k, x_v = x if isinstance(x, tuple) else (x, x, x)
+    batch, length = x_q.shape[:2]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    # (B, T, heads·hd) -> (B, T, heads, hd), TransformerLens' layout, then (B, heads, T, hd)
-    q = tap("attn.hook_q", layers.linear(x, w.q_proj, w.q_bias).reshape(batch, length, H, hd))
-    k = tap("attn.hook_k", layers.linear(x, w.k_proj, w.k_bias).reshape(batch, length, KV, hd))
-    v = tap("attn.hook_v", layers.linear(x, w.v_proj, w.v_bias).reshape(batch, length, KV, hd))
+    # (B, T, heads, hd) is TransformerLens' layout; the products below want (B, heads, T, hd)
+    q = tap("attn.hook_q", project_heads(x_q, w.q_proj, w.q_bias, H))
+    k = tap("attn.hook_k", project_heads(x_k, w.k_proj, w.k_bias, KV))
+    v = tap("attn.hook_v", project_heads(x_v, w.v_proj, w.v_bias, KV))
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
     q = tap_heads(tap, "attn.hook_rot_q", layers.apply_rope(q, cos, sin))
     k = tap_heads(tap, "attn.hook_rot_k", layers.apply_rope(k, cos, sin))
@@ -145,7 +160,7 @@ def self_attention(x, w: LayerWeights, config: LlamaConfig, cos, sin, mask, laye
     pattern = tap("attn.hook_pattern", layers.softmax(scores).astype(q.dtype, copy=False))
     z = tap_heads(tap, "attn.hook_z", pattern @ layers.repeat_kv(v, H // KV))  # (B, H, T, hd)
     z = z.transpose(0, 2, 1, 3)  # (B, T, H, hd)
-    if not use_attn_result:
+    if not options.use_attn_result:
         return layers.linear(z.reshape(batch, length, H * hd), w.o_proj, w.o_bias, config.pretraining_tp), pattern
     # Each head's share of o_proj: z_h · W_O[:, h]ᵀ, (B, H, T, hd) @ (H, hd, D) -> (B, T, H, D)
     per_head = z.transpose(0, 2, 1, 3) @ w.o_proj.reshape(-1, H, hd).transpose(1, 2, 0)
@@ -163,7 +178,7 @@ def mlp(x, w: LayerWeights, config: LlamaConfig, tap: Tap = no_tap):
 
 
 def decoder_layer(x, w: LayerWeights, config: LlamaConfig, cos, sin, mask, layer_index: int,
-                  cache: KVCache | None = None, tap: Tap = no_tap, use_attn_result: bool = False):
+                  cache: KVCache | None = None, tap: Tap = no_tap, options: HookOptions = HookOptions()):
     """One pre-norm transformer block.  x (B, T, D) -> (B, T, D), attention weights (B, H, T, S)
 
         h   = x + attention(rms_norm(x))
@@ -174,10 +189,16 @@ def decoder_layer(x, w: LayerWeights, config: LlamaConfig, cos, sin, mask, layer
 
     eps = config.rms_norm_eps
     x = here("hook_resid_pre", x)
-    attn_out, weights = self_attention(rms_norm(x, w.input_layernorm, eps, here, "ln1"), w, config,
-                                       cos, sin, mask, layer_index, cache, here, use_attn_result)
+    if options.use_split_qkv_input:  # one copy of the stream per head, each normed on its own
+        heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads, "v": config.num_key_value_heads}
+        copies = [here(f"hook_{name}_input", np.repeat(x[:, :, None], n, axis=2)) for name, n in heads.items()]
+        attn_in = tuple(rms_norm(copy, w.input_layernorm, eps, here, "ln1") for copy in copies)
+    else:
+        attn_in = rms_norm(x, w.input_layernorm, eps, here, "ln1")
+    attn_out, weights = self_attention(attn_in, w, config, cos, sin, mask, layer_index, cache, here, options)
     h = here("hook_resid_mid", x + here("hook_attn_out", attn_out))
-    mlp_out = here("hook_mlp_out", mlp(rms_norm(h, w.post_attention_layernorm, eps, here, "ln2"), w, config, here))
+    mlp_in = here("hook_mlp_in", h) if options.use_hook_mlp_in else h
+    mlp_out = here("hook_mlp_out", mlp(rms_norm(mlp_in, w.post_attention_layernorm, eps, here, "ln2"), w, config, here))
     return here("hook_resid_post", h + mlp_out), weights
 
 
@@ -201,15 +222,15 @@ class LlamaStack(LlamaPreTrainedModel):
                                    past_key_values, use_cache)
         batch, length = run.input_ids.shape
         inv_freq, attention_factor = layers.rope_frequencies(
-            config.head_dim, config.rope_parameters, config.max_position_embeddings, run.max_position)
-        cos, sin = layers.rope_cos_sin(run.position_ids, inv_freq, attention_factor)  # (B, T, hd)
+            config.head_dim, config.rope_parameters, config.max_position_embeddings, run.max_position, self.dtype)
+        cos, sin = layers.rope_cos_sin(run.position_ids, inv_freq, attention_factor, self.dtype)  # (B, T, hd)
         mask = layers.attention_mask(run.attention_mask, length, run.past_length, batch, self.dtype)
 
         x = tap("hook_embed", layers.embedding(run.input_ids, self.weights[f"{self.base_prefix}embed_tokens.weight"]))
         hidden_states, attentions = [x], []
         for i in range(config.num_hidden_layers):
             x, weights = decoder_layer(x, self.layer_weights(i), config, cos, sin, mask, i, run.cache,
-                                       tap, self.use_attn_result)
+                                       tap, self.hook_options)
             hidden_states.append(x)
             attentions.append(weights)
         x = rms_norm(x, self.weights[f"{self.base_prefix}norm.weight"], config.rms_norm_eps, tap, "ln_final")
@@ -290,7 +311,7 @@ class LlamaForSequenceClassification(LlamaStack):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=False, labels=None, output_hidden_states=False,
                  output_attentions=False, tap: Tap = no_tap) -> SequenceClassifierOutput:
-        """Class logits (B, num_labels); the loss of docs/reference.md §4 with labels."""
+        """Class logits (B, num_labels); the loss of docs/reference.md §4.3 with labels."""
         out = self.forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                            output_hidden_states, output_attentions, tap)
         logits = layers.linear(out.last_hidden_state, self.weights["score.weight"])  # (B, T, labels)
@@ -356,7 +377,7 @@ def causal_lm_loss(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def classification_loss(pooled: np.ndarray, labels, num_labels: int,
                         problem_type: str | None = None) -> tuple[float, str]:
-    """The sequence-classification loss and the problem type it used (docs/reference.md §4).
+    """The sequence-classification loss and the problem type it used (docs/reference.md §4.3).
 
     pooled (B, num_labels). Without a ``problem_type`` it is inferred as Transformers does:
     num_labels 1 -> regression (MSE); integer labels -> single-label (cross-entropy);

@@ -76,7 +76,7 @@ def layer_shapes(config: LlamaConfig) -> dict[str, tuple]:
 
 
 def expected_base_shapes(config: LlamaConfig, prefix: str = "model.") -> dict[str, tuple]:
-    """Every tensor of the Llama stack with the shape the config implies (docs/reference.md §2)."""
+    """Every tensor of the Llama stack with the shape the config implies (docs/reference.md §2.4)."""
     D, V = config.hidden_size, config.vocab_size
     shapes = {f"{prefix}embed_tokens.weight": (V, D), f"{prefix}norm.weight": (D,)}
     per_layer = layer_shapes(config)
@@ -146,7 +146,7 @@ class Weights:
         """The widened tensors of decoder layer ``index``, by LAYER_TENSOR_NAMES field.
 
         Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
-        (docs/reference.md §3, "pretraining_tp").
+        (docs/reference.md §3.11).
         """
         self._show_progress(index, count)
         tensors = {field_name: self.get(f"{prefix}layers.{index}.{name}")
@@ -178,7 +178,7 @@ class LlamaPreTrainedModel:
         self.dtype = weights.dtype
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self.name_or_path = None
-        self.use_attn_result = False  # per-head attention outputs (attn.hook_result); see trace.py
+        self.hook_options = trace.HookOptions()  # TransformerLens' optional hook points, all off
 
     # -- construction
 
@@ -231,7 +231,7 @@ class LlamaPreTrainedModel:
         """A randomly initialised model, as Transformers initialises one.
 
         Linear weights ~ N(0, initializer_range²), norms = 1, biases = 0, and the embedding row
-        of ``pad_token_id`` = 0 (the one place ``padding_idx`` matters, docs/reference.md §3).
+        of ``pad_token_id`` = 0 (the one place ``padding_idx`` matters, docs/reference.md §3.1).
         A config whose weights cannot fit in memory is refused before anything is allocated.
         """
         dtype = check_compute_dtype(dtype)
@@ -307,9 +307,21 @@ class LlamaPreTrainedModel:
         As in TransformerLens this costs memory (D numbers per head and position) and sums the
         heads one by one instead of in one o_proj product, so it is off by default.
         """
-        if not isinstance(use_attn_result, bool):
-            raise InputError(f"use_attn_result must be True or False, got {use_attn_result!r}")
-        self.use_attn_result = use_attn_result
+        self._set_hook_option("use_attn_result", use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Give each head its own copy of the residual stream: ``hook_q_input`` (B, T, H, D),
+        ``hook_k_input`` and ``hook_v_input`` (B, T, KV, D), each normed by ln1 on its own."""
+        self._set_hook_option("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Add ``hook_mlp_in``, the residual stream as the MLP block reads it (B, T, D)."""
+        self._set_hook_option("use_hook_mlp_in", use_hook_mlp_in)
+
+    def _set_hook_option(self, name: str, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise InputError(f"{name} must be True or False, got {value!r}")
+        setattr(self.hook_options, name, value)
 
     def run_with_cache(self, input_ids, attention_mask=None, names_filter=None, **kwargs):
         """Run the model and record named activations; see ``llama_np.trace.run_with_cache``."""

@@ -26,12 +26,14 @@ KV key/value heads, hd head_dim, I intermediate size, V vocabulary size, L layer
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
 from llama_np import layers
 from llama_np.errors import InputError
+from llama_np.inputs import is_integer
 
 Tap = Callable[[str, np.ndarray], np.ndarray]
 
@@ -41,9 +43,28 @@ def no_tap(name: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
+@dataclass
+class HookOptions:
+    """TransformerLens' switches for hook points that cost memory or change the summation order.
+
+    use_attn_result: attn.hook_result, each head's output in the residual stream (B, T, H, D).
+    use_split_qkv_input: hook_q_input / hook_k_input / hook_v_input, one copy of the residual
+        stream per head (B, T, heads, D), each normed by ln1 on its own, so that a head's input
+        can be patched alone.
+    use_hook_mlp_in: hook_mlp_in, the residual stream as the MLP block reads it (B, T, D).
+    """
+
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_hook_mlp_in: bool = False
+
+
 # The hook points of one decoder layer, in the order the forward pass reaches them.
 LAYER_HOOK_POINTS = (
     "hook_resid_pre",
+    "hook_q_input",  # only with use_split_qkv_input, like the next two
+    "hook_k_input",
+    "hook_v_input",
     "ln1.hook_scale",
     "ln1.hook_normalized",
     "attn.hook_q",
@@ -54,9 +75,10 @@ LAYER_HOOK_POINTS = (
     "attn.hook_attn_scores",
     "attn.hook_pattern",
     "attn.hook_z",
-    "attn.hook_result",  # only with model.set_use_attn_result(True)
+    "attn.hook_result",  # only with use_attn_result
     "hook_attn_out",
     "hook_resid_mid",
+    "hook_mlp_in",  # only with use_hook_mlp_in
     "ln2.hook_scale",
     "ln2.hook_normalized",
     "mlp.hook_pre",
@@ -65,20 +87,25 @@ LAYER_HOOK_POINTS = (
     "hook_mlp_out",
     "hook_resid_post",
 )
-OPTIONAL_LAYER_HOOK_POINTS = {"attn.hook_result": "use_attn_result"}
+OPTIONAL_LAYER_HOOK_POINTS = {"hook_q_input": "use_split_qkv_input", "hook_k_input": "use_split_qkv_input",
+                              "hook_v_input": "use_split_qkv_input", "attn.hook_result": "use_attn_result",
+                              "hook_mlp_in": "use_hook_mlp_in"}
 FINAL_HOOK_POINTS = ("ln_final.hook_scale", "ln_final.hook_normalized")
 UNEMBED_HOOK_POINTS = ("unembed.hook_in", "unembed.hook_out")  # LlamaForCausalLM only
 
 NamesFilter = None | str | Iterable[str] | Callable[[str], bool]
 
 
-def hook_names(config, use_attn_result: bool = False, unembed: bool = True) -> list[str]:
+def hook_names(config, options: HookOptions | None = None, unembed: bool = True) -> list[str]:
     """Every hook name of a model with ``config.num_hidden_layers`` layers, in forward order.
 
-    ``use_attn_result`` adds the per-head ``attn.hook_result``; ``unembed`` the language-model
-    head's ``unembed.hook_in``/``hook_out`` (a classifier and the bare stack have none).
+    ``options`` (a ``HookOptions``) adds the optional points it switches on; ``unembed`` the
+    language-model head's ``unembed.hook_in``/``hook_out`` (a classifier and the bare stack
+    have none).
     """
-    points = [p for p in LAYER_HOOK_POINTS if use_attn_result or p not in OPTIONAL_LAYER_HOOK_POINTS]
+    options = options or HookOptions()
+    points = [p for p in LAYER_HOOK_POINTS
+              if p not in OPTIONAL_LAYER_HOOK_POINTS or getattr(options, OPTIONAL_LAYER_HOOK_POINTS[p])]
     names = ["hook_embed"]
     for layer in range(config.num_hidden_layers):
         names += [f"blocks.{layer}.{point}" for point in points]
@@ -90,8 +117,7 @@ def hook_names(config, use_attn_result: bool = False, unembed: bool = True) -> l
 
 def model_hook_names(model) -> list[str]:
     """The hook names a forward of this model reaches, with its options as they are set."""
-    return hook_names(model.config, use_attn_result=model.use_attn_result,
-                      unembed=hasattr(model, "lm_head_weight"))
+    return hook_names(model.config, model.hook_options, unembed=hasattr(model, "lm_head_weight"))
 
 
 def forward_order(name: str) -> tuple:
@@ -154,7 +180,8 @@ class HookPoint:
 def hooks_tap(model, fwd_hooks) -> Tap:
     """A tap that calls ``fn(activation, hook)`` for each (name or predicate, fn) that matches.
 
-    A hook returning an array replaces the activation (same shape; it is cast to the activation's
+    ``fn`` is called as ``fn(activation, hook=hook_point)``, as TransformerLens does, so its
+    second parameter must be named ``hook``. A hook returning an array replaces the activation (same shape; it is cast to the activation's
     dtype); returning None keeps it. Hooks run in the order given.
     """
     known = model_hook_names(model)
@@ -179,7 +206,7 @@ def hooks_tap(model, fwd_hooks) -> Tap:
         for matches, fn in checked:
             if not matches(name):
                 continue
-            replaced = fn(x, HookPoint(name))
+            replaced = fn(x, hook=HookPoint(name))  # by keyword, as TransformerLens calls hooks
             if replaced is None:
                 continue
             replaced = np.asarray(replaced)
@@ -213,7 +240,7 @@ def run_with_cache(model, input_ids, attention_mask=None, names_filter: NamesFil
     pooled logits (B, num_labels) for LlamaForSequenceClassification, the last hidden state
     (B, T, D) for LlamaModel. ``cache`` is an ``ActivationCache``. With ``fwd_hooks`` (as in
     ``run_with_hooks``) the cache holds the activations as the hooks left them. Rows of padding
-    (attention_mask = 0) are recorded too; they hold no meaning (docs/reference.md §3, "Mask").
+    (attention_mask = 0) are recorded too; they hold no meaning (docs/reference.md §3.9).
     """
     keep = names_filter_predicate(names_filter)
     hooked = hooks_tap(model, fwd_hooks)
@@ -279,7 +306,12 @@ class ActivationCache:
         self.model = model
 
     def __getitem__(self, key) -> np.ndarray:
-        name = full_hook_name(*key) if isinstance(key, tuple) else key
+        if isinstance(key, tuple):  # TransformerLens' shorthand; ("pattern", -1) is the last layer
+            if len(key) > 1 and is_integer(key[1]) and key[1] < 0:
+                key = (key[0], self.num_layers + key[1]) + key[2:]
+            name = full_hook_name(*key)
+        else:
+            name = key
         try:
             return self._activations[name]
         except KeyError:
@@ -313,113 +345,181 @@ class ActivationCache:
         """
         return np.stack([self[f"blocks.{layer}.{point}"] for layer in range(self.num_layers)])
 
-    # -- TransformerLens' attribution tools
+    # -- TransformerLens' attribution tools. Component stacks are (components, B, T, D);
+    # ``pos_slice`` keeps some positions: None all, an int one (the T axis goes), a (start, stop)
+    # pair a slice, a list those positions.
+
+    def _layer(self, layer: int | None) -> int:
+        """None and −1 mean "after the last layer" (L), as in TransformerLens."""
+        return self.num_layers if layer is None or layer == -1 else layer
 
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          return_labels: bool = False):
-        """The residual stream as it stands before each layer: (components, B, T, D).
+                          pos_slice=None, mlp_input: bool = False, return_labels: bool = False):
+        """The residual stream as it stands before each layer up to ``layer``: (components, B, T, D).
 
-        Entries are resid_pre of layers 0 … layer − 1 (with resid_mid between them when
-        ``incl_mid``), and, when ``layer`` is None or L, the final resid_post, labelled
-        "0_pre", "0_mid", …, "final_post". ``apply_ln`` divides by the scale of the norm that
-        reads the stream at ``layer`` (see ``apply_ln_to_stack``).
+        resid_pre of layers 0 … layer ("0_pre", …), the final resid_post ("final_post") when
+        ``layer`` is L (the default), resid_mid between them with ``incl_mid`` ("0_mid", …) and
+        of ``layer`` itself with ``mlp_input``. ``apply_ln`` at the end of the model puts every
+        entry through the final norm, weight included (the logit lens' input); at an earlier
+        layer it divides by that layer's recorded ln1 (ln2 with ``mlp_input``) scale.
         """
-        layer = self.num_layers if layer is None else layer
+        layer = self._layer(layer)
         labels, parts = [], []
-        for l in range(layer):
+        for l in range(layer + 1):
+            if l == self.num_layers:
+                labels.append("final_post")
+                parts.append(self[f"blocks.{self.num_layers - 1}.hook_resid_post"])
+                break
             labels.append(f"{l}_pre")
             parts.append(self[f"blocks.{l}.hook_resid_pre"])
-            if incl_mid:
+            if (incl_mid and l < layer) or (mlp_input and l == layer):
                 labels.append(f"{l}_mid")
                 parts.append(self[f"blocks.{l}.hook_resid_mid"])
-        if layer == self.num_layers:
-            labels.append("final_post")
-            parts.append(self[f"blocks.{self.num_layers - 1}.hook_resid_post"])
         stack = np.stack(parts)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer)
+        if apply_ln and layer == self.num_layers:
+            model = self._model_for("accumulated_resid(apply_ln=True)")
+            stack = layers.rms_norm(stack, model.weights[f"{model.base_prefix}norm.weight"],
+                                    model.config.rms_norm_eps)
+        elif apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input)
+        stack = _positions(stack, pos_slice, axis=-2)
         return (stack, labels) if return_labels else stack
 
-    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, apply_ln: bool = False,
-                        incl_embeds: bool = True, return_labels: bool = False):
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
+                        apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True,
+                        return_labels: bool = False):
         """The residual stream at ``layer`` as the sum of what wrote to it: (components, B, T, D).
 
-        "embed", then "{l}_attn_out" and "{l}_mlp_out" of every earlier layer (and layer's own
-        attention output when ``mlp_input``: the stream the MLP reads). Rotary models have no
-        positional embedding in the stream. The components sum to resid_pre of ``layer``.
+        "embed", then "{l}_attn_out" and "{l}_mlp_out" of every earlier layer (``mode`` "attn" or
+        "mlp" keeps one kind), and ``layer``'s own attention output with ``mlp_input`` (the stream
+        the MLP reads). Rotary models have no positional embedding in the stream. ``apply_ln``
+        divides by the scale of the norm that reads the stream there (``apply_ln_to_stack``).
         """
-        layer = self.num_layers if layer is None else layer
+        if mode not in ("all", "attn", "mlp"):
+            raise InputError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
+        layer = self._layer(layer)
         labels, parts = [], []
         if incl_embeds:
             labels.append("embed")
             parts.append(self["hook_embed"])
         for l in range(layer):
-            labels += [f"{l}_attn_out", f"{l}_mlp_out"]
-            parts += [self[f"blocks.{l}.hook_attn_out"], self[f"blocks.{l}.hook_mlp_out"]]
+            if mode != "mlp":
+                labels.append(f"{l}_attn_out")
+                parts.append(self[f"blocks.{l}.hook_attn_out"])
+            if mode != "attn":
+                labels.append(f"{l}_mlp_out")
+                parts.append(self[f"blocks.{l}.hook_mlp_out"])
         if mlp_input and layer < self.num_layers:
             labels.append(f"{layer}_attn_out")
             parts.append(self[f"blocks.{layer}.hook_attn_out"])
         stack = np.stack(parts)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input)
+        stack = _positions(stack, pos_slice, axis=-2)
         return (stack, labels) if return_labels else stack
 
-    def stack_head_results(self, layer: int | None = None, apply_ln: bool = False,
-                           return_labels: bool = False):
-        """Every head's output in the residual stream, layers 0 … layer − 1: (L·H, B, T, D).
+    def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
+                           pos_slice=None, apply_ln: bool = False):
+        """Every head's output in the residual stream, layers 0 … layer − 1: (layer·H, B, T, D).
 
-        Needs ``attn.hook_result`` (``model.set_use_attn_result(True)`` before the run). Labels
-        are "L{l}H{h}".
+        Labels "L{l}H{h}". Read from ``attn.hook_result`` when the run recorded it
+        (``model.set_use_attn_result(True)``), else computed from ``attn.hook_z`` and o_proj.
+        ``incl_remainder`` adds "remainder": resid_post of layer − 1 minus the heads.
         """
-        layer = self.num_layers if layer is None else layer
+        layer = self._layer(layer)
         labels, parts = [], []
         for l in range(layer):
-            result = self[f"blocks.{l}.attn.hook_result"]  # (B, T, H, D)
+            result = self._head_results(l)  # (B, T, H, D)
             for h in range(result.shape[2]):
                 labels.append(f"L{l}H{h}")
                 parts.append(result[:, :, h])
-        stack = np.stack(parts)
+        if incl_remainder:
+            labels.append("remainder")
+            parts.append(self[f"blocks.{layer - 1}.hook_resid_post"] - sum(parts))
+        stack = np.stack(parts) if parts else np.zeros((0,) + self["hook_embed"].shape, dtype=self["hook_embed"].dtype)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer)
+        stack = _positions(stack, pos_slice, axis=-2)
         return (stack, labels) if return_labels else stack
 
+    def _head_results(self, layer: int) -> np.ndarray:
+        """(B, T, H, D): each head's z times its columns of o_proj, as recorded or recomputed."""
+        name = f"blocks.{layer}.attn.hook_result"
+        if name in self:
+            return self[name]
+        model = self._model_for("stack_head_results without attn.hook_result")
+        z = self[f"blocks.{layer}.attn.hook_z"]  # (B, T, H, hd)
+        o_proj = model.layer_weights(layer).o_proj  # (D, H·hd)
+        per_head = o_proj.reshape(o_proj.shape[0], z.shape[2], z.shape[3]).transpose(1, 2, 0)  # (H, hd, D)
+        return (z.transpose(0, 2, 1, 3) @ per_head).transpose(0, 2, 1, 3)
+
     def apply_ln_to_stack(self, residual_stack: np.ndarray, layer: int | None = None,
-                          mlp_input: bool = False) -> np.ndarray:
+                          mlp_input: bool = False, pos_slice=None) -> np.ndarray:
         """Divide each component by the scale of the norm that reads the stream at ``layer``.
 
         residual_stack (components, B, T, D). The scale is rms(x) of the whole stream, recorded
         by that norm's hook_scale: ln_final's for layer None or L, else ln1's (ln2's with
-        ``mlp_input``). RMSNorm does not centre, so this is all it does (its learned weight is
-        not applied, as in TransformerLens without weight folding). Dividing is linear, so the
-        components still sum to the normalised stream.
+        ``mlp_input``). RMSNorm does not centre, so this is all it does; the learned weight is
+        not applied (as in TransformerLens without weight folding). Dividing is linear, so the
+        components still sum to the normalised stream. ``pos_slice`` says which positions the
+        stack already holds.
         """
-        if layer is None or layer == self.num_layers:
+        layer = self._layer(layer)
+        if layer == self.num_layers:
             scale = self["ln_final.hook_scale"]
         else:
             scale = self[f"blocks.{layer}.{'ln2' if mlp_input else 'ln1'}.hook_scale"]
-        return residual_stack / scale
+        return residual_stack / _positions(scale, pos_slice, axis=-2)
 
-    def logit_attrs(self, residual_stack: np.ndarray, tokens, incorrect_tokens=None) -> np.ndarray:
-        """How much each component pushes the logit of ``tokens``: residual · W_U[:, token].
+    def logit_attrs(self, residual_stack: np.ndarray, tokens, incorrect_tokens=None, pos_slice=None) -> np.ndarray:
+        """How much each component pushes the logit of ``tokens``: (stack / final scale) · W_U[:, token].
 
-        residual_stack (components, B, T, D); tokens an id, or (B,) / (B, T) ids matching the
-        stack's batch (and position) axes  ->  (components, B, T) or as the tokens broadcast.
-        With ``incorrect_tokens``, the logit difference tokens − incorrect_tokens. Apply the
-        final norm's scale first (``apply_ln_to_stack``) for attributions that sum to the logits
-        divided by the final norm's weight.
+        residual_stack (components, B, T, D), or (components, B, D) for one position picked by
+        ``pos_slice``; tokens an id, (B,) or (B, T) ids matching the stack  ->  (components, B, T)
+        (or (components, B)). The stack is divided by ln_final's recorded scale here, as in
+        TransformerLens; the final norm's weight is not folded into W_U, so the attributions sum
+        to the logit divided by that weight. With ``incorrect_tokens``, the logit difference.
         """
-        if self.model is None or not hasattr(self.model, "lm_head_weight"):
+        model = self._model_for("logit_attrs")
+        if not hasattr(model, "lm_head_weight"):
             raise InputError("logit_attrs needs the cache of a LlamaForCausalLM run (its lm_head)")
-        unembed = self.model.lm_head_weight()  # (V, D): row t is token t's direction
+        scaled = residual_stack / _positions(self["ln_final.hook_scale"], pos_slice, axis=-2)
+        unembed = model.lm_head_weight()  # (V, D): row t is token t's direction in the stream
         directions = unembed[np.asarray(tokens)]
         if incorrect_tokens is not None:
+            if np.shape(incorrect_tokens) != np.shape(tokens):
+                raise InputError(f"incorrect_tokens has shape {np.shape(incorrect_tokens)}; tokens has "
+                                 f"{np.shape(tokens)}")
             directions = directions - unembed[np.asarray(incorrect_tokens)]
-        if directions.ndim == 2:  # one token per row of the batch: (B, D) -> (B, 1, D)
+        if directions.ndim == 2 and scaled.ndim == 4:  # one token per row: (B, D) -> (B, 1, D)
             directions = directions[:, None, :]
-        return (residual_stack * directions).sum(axis=-1)
+        return (scaled * directions).sum(axis=-1)
+
+    def _model_for(self, what: str):
+        if self.model is None:
+            raise InputError(f"{what} needs the model: use the cache that run_with_cache returned")
+        return self.model
 
     def __repr__(self):
         return f"ActivationCache({len(self)} activations, {self.num_layers} layers)"
+
+
+def _positions(array: np.ndarray, pos_slice, axis: int) -> np.ndarray:
+    """The positions ``pos_slice`` keeps along ``axis``: None all, an int one (the axis goes),
+    a (start, stop) pair a slice, a list or array those positions (TransformerLens' Slice)."""
+    if pos_slice is None:
+        return array
+    if is_integer(pos_slice):
+        return np.take(array, int(pos_slice), axis=axis)
+    if isinstance(pos_slice, tuple):
+        index = slice(*pos_slice)
+    elif isinstance(pos_slice, slice):
+        index = pos_slice
+    else:
+        index = np.asarray(pos_slice)
+    selector = [slice(None)] * array.ndim
+    selector[axis] = index
+    return array[tuple(selector)]
 
 
 def logit_lens(model, cache: ActivationCache) -> np.ndarray:

@@ -6,7 +6,7 @@ inputs stored by tests/reference/make_bundled_references.py (Transformers float3
 attention, from the same float16 files). manifest.json says what each array holds and records
 the sha256 of the checkpoint files the references were made from.
 
-Tolerances are those of tests/tolerance.py (DESIGN.md "Numerics"): float32 logits, hidden states
+Tolerances are those of tests/tolerance.py (docs/reference.md §10.3): float32 logits, hidden states
 and attention weights within 1e-4 * max(1, |reference|), losses within 1e-5, greedy token ids
 identical; padded query positions are not compared. Neither torch nor transformers is needed.
 """

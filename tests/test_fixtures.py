@@ -6,7 +6,7 @@ pretraining_tp); manifest.json says what each case covers and what each array ho
 named "<call>.<field>": every test below is parametrized over the (case, call) pairs that store
 the fields it needs, so a new fixture is picked up without editing this file.
 
-Tolerances are those of tests/tolerance.py (DESIGN.md "Numerics"). Neither torch nor
+Tolerances are those of tests/tolerance.py (docs/reference.md §10.3). Neither torch nor
 transformers is needed here.
 """
 

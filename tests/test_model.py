@@ -11,10 +11,11 @@ import pytest
 
 from llama_np import (InputError, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                       LlamaModel)
+from llama_np import layers
 from llama_np.errors import CheckpointError
 from llama_np.generation import KVCache
 from llama_np.model import last_non_pad_index
-from tolerance import FLOAT32_TOLERANCE, REPEATED_TOLERANCE, assert_close
+from tolerance import FLOAT32_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
 CONFIG = dict(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32)
@@ -231,3 +232,14 @@ def test_resize_token_embeddings_sets_the_pad_token_of_the_config_when_given():
     assert (model.config.vocab_size, model.config.pad_token_id) == (51, 50)
     with pytest.raises(InputError, match="pad_token_id"):
         model.resize_token_embeddings(52, pad_token_id=52)
+
+
+def test_float64_mode_computes_the_rope_tables_in_float64(lm, ids):
+    wide = LlamaForCausalLM(lm.config, lm.weights.__class__(lm.weights.tensors, np.float64))
+    _, cache = wide.run_with_cache(ids, names_filter="attn.hook_rot_q")
+    inv_freq, _ = layers.rope_frequencies(lm.config.head_dim, lm.config.rope_parameters,
+                                          lm.config.max_position_embeddings, ids.shape[1], np.float64)
+    assert inv_freq.dtype == np.float64
+    exact = 1.0 / lm.config.rope_parameters["rope_theta"] ** (np.arange(0, lm.config.head_dim, 2) / lm.config.head_dim)
+    assert_relatively_close(inv_freq, exact, "float64 inv_freq", tolerance=1e-15)
+    assert cache["blocks.0.attn.hook_rot_q"].dtype == np.float64

@@ -7,7 +7,7 @@ import pytest
 from llama_np import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, layers
 from llama_np import model as model_module
 from llama_np.errors import InputError
-from llama_np.trace import ActivationCache, full_hook_name, hook_names, logit_lens, no_tap, run_with_cache
+from llama_np.trace import ActivationCache, HookOptions, full_hook_name, hook_names, logit_lens, no_tap, run_with_cache
 from tolerance import REPEATED_TOLERANCE, assert_close
 
 # GQA with 3 query heads per key/value head, odd sizes, two layers.
@@ -270,7 +270,7 @@ def test_per_head_results_sum_to_the_attention_output(model):
                  "sum of head results", REPEATED_TOLERANCE)
     assert_close(logits, model(INPUT_IDS, attention_mask=PADDING).logits, "logits with per-head results",
                  REPEATED_TOLERANCE)
-    assert list(cache.keys()) == hook_names(model.config, use_attn_result=True)
+    assert list(cache.keys()) == hook_names(model.config, HookOptions(use_attn_result=True))
 
 
 def test_transformerlens_shorthand_names():

@@ -15,7 +15,7 @@
   relative 1e-6, a few units in the last place (`assert_relatively_close`).
 
 Only positions that carry meaning are compared: callers pass `where` to select the rows whose
-attention_mask is 1 (a padded query row has no defined output; REFERENCE.md §3 "Mask").
+attention_mask is 1 (a padded query row has no defined output; docs/reference.md §3.9).
 """
 
 import numpy as np
@@ -47,7 +47,8 @@ def assert_close(ours, reference, what, tolerance=FLOAT32_TOLERANCE, where=None)
     selected = np.ones(reference.shape, dtype=bool) if where is None else np.broadcast_to(where, reference.shape)
     if not selected.any():
         raise AssertionError(f"{what}: nothing selected to compare")
-    deviation = np.where(selected, scaled_deviation(ours, reference), 0.0)
+    deviation = np.zeros(reference.shape)
+    deviation[selected] = scaled_deviation(ours[selected], reference[selected])
     deviation[selected & ~np.isfinite(ours)] = np.inf  # NaN/inf in our output always fails
     worst = np.unravel_index(np.argmax(deviation), deviation.shape)
     largest = float(deviation[worst])

@@ -6,7 +6,7 @@ bundled models exist in ``llama_np/assets/``::
     python tests/reference/make_bundled_references.py
 
 The shipped float16 checkpoints are loaded in Transformers as float32 with eager attention (the
-reference of DESIGN.md "Numerics"). Prompts are tokenized with sentencepiece from the shipped
+reference of docs/reference.md §10.3). Prompts are tokenized with sentencepiece from the shipped
 ``tokenizer.model``, bos prepended (what ``LlamaTokenizer`` does with ``add_bos_token``).
 
 Writes, with arrays named ``<call>.<field>`` as in ``tests/data/fixtures/``:
