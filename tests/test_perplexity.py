@@ -1,4 +1,4 @@
-"""Sliding-window perplexity (``llama_np.perplexity``) against Transformers.
+"""Sliding-window perplexity (``llama_np.perplexity`` and ``llama-np perplexity``) against Transformers.
 
 tests/data/perplexity/reference.json holds what the recipe of Transformers' documentation
 ("Perplexity of fixed-length models") computes for the bundled ``tiny-shakespeare`` on a held-out
@@ -13,12 +13,15 @@ import hashlib
 import json
 import math
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import llama_np
+from llama_np.cli import main
 from llama_np.errors import InputError
 from llama_np.model import log_softmax
 from llama_np.perplexity import perplexity, sliding_windows
@@ -29,11 +32,29 @@ REFERENCE = json.loads((DATA / "reference.json").read_text())
 PASSAGE = DATA / REFERENCE["passage"]["file"]
 RUNS = {f"context{run['context']}_stride{run['stride']}": run for run in REFERENCE["runs"]}
 MODEL = REFERENCE["model"]
+TOKENIZER_MODEL = Path(__file__).parent / "data" / "tokenizer" / "tokenizer.model"
 
 
 @functools.lru_cache(maxsize=None)
 def bundled_model():
     return llama_np.LlamaForCausalLM.from_pretrained(MODEL)
+
+
+def run(capsys, *argv):
+    """(exit status, stdout, stderr) of one command."""
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, out, err, *names):
+    """Exit 2, nothing on stdout, one ``llama-np: error:`` line on stderr naming each of ``names``."""
+    assert status == 2, (status, out, err)
+    assert out == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama-np: error: "), err
+    for name in names:
+        assert str(name) in lines[0], f"the error does not name {name}: {lines[0]}"
 
 
 # ---------------------------------------------------------------------------- the stored reference
@@ -69,6 +90,19 @@ def test_perplexity_matches_transformers_recipe(name):
     assert result.tokens == reference["tokens"]
     np.testing.assert_allclose(result.nll, reference["nll"], rtol=PERPLEXITY_TOLERANCE, atol=0)
     np.testing.assert_allclose(result.perplexity, reference["perplexity"], rtol=PERPLEXITY_TOLERANCE, atol=0)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_cli_json_matches_transformers_recipe(name, capsys):
+    reference = RUNS[name]
+    status, out, err = run(capsys, "perplexity", PASSAGE, "--context", reference["context"],
+                           "--stride", reference["stride"], "--json")
+    assert status == 0, err
+    printed = json.loads(out)
+    assert printed["tokens"] == reference["tokens"]
+    assert (printed["context"], printed["stride"]) == (reference["context"], reference["stride"])
+    np.testing.assert_allclose(printed["nll"], reference["nll"], rtol=PERPLEXITY_TOLERANCE, atol=0)
+    np.testing.assert_allclose(printed["perplexity"], reference["perplexity"], rtol=PERPLEXITY_TOLERANCE, atol=0)
 
 
 # ---------------------------------------------------------------------------- the recipe's edges
@@ -138,3 +172,93 @@ def test_progress_is_called_once_per_window():
 def test_bad_arguments_are_input_errors_naming_them(ids, context, stride, message):
     with pytest.raises(InputError, match=re.escape(message)):
         perplexity(bundled_model(), ids, context, stride)
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_help_shows_an_example(capsys):
+    status, out, _ = run(capsys, "perplexity", "--help")
+    assert status == 0 and "example:" in out and "--stride" in out
+
+
+def test_defaults_are_the_model_context_and_half_of_it(capsys):
+    status, out, _ = run(capsys, "perplexity", PASSAGE)
+    assert status == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["perplexity", "nll", "tokens"]
+    assert "nats/token" in lines[1]
+    max_positions = bundled_model().config.max_position_embeddings  # 256, under the 512 cap
+    assert f"of up to {max_positions} tokens, stride {max_positions // 2})" in lines[2]
+    windows = sliding_windows(len(REFERENCE["input_ids"]), max_positions, max_positions // 2)
+    assert f"{sum(w.loss_tokens for w in windows)} scored of {len(REFERENCE['input_ids'])}" in lines[2]
+
+
+@pytest.fixture
+def short_text(tmp_path) -> Path:
+    """The passage's first 600 characters: a few windows of 64 tokens."""
+    path = tmp_path / "short.txt"
+    path.write_bytes(PASSAGE.read_bytes()[:600])
+    return path
+
+
+def test_a_terminal_sees_a_window_counter_without_tqdm(capsys, monkeypatch, short_text):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm is optional: import fails as if absent
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    status, out, err = run(capsys, "perplexity", short_text, "--context", 64, "--stride", 64)
+    tokens = len(llama_np.LlamaTokenizer.from_pretrained(MODEL).encode(short_text.read_text()))
+    windows = len(sliding_windows(tokens, 64, 64))
+    assert status == 0 and out.startswith("perplexity") and windows > 1
+    assert err == "".join(f"\rwindow {i}/{windows}" for i in range(1, windows + 1)) + "\n"
+
+
+def test_no_progress_is_printed_when_stderr_is_not_a_terminal(capsys, short_text):
+    status, _, err = run(capsys, "perplexity", short_text, "--context", 64, "--stride", 64)
+    assert status == 0 and err == ""
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--context", "1"], ["--context", "at least 2"]),
+    (["--context", "257"], ["--context", "256"]),
+    (["--stride", "0"], ["--stride", "at least 1"]),
+    (["--context", "64", "--stride", "65"], ["--stride", "[1, 64]"]),
+    (["--stride", "300"], ["--stride", "[1, 256]"]),
+    (["--context", "x"], ["--context", "'x'"]),
+])
+def test_bad_flags_are_one_line_errors_naming_the_flag(flags, names, capsys):
+    status, out, err = run(capsys, "perplexity", PASSAGE, *flags)
+    assert_one_line_error(status, out, err, *names)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"ROMEO.\n\xff\xfe love", "not UTF-8"),
+])
+def test_unusable_files_are_one_line_errors_naming_the_file(content, message, capsys, tmp_path):
+    path = tmp_path / "text.txt"
+    if content is not None:
+        path.write_bytes(content)
+    status, out, err = run(capsys, "perplexity", path)
+    assert_one_line_error(status, out, err, path, message)
+
+
+def test_a_directory_is_one_line_error_naming_it(capsys, tmp_path):
+    status, out, err = run(capsys, "perplexity", tmp_path)
+    assert_one_line_error(status, out, err, tmp_path, "directory")
+
+
+def test_a_text_of_one_token_is_one_line_error(capsys, tmp_path):
+    """Without bos, a one-character text is one token: nothing to predict."""
+    model_dir = tmp_path / "no-bos"
+    config = llama_np.LlamaConfig(vocab_size=llama_np.LlamaTokenizer(TOKENIZER_MODEL).vocab_size,
+                                  hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llama_np.LlamaForCausalLM.from_config(config, seed=0).save_pretrained(model_dir)
+    shutil.copy(TOKENIZER_MODEL, model_dir / "tokenizer.model")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    path = tmp_path / "one.txt"
+    path.write_text("a")
+    assert len(llama_np.LlamaTokenizer.from_pretrained(model_dir).encode("a")) == 1
+    status, out, err = run(capsys, "perplexity", path, "--model", model_dir)
+    assert_one_line_error(status, out, err, path, "1 token")
