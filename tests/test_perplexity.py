@@ -10,6 +10,7 @@ transformers is needed.
 
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -103,6 +104,17 @@ def test_cli_json_matches_transformers_recipe(name, capsys):
     assert (printed["context"], printed["stride"]) == (reference["context"], reference["stride"])
     np.testing.assert_allclose(printed["nll"], reference["nll"], rtol=PERPLEXITY_TOLERANCE, atol=0)
     np.testing.assert_allclose(printed["perplexity"], reference["perplexity"], rtol=PERPLEXITY_TOLERANCE, atol=0)
+
+
+def test_model_card_states_the_stored_perplexity():
+    """MODEL_CARD.md holds the section write_model_cards.py renders from reference.json."""
+    script = Path(__file__).parent / "reference" / "write_model_cards.py"
+    spec = importlib.util.spec_from_file_location("write_model_cards", script)
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)  # standard library only
+    card = (Path(llama_np.__file__).parent / "assets" / MODEL / "MODEL_CARD.md").read_text()
+    section = cards.perplexity_section(DATA)
+    assert section and section in card, "MODEL_CARD.md's perplexity section is stale; run write_model_cards.py"
 
 
 # ---------------------------------------------------------------------------- the recipe's edges
