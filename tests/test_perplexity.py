@@ -26,7 +26,7 @@ from llama_np.cli import main
 from llama_np.errors import InputError
 from llama_np.model import log_softmax
 from llama_np.perplexity import perplexity, sliding_windows
-from tolerance import PERPLEXITY_TOLERANCE
+from tolerance import PERPLEXITY_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
 DATA = Path(__file__).parent / "data" / "perplexity"
 REFERENCE = json.loads((DATA / "reference.json").read_text())
@@ -89,8 +89,9 @@ def test_perplexity_matches_transformers_recipe(name):
     reference = RUNS[name]
     result = perplexity(bundled_model(), REFERENCE["input_ids"], reference["context"], reference["stride"])
     assert result.tokens == reference["tokens"]
-    np.testing.assert_allclose(result.nll, reference["nll"], rtol=PERPLEXITY_TOLERANCE, atol=0)
-    np.testing.assert_allclose(result.perplexity, reference["perplexity"], rtol=PERPLEXITY_TOLERANCE, atol=0)
+    assert_relatively_close(result.nll, reference["nll"], f"{name} nll", tolerance=PERPLEXITY_TOLERANCE)
+    assert_relatively_close(result.perplexity, reference["perplexity"], f"{name} perplexity",
+                            tolerance=PERPLEXITY_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -102,8 +103,9 @@ def test_cli_json_matches_transformers_recipe(name, capsys):
     printed = json.loads(out)
     assert printed["tokens"] == reference["tokens"]
     assert (printed["context"], printed["stride"]) == (reference["context"], reference["stride"])
-    np.testing.assert_allclose(printed["nll"], reference["nll"], rtol=PERPLEXITY_TOLERANCE, atol=0)
-    np.testing.assert_allclose(printed["perplexity"], reference["perplexity"], rtol=PERPLEXITY_TOLERANCE, atol=0)
+    assert_relatively_close(printed["nll"], reference["nll"], f"{name} nll (--json)", tolerance=PERPLEXITY_TOLERANCE)
+    assert_relatively_close(printed["perplexity"], reference["perplexity"], f"{name} perplexity (--json)",
+                            tolerance=PERPLEXITY_TOLERANCE)
 
 
 def test_model_card_states_the_stored_perplexity():
@@ -130,10 +132,10 @@ def test_the_recipe_weights_an_overlapping_window_by_one_token_less_than_it_aver
     second = per_token_nll(model, ids[4:12])[3:].mean()  # tokens 8..11, seen from token 4 on
     labels = ids[None, 4:12].copy()
     labels[:, :4] = -100
-    np.testing.assert_allclose(model(ids[None, 4:12], labels=labels).loss, second, rtol=1e-12)
+    assert_close(model(ids[None, 4:12], labels=labels).loss, second, "second window loss", REPEATED_TOLERANCE)
     result = perplexity(model, ids, context=8, stride=4)
     assert result.tokens == 7 + 3
-    np.testing.assert_allclose(result.nll, (7 * first + 3 * second) / 10, rtol=1e-12)
+    assert_close(result.nll, (7 * first + 3 * second) / 10, "nll weighted 7 and 3", REPEATED_TOLERANCE)
 
 
 def per_token_nll(model, ids):
@@ -150,7 +152,7 @@ def test_a_last_window_of_one_token_without_overlap_is_skipped_not_nan():
     result = perplexity(model, ids, context=8, stride=8)
     assert [w.loss_tokens for w in sliding_windows(9, 8, 8)] == [7, 0]
     assert result.tokens == 7
-    np.testing.assert_allclose(result.nll, model(ids[None, :8], labels=ids[None, :8]).loss, rtol=1e-12)
+    assert_close(result.nll, model(ids[None, :8], labels=ids[None, :8]).loss, "first window only", REPEATED_TOLERANCE)
     assert math.isclose(result.perplexity, math.exp(result.nll))
 
 
@@ -161,7 +163,7 @@ def test_stride_equal_to_context_is_the_chunked_mean_of_disjoint_windows():
     losses = [model(chunk, labels=chunk).loss for chunk in chunks]
     result = perplexity(model, ids, context=8, stride=8)
     assert result.tokens == 7 + 7 + 3
-    np.testing.assert_allclose(result.nll, (7 * losses[0] + 7 * losses[1] + 3 * losses[2]) / 17, rtol=1e-12)
+    assert_close(result.nll, (7 * losses[0] + 7 * losses[1] + 3 * losses[2]) / 17, "chunked mean", REPEATED_TOLERANCE)
 
 
 def test_progress_is_called_once_per_window():
