@@ -5,6 +5,7 @@
     llama-np classify TEXT...   label and probabilities from a sequence classifier
     llama-np logits PROMPT      the most likely next tokens; --out saves the full logits
     llama-np compare REF.npz    run the model on stored input ids and check stored logits
+    llama-np perplexity FILE    sliding-window perplexity of a text file (Transformers' recipe)
     llama-np inspect            config, parameter count, dtypes, sizes and memory
     llama-np dump PROMPT        save every named activation (golden activations) to an .npz
     llama-np diff A.npz B.npz   the first activation where two dumps part ways
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import textwrap
@@ -37,6 +39,7 @@ from llama_np.checkpoint import Checkpoint, atomic_write, resolve_model_path
 from llama_np.config import LlamaConfig
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
+from llama_np.perplexity import perplexity, read_text_file, sliding_windows
 from llama_np.tokenizer import LlamaTokenizer, TextStreamer
 from llama_np.trace import forward_order
 
@@ -442,6 +445,64 @@ def report_comparison(ours, ref, mask, ids, atol, classifier) -> int:
 
 
 # ============================================================================================
+# perplexity
+# ============================================================================================
+
+# llama.cpp's default window for its perplexity tool; attention costs grow as the window squared.
+DEFAULT_PERPLEXITY_CONTEXT = 512
+
+
+def run_perplexity(args) -> int:
+    """Sliding-window perplexity of a text file, as Transformers documents it
+    (``llama_np.perplexity``). Every flag is checked before the model is loaded."""
+    for flag, value, least in (("--context", args.context, 2), ("--stride", args.stride, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    max_positions = LlamaConfig.from_pretrained(resolve_model_path(args.model)).max_position_embeddings
+    context = min(max_positions, DEFAULT_PERPLEXITY_CONTEXT) if args.context is None else args.context
+    if context > max_positions:
+        raise UsageError(f"--context must be at most the model's max_position_embeddings, {max_positions}, "
+                         f"got {context}")
+    stride = max(1, context // 2) if args.stride is None else args.stride
+    if stride > context:
+        raise UsageError(f"--stride must be in [1, {context}] (at most --context), got {stride}")
+    text = read_text_file(args.file)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    input_ids = tokenizer.encode(text)  # bos once, at the start
+    if len(input_ids) < 2:
+        raise InputError(f"{args.file} gives {len(input_ids)} token(s); perplexity needs at least 2")
+    windows = len(sliding_windows(len(input_ids), context, stride))
+    progress = window_progress(windows) if windows > 1 and sys.stderr.isatty() else None
+    result = perplexity(model, input_ids, context, stride, progress=progress)
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens,
+                          "context": context, "stride": stride}))
+    else:
+        print(f"perplexity  {result.perplexity:.4f}")
+        print(f"nll         {result.nll:.4f} nats/token")
+        print(f"tokens      {result.tokens} scored of {len(input_ids)} ({windows} window{'s' if windows != 1 else ''} "
+              f"of up to {context} tokens, stride {stride})")
+    return EXIT_OK
+
+
+def window_progress(total: int):
+    """progress(done, total) for a terminal: a tqdm bar when tqdm is installed, else a counter."""
+    try:
+        from tqdm import tqdm  # optional: a bar when installed, else the counter below
+    except ImportError:
+        def show(done, total):
+            print(f"\rwindow {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        return show
+    bar = tqdm(total=total, unit="window", file=sys.stderr, leave=False)
+
+    def show(done, total):
+        bar.update(1)
+        if done == total:
+            bar.close()
+    return show
+
+
+# ============================================================================================
 # inspect
 # ============================================================================================
 
@@ -760,6 +821,30 @@ def build_parser() -> ArgumentParser:
     compare.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                          help="compute dtype of the model (default: float32)")
     compare.set_defaults(run=run_compare)
+
+    perplexity_parser = add_verb(
+        "perplexity", "perplexity of a text file, with a sliding window over the tokens",
+        "llama-np perplexity held_out.txt --context 256 --stride 128 --json",
+        [model_option(DEFAULT_MODEL)],
+        description="Tokenize FILE once (bos at the start) and score it with the sliding window of "
+                    "Transformers' 'Perplexity of fixed-length models': windows of --context tokens "
+                    "whose starts are --stride apart, each scoring only the tokens no earlier window "
+                    "scored, the window losses weighted as that recipe weights them. Prints the "
+                    "perplexity, the mean negative log-likelihood in nats per token and the tokens "
+                    "scored; --json prints them as one JSON object. The check to run after "
+                    "converting or quantising a checkpoint: compare with the same command on the "
+                    "original, or with the recipe run in Transformers.")
+    perplexity_parser.add_argument("file", metavar="FILE", help="a UTF-8 text file")
+    perplexity_parser.add_argument("--context", type=int, metavar="N",
+                                   help="tokens per window, 2 to max_position_embeddings (default: the smaller "
+                                        f"of max_position_embeddings and {DEFAULT_PERPLEXITY_CONTEXT})")
+    perplexity_parser.add_argument("--stride", type=int, metavar="N",
+                                   help="tokens between window starts, 1 to --context; after the first window every "
+                                        "scored token sees at least context - stride tokens before it (default: half "
+                                        "the context)")
+    perplexity_parser.add_argument("--json", action="store_true",
+                                   help="print {\"perplexity\", \"nll\", \"tokens\", \"context\", \"stride\"} as JSON")
+    perplexity_parser.set_defaults(run=run_perplexity)
 
     inspect = add_verb(
         "inspect", "summarise a checkpoint: config, parameters, dtypes, sizes, memory",

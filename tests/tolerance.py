@@ -5,6 +5,9 @@
   i.e. an absolute 1e-4 for values of size up to 1 and a relative 1e-4 above that. Two-sided:
   the absolute difference is bounded, never just (ours - reference).
 - losses: the same rule with 1e-5.
+- sliding-window perplexity and its mean NLL: within 1e-4 relative. Each is a weighted mean of
+  many window losses (each within 1e-5), so 1e-4 leaves room for summation order, float32 sums
+  in Transformers against float64 here, and the exp that turns the NLL into a perplexity.
 - token ids (greedy generations): identical.
 - two llama_np computations of the same float32 maths (REPEATED_TOLERANCE): the same scaled rule
   with 1e-5. A matrix product summed in another order rounds differently — another batch size,
@@ -24,6 +27,7 @@ FLOAT32_TOLERANCE = 1e-4
 LOSS_TOLERANCE = 1e-5
 REPEATED_TOLERANCE = 1e-5
 ELEMENTWISE_TOLERANCE = 1e-6
+PERPLEXITY_TOLERANCE = 1e-4  # relative, for perplexity and the mean NLL of a long text
 
 
 def scaled_deviation(ours, reference):

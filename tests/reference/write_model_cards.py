@@ -5,7 +5,9 @@ Run from the repository root after ``train_tiny_shakespeare.py`` (and, for the c
 
     python tests/reference/write_model_cards.py
 
-Reads ``tests/reference/_work/lm_results.json`` and ``genre_results.json``; writes
+Reads ``tests/reference/_work/lm_results.json`` and ``genre_results.json``, and for the language
+model's sliding-window perplexity ``tests/data/perplexity/reference.json`` (written by
+``make_perplexity_reference.py``; the section is left out while it is missing); writes
 ``llama_np/assets/tiny-shakespeare/MODEL_CARD.md`` and
 ``llama_np/assets/tiny-shakespeare-genre/MODEL_CARD.md`` (each only when its results exist).
 Needs only the standard library.
@@ -19,6 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work"
 ASSETS = HERE.parents[1] / "llama_np" / "assets"
+PERPLEXITY = HERE.parent / "data" / "perplexity"
 LM_NAME, GENRE_NAME = "tiny-shakespeare", "tiny-shakespeare-genre"
 
 TITLES = {
@@ -79,6 +82,36 @@ def shape_table(config, parameters):
 | RMSNorm eps | {config['rms_norm_eps']:g} |
 {"| tied embeddings | false (separate `lm_head`) |" + chr(10) if "LlamaForCausalLM" in config["architectures"] else ""}| parameters | {parameters:,} |
 | storage | float16 safetensors (as the Llama 2 hub checkpoints); compute in float32 |
+"""
+
+
+def perplexity_section(perplexity_dir=PERPLEXITY):
+    """The card's "Sliding-window perplexity" subsection, from the stored Transformers run of the
+    documented recipe; empty when there is none yet. Ends with a blank line."""
+    path = Path(perplexity_dir) / "reference.json"
+    if not path.exists():
+        return ""
+    reference = json.loads(path.read_text())
+    passage, runs = reference["passage"], reference["runs"]
+    first = runs[0]
+    rows = "".join(f"| {run['context']} | {run['stride']} | {len(run['windows'])} | {run['tokens']:,} | "
+                   f"{run['nll']:.4f} | {run['perplexity']:.2f} |\n" for run in runs)
+    return f"""### Sliding-window perplexity (`llama-np perplexity`)
+
+On a held-out passage kept with the tests, Julius Caesar III.2 from the scene heading to the end
+of Antony's first speech (`tests/data/perplexity/{passage['file']}`, {passage['tokens']:,} tokens with bos),
+scored with the sliding window of Transformers' "Perplexity of fixed-length models":
+
+    llama-np perplexity tests/data/perplexity/{passage['file']} --context {first['context']} --stride {first['stride']}
+
+| context | stride | windows | tokens scored | nll (nats/token) | perplexity |
+|---|---|---|---|---|---|
+{rows}
+Transformers {reference['versions']['transformers']} (float32, eager attention) prints these numbers, and llama_np agrees
+within 1e-4 (`tests/test_perplexity.py`). One scene is not the six held-out plays: to check a
+converted copy of the model, run the same command on it and compare with these, not with the
+validation loss above.
+
 """
 
 
@@ -161,7 +194,7 @@ Mean next-token cross-entropy over the {r['val_tokens']:,} validation tokens (na
 | tiny-shakespeare, float32 weights before rounding | {r['val_loss_float32']:.4f} | {math.exp(r['val_loss_float32']):.1f} |
 
 Final training loss (last batch): {r['final_train_loss']:.4f}.{history}
-
+{perplexity_section()}
 ## Samples
 
 Sampled with the defaults of `generation_config.json` (temperature 0.6, top-p 0.9; Llama 2's),
@@ -179,6 +212,7 @@ vocabulary and layout; it has no notion of facts, instructions or chat.
 
     pip install -r tests/reference/requirements.txt
     python tests/reference/train_tiny_shakespeare.py
+    python tests/reference/make_perplexity_reference.py
     python tests/reference/write_model_cards.py
 """
 

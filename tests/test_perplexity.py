@@ -1,0 +1,278 @@
+"""Sliding-window perplexity (``llama_np.perplexity`` and ``llama-np perplexity``) against Transformers.
+
+tests/data/perplexity/reference.json holds what the recipe of Transformers' documentation
+("Perplexity of fixed-length models") computes for the bundled ``tiny-shakespeare`` on a held-out
+passage (Julius Caesar III.2, ``julius_caesar_3_2.txt``), for two (context, stride) pairs, with
+every window; tests/reference/make_perplexity_reference.py wrote it. Perplexity and NLL must agree
+within PERPLEXITY_TOLERANCE (relative), the windows and token counts exactly. Neither torch nor
+transformers is needed.
+"""
+
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama_np
+from llama_np.cli import main
+from llama_np.errors import InputError
+from llama_np.model import log_softmax
+from llama_np.perplexity import perplexity, sliding_windows
+from tolerance import PERPLEXITY_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
+
+DATA = Path(__file__).parent / "data" / "perplexity"
+REFERENCE = json.loads((DATA / "reference.json").read_text())
+PASSAGE = DATA / REFERENCE["passage"]["file"]
+RUNS = {f"context{run['context']}_stride{run['stride']}": run for run in REFERENCE["runs"]}
+MODEL = REFERENCE["model"]
+TOKENIZER_MODEL = Path(__file__).parent / "data" / "tokenizer" / "tokenizer.model"
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_model():
+    return llama_np.LlamaForCausalLM.from_pretrained(MODEL)
+
+
+def run(capsys, *argv):
+    """(exit status, stdout, stderr) of one command."""
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, out, err, *names):
+    """Exit 2, nothing on stdout, one ``llama-np: error:`` line on stderr naming each of ``names``."""
+    assert status == 2, (status, out, err)
+    assert out == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama-np: error: "), err
+    for name in names:
+        assert str(name) in lines[0], f"the error does not name {name}: {lines[0]}"
+
+
+# ---------------------------------------------------------------------------- the stored reference
+
+
+def test_reference_was_made_from_the_shipped_checkpoint():
+    folder = Path(llama_np.__file__).parent / "assets" / MODEL
+    for name, digest in REFERENCE["checkpoint"].items():
+        actual = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        assert actual == digest, f"{name} changed since reference.json was made; rerun make_perplexity_reference.py"
+
+
+def test_tokenizer_gives_the_stored_ids_with_bos_once():
+    tokenizer = llama_np.LlamaTokenizer.from_pretrained(MODEL)
+    ids = tokenizer.encode(PASSAGE.read_bytes().decode("utf-8"))
+    assert ids == REFERENCE["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_windows_are_those_of_the_documented_recipe(name):
+    reference = RUNS[name]
+    windows = sliding_windows(len(REFERENCE["input_ids"]), reference["context"], reference["stride"])
+    ours = [(w.begin, w.end, w.targets, w.loss_tokens) for w in windows]
+    theirs = [(w["begin"], w["end"], w["trg_len"], w["num_loss_tokens"]) for w in reference["windows"]]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_perplexity_matches_transformers_recipe(name):
+    reference = RUNS[name]
+    result = perplexity(bundled_model(), REFERENCE["input_ids"], reference["context"], reference["stride"])
+    assert result.tokens == reference["tokens"]
+    assert_relatively_close(result.nll, reference["nll"], f"{name} nll", tolerance=PERPLEXITY_TOLERANCE)
+    assert_relatively_close(result.perplexity, reference["perplexity"], f"{name} perplexity",
+                            tolerance=PERPLEXITY_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_cli_json_matches_transformers_recipe(name, capsys):
+    reference = RUNS[name]
+    status, out, err = run(capsys, "perplexity", PASSAGE, "--context", reference["context"],
+                           "--stride", reference["stride"], "--json")
+    assert status == 0, err
+    printed = json.loads(out)
+    assert printed["tokens"] == reference["tokens"]
+    assert (printed["context"], printed["stride"]) == (reference["context"], reference["stride"])
+    assert_relatively_close(printed["nll"], reference["nll"], f"{name} nll (--json)", tolerance=PERPLEXITY_TOLERANCE)
+    assert_relatively_close(printed["perplexity"], reference["perplexity"], f"{name} perplexity (--json)",
+                            tolerance=PERPLEXITY_TOLERANCE)
+
+
+def test_model_card_states_the_stored_perplexity():
+    """MODEL_CARD.md holds the section write_model_cards.py renders from reference.json."""
+    script = Path(__file__).parent / "reference" / "write_model_cards.py"
+    spec = importlib.util.spec_from_file_location("write_model_cards", script)
+    cards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cards)  # standard library only
+    card = (Path(llama_np.__file__).parent / "assets" / MODEL / "MODEL_CARD.md").read_text()
+    section = cards.perplexity_section(DATA)
+    assert section and section in card, "MODEL_CARD.md's perplexity section is stale; run write_model_cards.py"
+
+
+# ---------------------------------------------------------------------------- the recipe's edges
+
+
+def test_the_recipe_weights_an_overlapping_window_by_one_token_less_than_it_averages():
+    """context 8, stride 4 over 12 tokens: the first window scores tokens 1..7; the second
+    (tokens 4..11) keeps the labels of tokens 8..11 and its loss is their mean over four, but
+    the documented recipe weights it by 3."""
+    model = bundled_model()
+    ids = np.array(REFERENCE["input_ids"][:12])
+    first = per_token_nll(model, ids[:8]).mean()  # tokens 1..7
+    second = per_token_nll(model, ids[4:12])[3:].mean()  # tokens 8..11, seen from token 4 on
+    labels = ids[None, 4:12].copy()
+    labels[:, :4] = -100
+    assert_close(model(ids[None, 4:12], labels=labels).loss, second, "second window loss", REPEATED_TOLERANCE)
+    result = perplexity(model, ids, context=8, stride=4)
+    assert result.tokens == 7 + 3
+    assert_close(result.nll, (7 * first + 3 * second) / 10, "nll weighted 7 and 3", REPEATED_TOLERANCE)
+
+
+def per_token_nll(model, ids):
+    """NLL of each token after the first, (T - 1,), from one pass over ids (T,)."""
+    log_probs = log_softmax(model(ids[None, :]).logits[0])  # (T, V)
+    return -log_probs[np.arange(len(ids) - 1), ids[1:]]
+
+
+def test_a_last_window_of_one_token_without_overlap_is_skipped_not_nan():
+    """Over context + 1 tokens with stride = context, the recipe's last window holds one token,
+    whose loss over no labels is NaN (multiplied by a weight of 0); it adds nothing here."""
+    model = bundled_model()
+    ids = np.array(REFERENCE["input_ids"][:9])
+    result = perplexity(model, ids, context=8, stride=8)
+    assert [w.loss_tokens for w in sliding_windows(9, 8, 8)] == [7, 0]
+    assert result.tokens == 7
+    assert_close(result.nll, model(ids[None, :8], labels=ids[None, :8]).loss, "first window only", REPEATED_TOLERANCE)
+    assert math.isclose(result.perplexity, math.exp(result.nll))
+
+
+def test_stride_equal_to_context_is_the_chunked_mean_of_disjoint_windows():
+    model = bundled_model()
+    ids = np.array(REFERENCE["input_ids"][:20])
+    chunks = [ids[None, 0:8], ids[None, 8:16], ids[None, 16:20]]
+    losses = [model(chunk, labels=chunk).loss for chunk in chunks]
+    result = perplexity(model, ids, context=8, stride=8)
+    assert result.tokens == 7 + 7 + 3
+    assert_close(result.nll, (7 * losses[0] + 7 * losses[1] + 3 * losses[2]) / 17, "chunked mean", REPEATED_TOLERANCE)
+
+
+def test_progress_is_called_once_per_window():
+    calls = []
+    perplexity(bundled_model(), REFERENCE["input_ids"][:40], context=16, stride=8,
+               progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 4) for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("ids, context, stride, message", [
+    ([1], 8, 4, "at least 2"),
+    ([[1, 2, 3], [1, 2, 3]], 8, 4, "one sequence"),
+    ([1.0, 2.0], 8, 4, "integers"),
+    ([1, 2, 3], 1, 1, "context must be an integer >= 2"),
+    ([1, 2, 3], True, 1, "context must be an integer >= 2"),
+    ([1, 2, 3], 8, 0, "stride must be an integer in [1, context=8]"),
+    ([1, 2, 3], 8, 9, "stride must be an integer in [1, context=8]"),
+    ([1, 2, 3], 8, 2.0, "stride must be an integer"),
+])
+def test_bad_arguments_are_input_errors_naming_them(ids, context, stride, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        perplexity(bundled_model(), ids, context, stride)
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def test_help_shows_an_example(capsys):
+    status, out, _ = run(capsys, "perplexity", "--help")
+    assert status == 0 and "example:" in out and "--stride" in out
+
+
+def test_defaults_are_the_model_context_and_half_of_it(capsys):
+    status, out, _ = run(capsys, "perplexity", PASSAGE)
+    assert status == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == ["perplexity", "nll", "tokens"]
+    assert "nats/token" in lines[1]
+    max_positions = bundled_model().config.max_position_embeddings  # 256, under the 512 cap
+    assert f"of up to {max_positions} tokens, stride {max_positions // 2})" in lines[2]
+    windows = sliding_windows(len(REFERENCE["input_ids"]), max_positions, max_positions // 2)
+    assert f"{sum(w.loss_tokens for w in windows)} scored of {len(REFERENCE['input_ids'])}" in lines[2]
+
+
+@pytest.fixture
+def short_text(tmp_path) -> Path:
+    """The passage's first 600 characters: a few windows of 64 tokens."""
+    path = tmp_path / "short.txt"
+    path.write_bytes(PASSAGE.read_bytes()[:600])
+    return path
+
+
+def test_a_terminal_sees_a_window_counter_without_tqdm(capsys, monkeypatch, short_text):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm is optional: import fails as if absent
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    status, out, err = run(capsys, "perplexity", short_text, "--context", 64, "--stride", 64)
+    tokens = len(llama_np.LlamaTokenizer.from_pretrained(MODEL).encode(short_text.read_text()))
+    windows = len(sliding_windows(tokens, 64, 64))
+    assert status == 0 and out.startswith("perplexity") and windows > 1
+    assert err == "".join(f"\rwindow {i}/{windows}" for i in range(1, windows + 1)) + "\n"
+
+
+def test_no_progress_is_printed_when_stderr_is_not_a_terminal(capsys, short_text):
+    status, _, err = run(capsys, "perplexity", short_text, "--context", 64, "--stride", 64)
+    assert status == 0 and err == ""
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--context", "1"], ["--context", "at least 2"]),
+    (["--context", "257"], ["--context", "256"]),
+    (["--stride", "0"], ["--stride", "at least 1"]),
+    (["--context", "64", "--stride", "65"], ["--stride", "[1, 64]"]),
+    (["--stride", "300"], ["--stride", "[1, 256]"]),
+    (["--context", "x"], ["--context", "'x'"]),
+])
+def test_bad_flags_are_one_line_errors_naming_the_flag(flags, names, capsys):
+    status, out, err = run(capsys, "perplexity", PASSAGE, *flags)
+    assert_one_line_error(status, out, err, *names)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"ROMEO.\n\xff\xfe love", "not UTF-8"),
+])
+def test_unusable_files_are_one_line_errors_naming_the_file(content, message, capsys, tmp_path):
+    path = tmp_path / "text.txt"
+    if content is not None:
+        path.write_bytes(content)
+    status, out, err = run(capsys, "perplexity", path)
+    assert_one_line_error(status, out, err, path, message)
+
+
+def test_a_directory_is_one_line_error_naming_it(capsys, tmp_path):
+    status, out, err = run(capsys, "perplexity", tmp_path)
+    assert_one_line_error(status, out, err, tmp_path, "directory")
+
+
+def test_a_text_of_one_token_is_one_line_error(capsys, tmp_path):
+    """Without bos, a one-character text is one token: nothing to predict."""
+    model_dir = tmp_path / "no-bos"
+    config = llama_np.LlamaConfig(vocab_size=llama_np.LlamaTokenizer(TOKENIZER_MODEL).vocab_size,
+                                  hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llama_np.LlamaForCausalLM.from_config(config, seed=0).save_pretrained(model_dir)
+    shutil.copy(TOKENIZER_MODEL, model_dir / "tokenizer.model")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    path = tmp_path / "one.txt"
+    path.write_text("a")
+    assert len(llama_np.LlamaTokenizer.from_pretrained(model_dir).encode("a")) == 1
+    status, out, err = run(capsys, "perplexity", path, "--model", model_dir)
+    assert_one_line_error(status, out, err, path, "1 token")
