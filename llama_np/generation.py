@@ -106,8 +106,18 @@ def apply_repetition_penalty(logits: np.ndarray, input_ids: np.ndarray, penalty:
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """z / temperature: below 1 sharpens the distribution, above 1 flattens it."""
-    return logits / logits.dtype.type(temperature)
+    """z / temperature: below 1 sharpens the distribution, above 1 flattens it.
+
+    A temperature so small that z / temperature overflows the logits' dtype (1e-50 is 0 in
+    float32) would turn every probability into NaN: that is refused, pointing at greedy
+    decoding, the limit it approaches.
+    """
+    with np.errstate(over="ignore"):  # an overflow is refused just below
+        scaled = logits / logits.dtype.type(temperature) if logits.dtype.type(temperature) > 0 else None
+    if scaled is None or not np.isfinite(scaled[np.isfinite(logits)]).all():
+        raise InputError(f"temperature={temperature!r} is so small that logits / temperature overflow "
+                         f"{logits.dtype}; use do_sample=False (greedy decoding), its limit")
+    return scaled
 
 
 def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:

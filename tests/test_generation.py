@@ -177,3 +177,11 @@ def test_numpy_scalars_are_accepted_as_sampling_settings(lm):
     out = lm.generate([[5, 6]], max_new_tokens=3, do_sample=True, temperature=np.float32(0.7),
                       top_p=np.float64(0.9), repetition_penalty=np.float32(1.1), seed=0, eos_token_id=[])
     assert out.shape == (1, 5)
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 1e-40])
+def test_a_temperature_that_overflows_float32_is_refused_not_turned_into_nan(lm, temperature):
+    with pytest.raises(InputError, match="temperature.*greedy"):
+        lm.generate(np.array([[5, 6, 7]]), max_new_tokens=2, do_sample=True, temperature=temperature, seed=0)
+    tiny = lm.generate(np.array([[5, 6, 7]]), max_new_tokens=3, do_sample=True, temperature=1e-6, seed=0)
+    np.testing.assert_array_equal(tiny, lm.generate(np.array([[5, 6, 7]]), max_new_tokens=3))  # its limit

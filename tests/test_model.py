@@ -243,3 +243,43 @@ def test_float64_mode_computes_the_rope_tables_in_float64(lm, ids):
     exact = 1.0 / lm.config.rope_parameters["rope_theta"] ** (np.arange(0, lm.config.head_dim, 2) / lm.config.head_dim)
     assert_relatively_close(inv_freq, exact, "float64 inv_freq", tolerance=1e-15)
     assert cache["blocks.0.attn.hook_rot_q"].dtype == np.float64
+
+
+@pytest.mark.parametrize("argument", ["input_ids", "attention_mask", "position_ids", "labels"])
+def test_ragged_rows_are_an_input_error_naming_the_argument(lm, argument):
+    ids = np.array([[5, 6, 7], [8, 9, 10]])
+    kwargs = {"input_ids": ids}
+    kwargs[argument] = [[5, 6, 7], [8, 9]] if argument != "attention_mask" else [[1, 1, 1], [1, 1]]
+    with pytest.raises(InputError, match=f"{argument} rows have different lengths"):
+        lm(**kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:the sequence reaches position")
+def test_a_forward_whose_attention_cannot_fit_in_memory_is_refused_with_the_bytes(lm, monkeypatch):
+    from llama_np import inputs
+
+    monkeypatch.setattr(inputs, "available_memory", lambda: 2**30)
+    # 6 heads · 5,000² scores · 4 bytes · 3 arrays (+ the mask) is about 1.8 GiB, more than 1 GiB
+    with pytest.raises(InputError, match=r"needs about 1\.8 GiB .* 1\.0 GiB are available"):
+        lm(np.ones((1, 5000), dtype=np.int64))
+    lm(np.ones((1, 100), dtype=np.int64))  # small ones still run
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", 2**40), ("num_hidden_layers", 10**9)])
+def test_from_config_refuses_a_model_that_cannot_fit_before_allocating(field, value):
+    config = LlamaConfig(**{**CONFIG, field: value})
+    with pytest.raises(InputError, match=f"GiB in float32.*{field}={value}"):
+        LlamaForCausalLM.from_config(config)
+
+
+def test_integers_follow_one_rule_numpy_integers_yes_bools_no(lm, ids):
+    assert lm(ids, logits_to_keep=np.int64(1)).logits.shape[1] == 1
+    with pytest.raises(InputError, match="logits_to_keep"):
+        lm(ids, logits_to_keep=True)
+    config = LlamaConfig(**{**CONFIG, "hidden_size": np.int64(24)})
+    assert type(config.hidden_size) is int and config.to_dict()["hidden_size"] == 24
+    model = LlamaForCausalLM.from_config(LlamaConfig(**CONFIG))
+    with pytest.raises(InputError, match="new_num_tokens"):
+        model.resize_token_embeddings(True)
+    with pytest.raises(InputError, match="top_k"):
+        model.generate(ids[:1], max_new_tokens=1, do_sample=True, top_k=True)
