@@ -194,19 +194,27 @@ def available_memory() -> int | None:
     return None
 
 
-def check_attention_fits(config, batch: int, length: int, key_length: int, itemsize: int) -> None:
-    """Refuse a forward whose attention arrays cannot fit in memory, before allocating them.
+def check_fits(needed: int, what: str, advice: str) -> None:
+    """Refuse work whose arrays cannot fit in the memory available now, before allocating them.
 
-    Attention holds, per layer, the (B, 1, T, S) mask and about three (B, H, T, S) arrays (the
-    scores, their exponentials, the weights). A 100,000-token prompt would need terabytes: an
-    InputError giving the bytes beats a MemoryError (or the kernel's out-of-memory killer).
+    An InputError giving the bytes beats a MemoryError half-way through (or the kernel's
+    out-of-memory killer). ``what`` says what needs the memory, ``advice`` what to do instead.
     """
-    heads = config.num_attention_heads
-    needed = batch * length * key_length * itemsize * (3 * heads + 1)
     available = available_memory()
     if available is not None and needed > available:
-        raise InputError(
-            f"a forward over {length} tokens ({key_length} keys, batch {batch}) needs about "
-            f"{needed / 2**30:.1f} GiB for its (batch, {heads} heads, {length}, {key_length}) attention "
-            f"arrays; {available / 2**30:.1f} GiB are available. Use a shorter prompt or a smaller batch "
-            "(or feed a long prompt in chunks with past_key_values)")
+        raise InputError(f"{what} needs about {needed / 2**30:,.1f} GiB; {available / 2**30:.1f} GiB "
+                         f"are available. {advice}")
+
+
+def check_attention_fits(config, batch: int, length: int, key_length: int, itemsize: int) -> None:
+    """Refuse a forward whose attention arrays cannot fit in memory (see ``check_fits``).
+
+    Attention holds, per layer, the (B, 1, T, S) mask and about three (B, H, T, S) arrays (the
+    scores, their exponentials, the weights): a 100,000-token prompt would need terabytes.
+    """
+    heads = config.num_attention_heads
+    check_fits(batch * length * key_length * itemsize * (3 * heads + 1),
+               f"a forward over {length} tokens ({key_length} keys, batch {batch}), with its "
+               f"(batch, {heads} heads, {length}, {key_length}) attention arrays,",
+               "Use a shorter prompt or a smaller batch (or feed a long prompt in chunks with "
+               "past_key_values)")

@@ -18,7 +18,7 @@ from llama_np.checkpoint import Checkpoint, resolve_model_path, save_safetensors
 from llama_np.config import LlamaConfig
 from llama_np.errors import CheckpointError, InputError
 from llama_np.generation import GenerationConfig
-from llama_np.inputs import available_memory, check_compute_dtype, is_integer
+from llama_np.inputs import available_memory, check_compute_dtype, check_fits, is_integer
 
 # The least memory for widened weights that from_pretrained keeps by default (see keep_widened_limit).
 KEEP_WIDENED_FLOOR = 2 * 1024**3
@@ -235,14 +235,10 @@ class LlamaPreTrainedModel:
         A config whose weights cannot fit in memory is refused before anything is allocated.
         """
         dtype = check_compute_dtype(dtype)
-        needed = parameter_count(config, cls.head_rows(config)) * 4  # float32 storage
-        available = available_memory()
-        if available is not None and needed > available:
-            raise InputError(
-                f"from_config: this config's {needed // 4:,} parameters need {needed / 2**30:,.1f} GiB "
-                f"in float32; {available / 2**30:.1f} GiB are available (vocab_size="
-                f"{config.vocab_size}, hidden_size={config.hidden_size}, num_hidden_layers="
-                f"{config.num_hidden_layers}, intermediate_size={config.intermediate_size})")
+        parameters = parameter_count(config, cls.head_rows(config))
+        check_fits(parameters * 4, f"from_config: this config's {parameters:,} parameters, in float32,",
+                   f"Check vocab_size={config.vocab_size}, hidden_size={config.hidden_size}, "
+                   f"num_hidden_layers={config.num_hidden_layers}, intermediate_size={config.intermediate_size}")
         rng = np.random.default_rng(seed)
         std = config.initializer_range
         tensors = {}
