@@ -9,8 +9,9 @@ first time one of its tensors is used, and every tensor is a view into that mapp
 float16 checkpoint opens in moments and a weight is widened to the compute dtype only when a
 layer asks for it.
 
-Pickled PyTorch weights (``pytorch_model.bin``, ``consolidated.00.pth``) are never loaded:
-unpickling a file can run arbitrary code.
+Pickled PyTorch weights (``pytorch_model.bin``, ``consolidated.00.pth``) are never unpickled:
+unpickling a file can run arbitrary code. ``torch_pickle.py`` reads their tensors without running
+the pickle, into the same StoredTensor objects.
 """
 
 from __future__ import annotations
@@ -338,7 +339,10 @@ class Checkpoint:
         directory: where the weights were found.
         files: the safetensors files, in the order first used.
         tensors: tensor name -> StoredTensor.
+        layout: which layout the files are in, for people (``llama-np inspect`` prints it).
     """
+
+    layout = "Hugging Face (safetensors)"  # torch_pickle.py and meta.py open the other two
 
     def __init__(self, directory: Path, files: list[Path], tensors: dict[str, StoredTensor]):
         self.directory = directory
@@ -521,11 +525,14 @@ def _no_weights_error(directory: Path) -> CheckpointError:
     if pickles:
         return CheckpointError(
             f"{directory} has only PyTorch pickle weights ({', '.join(pickles)}). llama_np never "
-            "loads pickles, because unpickling a file can run arbitrary code. Convert them once, "
+            "unpickles a file, because unpickling can run arbitrary code; it reads the tensors of "
+            "two pickled layouts without running the pickle (llama_np.torch_pickle): "
+            "pytorch_model.bin (or its index) beside config.json, and Meta's consolidated.NN.pth "
+            "beside params.json, through from_pretrained or --model. Convert other pickles once, "
             "in an environment you trust: load the model with Transformers and call "
             "model.save_pretrained(directory, safe_serialization=True), or write the state dict "
             "with safetensors.torch.save_file(state_dict, 'model.safetensors'). Meta's "
-            "consolidated.*.pth files first need Transformers' convert_llama_weights_to_hf.py."
+            "consolidated.NN.pth files convert with llama-np convert."
         )
     others = sorted(p.name for p in directory.glob("*.safetensors"))
     hint = f"; found {', '.join(others)}: pass that file's path to open it" if others else ""

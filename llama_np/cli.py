@@ -11,7 +11,8 @@
     llama-np diff A.npz B.npz   the first activation where two dumps part ways
     llama-np attention PROMPT   save a figure of one head's or one layer's attention
 
-Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory, or a bundled model name) and
+Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory in Hugging Face's or Meta's
+layout, or a bundled model name) and
 defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for classify).
 
 User mistakes (a missing path, a corrupt file, a bad argument) end with one line
@@ -35,8 +36,8 @@ import numpy as np
 
 import llama_np
 from llama_np import layers
-from llama_np.checkpoint import Checkpoint, atomic_write, resolve_model_path
-from llama_np.config import LlamaConfig
+from llama_np.checkpoint import atomic_write
+from llama_np.meta import open_model_files
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
 from llama_np.perplexity import perplexity, read_text_file, sliding_windows
@@ -87,11 +88,10 @@ def model_class_for(name_or_path):
     """The model class a checkpoint holds, read from its tensor names (not from config.json,
     whose ``architectures`` field is optional): ``score.weight`` means a sequence classifier,
     ``lm_head.weight`` or tied embeddings a causal LM, neither a bare ``LlamaModel``."""
-    directory = resolve_model_path(name_or_path)
-    checkpoint = Checkpoint.open(directory)
+    config, checkpoint = open_model_files(name_or_path)
     if "score.weight" in checkpoint:
         return LlamaForSequenceClassification
-    if "lm_head.weight" in checkpoint or LlamaConfig.from_pretrained(directory).tie_word_embeddings:
+    if "lm_head.weight" in checkpoint or config.tie_word_embeddings:
         return LlamaForCausalLM
     return LlamaModel
 
@@ -458,7 +458,7 @@ def run_perplexity(args) -> int:
     for flag, value, least in (("--context", args.context, 2), ("--stride", args.stride, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
-    max_positions = LlamaConfig.from_pretrained(resolve_model_path(args.model)).max_position_embeddings
+    max_positions = open_model_files(args.model)[0].max_position_embeddings
     context = min(max_positions, DEFAULT_PERPLEXITY_CONTEXT) if args.context is None else args.context
     if context > max_positions:
         raise UsageError(f"--context must be at most the model's max_position_embeddings, {max_positions}, "
@@ -539,6 +539,7 @@ def run_inspect(args) -> int:
     classifier = model_class is LlamaForSequenceClassification
     print(f"model            {args.model} ({model.checkpoint.directory})")
     print(f"class            {model_class.__name__}")
+    print(f"layout           {model.checkpoint.layout}")
     print_architecture(model.config, classifier)
     parameters = model.num_parameters()
     print(f"parameters       {parameters:,}")
@@ -579,7 +580,7 @@ def print_storage(checkpoint) -> None:
     print(f"storage dtype    {dtypes}")
     file_bytes = sum(Path(f).stat().st_size for f in checkpoint.files)
     files = len(checkpoint.files)
-    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in {files} safetensors "
+    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in {files} "
           f"file{'s' if files != 1 else ''}; tensor data {checkpoint.nbytes:,})")
 
 
@@ -736,7 +737,8 @@ def build_parser() -> ArgumentParser:
         common = ArgumentParser(add_help=False)
         shown = default or f"{DEFAULT_MODEL}, or {DEFAULT_CLASSIFIER} for classifier logits (B, labels)"
         common.add_argument("--model", default=default, metavar="NAME_OR_PATH",
-                            help="a checkpoint directory (config.json, *.safetensors, tokenizer.model) "
+                            help="a checkpoint directory (config.json, *.safetensors, tokenizer.model; "
+                                 "or Meta's params.json, consolidated.NN.pth, tokenizer.model) "
                                  f"or a bundled model name (default: {shown})")
         return common
 

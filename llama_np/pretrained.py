@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers, trace
-from llama_np.checkpoint import Checkpoint, resolve_model_path, save_safetensors
+from llama_np.checkpoint import resolve_model_path, save_safetensors
 from llama_np.config import LlamaConfig
 from llama_np.errors import CheckpointError, InputError
 from llama_np.generation import GenerationConfig
 from llama_np.inputs import available_memory, check_compute_dtype, check_fits, is_integer
+from llama_np.meta import open_model_files
 
 # The least memory for widened weights that from_pretrained keeps by default (see keep_widened_limit).
 KEEP_WIDENED_FLOOR = 2 * 1024**3
@@ -199,6 +200,10 @@ class LlamaPreTrainedModel:
     def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None):
         """Open a checkpoint directory or a bundled model by name. Memory-mapped and lazy.
 
+        The directory may be in Hugging Face's layout (safetensors, or pickled
+        ``pytorch_model*.bin`` read without running the pickle) or in Meta's original one
+        (``params.json`` and ``consolidated.NN.pth``; see ``llama_np.meta``).
+
         Only headers are read here; tensors are widened to ``dtype`` (float32 or float64) when
         first used. ``keep_widened`` keeps those widened copies instead of widening again on
         every call; by default it is on when they fit in ``keep_widened_limit()`` (half the
@@ -206,8 +211,7 @@ class LlamaPreTrainedModel:
         """
         dtype = check_compute_dtype(dtype)
         directory = resolve_model_path(name_or_path)
-        config = LlamaConfig.from_pretrained(directory)
-        checkpoint = Checkpoint.open(directory)
+        config, checkpoint = open_model_files(directory)  # safetensors, pytorch_model*.bin or Meta's
         prefix = cls.base_prefix
         if cls.prefix_optional and f"{prefix}embed_tokens.weight" not in checkpoint:
             prefix = ""
