@@ -15,6 +15,7 @@ from llama_np.model import (  # noqa: E402
     LlamaForSequenceClassification,
     LlamaModel,
 )
+from llama_np.convert import convert_meta_checkpoint  # noqa: E402
 
 try:  # the tokenizer module lands separately
     from llama_np.tokenizer import LlamaTokenizer  # noqa: E402
@@ -24,5 +25,5 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "LlamaConfig", "LlamaTokenizer", "LlamaModel", "LlamaForCausalLM",
     "LlamaForSequenceClassification", "LlamaNPError", "ConfigError", "CheckpointError",
-    "TokenizerError", "InputError",
+    "TokenizerError", "InputError", "convert_meta_checkpoint",
 ]

@@ -10,6 +10,7 @@
     llama-np dump PROMPT        save every named activation (golden activations) to an .npz
     llama-np diff A.npz B.npz   the first activation where two dumps part ways
     llama-np attention PROMPT   save a figure of one head's or one layer's attention
+    llama-np convert META OUT   Meta's consolidated.NN.pth checkpoint -> a Hugging Face directory
 
 Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory in Hugging Face's or Meta's
 layout, or a bundled model name) and
@@ -37,6 +38,7 @@ import numpy as np
 import llama_np
 from llama_np import layers
 from llama_np.checkpoint import atomic_write
+from llama_np.convert import OUTPUT_DTYPES, convert_meta_checkpoint
 from llama_np.meta import open_model_files
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
@@ -900,7 +902,46 @@ def build_parser() -> ArgumentParser:
     attention.add_argument("--head", type=int, metavar="H", help="one query head (default: the whole layer)")
     attention.add_argument("--out", required=True, metavar="FILE.png", help="a .png, .svg or .pdf to write")
     attention.set_defaults(run=run_attention)
+
+    convert = add_verb(
+        "convert", "convert Meta's original checkpoint into a Hugging Face directory",
+        "llama-np convert ~/llama/llama-2-13b ~/models/Llama-2-13b-hf --dtype float16",
+        description="Write META_DIR (Meta's download: params.json, consolidated.NN.pth, "
+                    "tokenizer.model) as a Hugging Face directory OUT_DIR, tensor for tensor what "
+                    "Transformers' convert_llama_weights_to_hf.py writes: config.json, "
+                    "generation_config.json, tokenizer files and safetensors shards of about 5 GB "
+                    "with their index. No torch is needed and no pickle is run; tensors are written "
+                    "one at a time, so the memory in use is a few tensors. OUT_DIR must be new or "
+                    "empty. Progress is shown on a terminal. Meta directories also run as they are: "
+                    "pass one to --model of any verb.")
+    convert.add_argument("meta_dir", metavar="META_DIR")
+    convert.add_argument("out_dir", metavar="OUT_DIR")
+    convert.add_argument("--dtype", choices=tuple(OUTPUT_DTYPES),
+                         help="dtype of the written weights (default: the stored one; Meta ships "
+                              "bfloat16); float16 refuses weights too large for it, by name")
+    convert.add_argument("--llama-version", choices=("1", "2"), default="2",
+                         help="sets max_position_embeddings, which Meta's files do not record: 2048 "
+                              "for Llama 1, 4096 for Llama 2, 16384 if rope_theta > 10000 (Code "
+                              "Llama) (default: 2)")
+    convert.set_defaults(run=run_convert)
     return parser
+
+
+# ============================================================================================
+# convert
+# ============================================================================================
+
+
+def run_convert(args) -> int:
+    """Meta's layout -> Hugging Face's (``llama_np.convert.convert_meta_checkpoint``)."""
+    result = convert_meta_checkpoint(args.meta_dir, args.out_dir, dtype=args.dtype,
+                                     llama_version=args.llama_version)
+    files = len(result.weight_files)
+    print(f"wrote {result.tensors} tensors ({human_bytes(result.bytes)}, "
+          f"{', '.join(sorted(result.dtypes))}) in {files} safetensors file{'s' if files != 1 else ''}, "
+          f"with config.json, generation_config.json and the tokenizer, to {result.directory} "
+          f"in {result.seconds:.1f} s")
+    return EXIT_OK
 
 
 # ============================================================================================
