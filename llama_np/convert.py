@@ -193,6 +193,10 @@ def write_safetensors_streaming(path: Path, tensors: dict, out_dtypes: dict[str,
             data = convert_stored(tensors[name], out_dtypes[name])
             yield data
             written += data.nbytes
+            del data
+            # The writer's loop variable still holds the tensor just written; an empty chunk
+            # replaces it there, so it is freed before the next tensor is made.
+            yield b""
             if progress is not None:
                 progress(written)
 
