@@ -147,9 +147,8 @@ def _is_int(value) -> bool:
 
 _MARK = object()  # the MARK opcode's entry on the stack
 
-PUSH_CONSTANT = {"NONE": lambda arg: None, "NEWTRUE": lambda arg: True,
-                 "NEWFALSE": lambda arg: False, "EMPTY_DICT": lambda arg: {},
-                 "EMPTY_LIST": lambda arg: [], "EMPTY_TUPLE": lambda arg: ()}
+PUSH_NEW = {"NONE": lambda: None, "NEWTRUE": lambda: True, "NEWFALSE": lambda: False,
+            "EMPTY_DICT": dict, "EMPTY_LIST": list, "EMPTY_TUPLE": tuple}  # a new one each time
 PUSH_ARGUMENT = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG", "BINFLOAT",
                  "FLOAT", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE"}
 NO_EFFECT = {"PROTO", "FRAME"}
@@ -171,8 +170,8 @@ def interpret_pickle(data: bytes):
         name = opcode.name
         if name in NO_EFFECT:
             continue
-        if name in PUSH_CONSTANT:
-            stack.append(PUSH_CONSTANT[name](argument))
+        if name in PUSH_NEW:
+            stack.append(PUSH_NEW[name]())
         elif name in PUSH_ARGUMENT:
             stack.append(argument)
         elif name == "MARK":

@@ -149,6 +149,12 @@ def test_cli_convert_errors_are_one_line(tmp_path, capsys):
     assert "the directory holds 1" in err
 
 
+def test_cli_convert_help_shows_an_example(capsys):
+    assert main(["convert", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and "llama-np convert " in out and "--dtype" in out
+
+
 def test_progress_is_shown_when_asked(tmp_path, capsys):
     convert_meta_checkpoint(META / "mha_1shard", tmp_path / "out", progress=True)
     assert "converting:" in capsys.readouterr().err
