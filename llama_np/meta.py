@@ -91,7 +91,8 @@ def read_params(path) -> MetaParams:
     """Read and check params.json; a missing or bad field is a ConfigError naming it."""
     path = Path(path)
     values = read_json_object(path, ConfigError)
-    values = values.get("model", values)  # some releases nest the fields under "model"
+    if isinstance(values.get("model"), dict):  # some releases nest the fields under "model"
+        values = values["model"]
 
     def fail(message):
         raise ConfigError(f"{path}: {message}")
@@ -287,6 +288,7 @@ def meta_tensors(config: LlamaConfig, shards: list[dict[str, StoredTensor]],
     Shapes are checked here, before anything is read, with messages in Meta's names: a shard
     that holds the wrong share of a weight means shards are missing, extra or from another model.
     """
+    _check_layer_count(config, shards[0], files[0])
     expected = _merged_shapes(config)
     count = len(shards)
     tensors, used = {}, set()
@@ -313,6 +315,15 @@ def meta_tensors(config: LlamaConfig, shards: list[dict[str, StoredTensor]],
                                       first._start, first._stop, tuple(parts), join, rope_heads)
     _warn_unused(shards, files, used)
     return tensors
+
+
+def _check_layer_count(config: LlamaConfig, shard: dict, file: Path) -> None:
+    """Before listing every tensor of n_layers layers: a corrupt n_layers such as 10**9 would
+    never finish that list."""
+    stored = {name.split(".")[1] for name in shard if name.startswith("layers.")}
+    if config.num_hidden_layers != len(stored):
+        raise CheckpointError(f"{PARAMS_FILE} has n_layers={config.num_hidden_layers}, but {file} "
+                              f"holds {len(stored)} layers (layers.N.*)")
 
 
 def _merged_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -401,9 +412,9 @@ def open_meta_checkpoint(directory, llama_version: str = DEFAULT_LLAMA_VERSION
         vocab_size = tokenizer_vocab_size(directory, params_path)
     else:
         vocab_size = params.vocab_size
-    stored_dtype = shards[0].get("tok_embeddings.weight")
+    embedding = shards[0].get("tok_embeddings.weight")
     config = meta_config(params, vocab_size, llama_version,
-                         torch_dtype=TORCH_DTYPE_NAMES.get(stored_dtype.dtype) if stored_dtype else None)
+                         torch_dtype=TORCH_DTYPE_NAMES.get(embedding.dtype) if embedding else None)
     checkpoint = Checkpoint(directory, files, meta_tensors(config, shards, files))
     checkpoint.layout = (f"Meta (params.json and {len(files)} consolidated.NN.pth shard"
                          f"{'s' if len(files) != 1 else ''}; q/k rows permuted and shards joined on use)")

@@ -39,9 +39,11 @@ from llama_np.checkpoint import (
 )
 from llama_np.errors import CheckpointError
 
-# A state dict's pickle names its tensors only: about 100 bytes per tensor, so even a 70B shard's
-# is a few hundred kilobytes. More means a corrupt or hostile file.
-MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# A state dict's pickle names its tensors only: about 150 bytes and 30 opcodes per tensor, so even
+# a 70B shard's is a few hundred kilobytes. More means a corrupt or hostile file; the limits keep
+# what interpreting one can allocate to a few hundred megabytes.
+MAX_PICKLE_BYTES = 16 * 1024 * 1024
+MAX_PICKLE_OPERATIONS = 2_000_000
 # Llama's tensors have one or two dimensions and at most a few billion elements.
 MAX_TENSOR_RANK = 8
 MAX_TENSOR_ELEMENTS = 2**40
@@ -92,11 +94,11 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         raise _PickleProblem(f"_rebuild_tensor_v2 got {type(storage).__name__} for a storage")
     for name, value in (("size", size), ("stride", stride)):
         if not (isinstance(value, tuple) and all(_is_int(n) and n >= 0 for n in value)):
-            raise _PickleProblem(f"_rebuild_tensor_v2 got {name} {value!r:.100}; expected a tuple "
+            raise _PickleProblem(f"_rebuild_tensor_v2 got {name} {describe(value)}; expected a tuple "
                                  "of non-negative ints")
     if not (_is_int(storage_offset) and storage_offset >= 0) or len(size) != len(stride):
-        raise _PickleProblem(f"_rebuild_tensor_v2 got storage offset {storage_offset!r:.40}, size "
-                             f"{size!r:.100} and stride {stride!r:.100}")
+        raise _PickleProblem(f"_rebuild_tensor_v2 got storage offset {describe(storage_offset)}, "
+                             f"size {describe(size)} and stride {describe(stride)}")
     return TensorRef(storage, storage_offset, size, stride)
 
 
@@ -141,6 +143,25 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def describe(value, limit: int = 80) -> str:
+    """A short description of a value built by a pickle, for error messages.
+
+    Never ``repr`` of the whole value: a hostile pickle can nest tuples millions deep (repr would
+    overflow the stack) or build a tuple of millions of ints. Strings and ints are shown
+    shortened, a tuple by its first few items, anything else by its type.
+    """
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    if _is_int(value):
+        text = str(value) if value.bit_length() < 256 else f"an int of {value.bit_length()} bits"
+        return text[:limit]
+    if isinstance(value, tuple):
+        items = ", ".join(describe(item, 20) if isinstance(item, (str, int)) else type(item).__name__
+                          for item in value[:6])
+        return f"({items}{', ...' if len(value) > 6 else ''})"
+    return f"a {type(value).__name__}"
+
+
 # --------------------------------------------------------------------------------------------
 # The interpreter: the opcodes a pickled state dict uses, and nothing else
 # --------------------------------------------------------------------------------------------
@@ -162,11 +183,10 @@ def interpret_pickle(data: bytes):
     """
     stack: list = []
     memo: dict[int, object] = {}
-    try:
-        operations = list(pickletools.genops(io.BytesIO(data)))
-    except (ValueError, EOFError, UnicodeDecodeError, struct.error) as error:  # not a whole pickle
-        raise _PickleProblem(f"it is not a valid pickle ({error})") from None
-    for opcode, argument, _ in operations:
+    for count, (opcode, argument) in enumerate(_parsed_opcodes(data)):
+        if count >= MAX_PICKLE_OPERATIONS:
+            raise _PickleProblem(f"it runs more than {MAX_PICKLE_OPERATIONS} opcodes, far more than "
+                                 "a state dict's")
         name = opcode.name
         if name in NO_EFFECT:
             continue
@@ -218,7 +238,7 @@ def interpret_pickle(data: bytes):
         elif name == "REDUCE":
             function, arguments = _pop(stack, 2)
             if not any(function is allowed for allowed in CALLABLE_STAND_INS):
-                raise _PickleProblem(f"REDUCE calls {function!r:.80}, which is not callable here")
+                raise _PickleProblem(f"REDUCE calls {describe(function)}, which is not callable here")
             try:
                 stack.append(function(*_expect(arguments, tuple, name)))
             except TypeError as error:  # the wrong number of arguments
@@ -235,6 +255,19 @@ def interpret_pickle(data: bytes):
             raise _PickleProblem(f"it uses the opcode {name}, which a state dict of tensors "
                                  "does not need")
     raise _PickleProblem("it ends without a STOP opcode")
+
+
+def _parsed_opcodes(data: bytes):
+    """(opcode, argument) pairs as pickletools parses them, one at a time; parsing runs nothing."""
+    operations = pickletools.genops(io.BytesIO(data))
+    while True:
+        try:
+            opcode, argument, _ = next(operations)
+        except StopIteration:
+            return
+        except (ValueError, EOFError, struct.error) as error:  # not a whole pickle
+            raise _PickleProblem(f"it is not a valid pickle ({error})") from None
+        yield opcode, argument
 
 
 def _top(stack: list):
@@ -283,12 +316,12 @@ def _allowed_global(dotted: str):
 def _storage_ref(persistent_id) -> StorageRef:
     if not (isinstance(persistent_id, tuple) and len(persistent_id) == 5
             and persistent_id[0] == "storage"):
-        raise _PickleProblem(f"a persistent id is {persistent_id!r:.120}; expected "
+        raise _PickleProblem(f"a persistent id is {describe(persistent_id)}; expected "
                              "('storage', type, key, location, numel)")
     _, storage_type, key, location, numel = persistent_id
     if not isinstance(storage_type, StorageType) or not isinstance(key, str) \
             or not isinstance(location, str) or not (_is_int(numel) and numel >= 0):
-        raise _PickleProblem(f"a persistent id is {persistent_id!r:.120}; expected "
+        raise _PickleProblem(f"a persistent id is {describe(persistent_id)}; expected "
                              "('storage', a torch storage type, key, location, element count)")
     return StorageRef(key, storage_type, numel)
 
@@ -314,7 +347,8 @@ def read_torch_file(path) -> dict[str, StoredTensor]:
                 raise CheckpointError(_not_a_zip_message(path, head))
             try:
                 archive = zipfile.ZipFile(f)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, struct.error) as error:
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError,
+                    EOFError, OverflowError, struct.error) as error:  # what zipfile raises for bad bytes
                 raise CheckpointError(f"{path} is not a readable zip archive ({error}); the "
                                       "file is truncated or corrupt") from None
             with archive:
@@ -368,7 +402,7 @@ def _read_state_dict(path: Path, archive: zipfile.ZipFile) -> tuple[str, dict[st
                               "tensors (a state dict)")
     for name, value in state.items():
         if not isinstance(name, str) or not isinstance(value, TensorRef):
-            raise CheckpointError(f"{path} maps {name!r:.80} to a {type(value).__name__}; a state "
+            raise CheckpointError(f"{path} maps {describe(name)} to a {type(value).__name__}; a state "
                                   "dict maps tensor names to tensors")
     return prefix, state
 
@@ -378,7 +412,11 @@ def _check_byte_order(path: Path, archive: zipfile.ZipFile, prefix: str) -> None
     name = prefix + "byteorder"
     if name not in archive.namelist():
         return
-    order = archive.read(name)[:16].strip()
+    try:
+        with archive.open(name) as entry:
+            order = entry.read(16).strip()
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, ValueError, EOFError) as error:
+        raise CheckpointError(f"cannot read {name} in {path}: {error}") from None
     if order != b"little":
         raise CheckpointError(f"{path} stores its tensors in {order.decode('ascii', 'replace')!r} "
                               "byte order; llama_np reads little-endian files only")
@@ -396,7 +434,7 @@ def _stored_tensor(path: Path, f, file_size: int, entries: dict, prefix: str, na
     shape = reference.shape
     elements = math.prod(shape)
     if len(shape) > MAX_TENSOR_RANK or math.prod(max(n, 1) for n in shape) > MAX_TENSOR_ELEMENTS:
-        raise CheckpointError(f"{where} has shape {shape!r:.120}, beyond the {MAX_TENSOR_RANK} "
+        raise CheckpointError(f"{where} has shape {describe(shape)}, beyond the {MAX_TENSOR_RANK} "
                               f"dimensions and {MAX_TENSOR_ELEMENTS} elements a weight can have")
     if not _is_contiguous(shape, reference.stride):
         raise CheckpointError(f"{where} has shape {shape} and strides {reference.stride}: it is a "
@@ -438,6 +476,9 @@ def _storage_entry(path: Path, f, file_size: int, entries: dict, entry_name: str
                               "which is what lets them be memory-mapped")
     if info.flag_bits & 0x1:
         raise CheckpointError(f"{entry_name} in {path} is encrypted")
+    if not 0 <= info.header_offset < file_size:
+        raise CheckpointError(f"the zip directory of {path} places {entry_name} at byte "
+                              f"{info.header_offset}, outside the {file_size}-byte file; it is corrupt")
     f.seek(info.header_offset)
     header = f.read(LOCAL_FILE_HEADER.size)
     if len(header) != LOCAL_FILE_HEADER.size or header[:4] != LOCAL_FILE_SIGNATURE:

@@ -247,6 +247,15 @@ def test_replicated_norms_that_differ_between_shards_are_refused_on_use(tmp_path
         model(np.array([[1, 2, 3]]))
 
 
+@pytest.mark.parametrize("n_layers", [1, 3, 10**9])
+def test_a_layer_count_the_shards_do_not_hold_is_refused_at_once(tmp_path, n_layers):
+    directory = copy_case("mha_1shard", tmp_path / "m")
+    params = json.loads((directory / "params.json").read_text())
+    (directory / "params.json").write_text(json.dumps({**params, "n_layers": n_layers}))
+    with pytest.raises(CheckpointError, match=f"n_layers={n_layers}, but .* holds 2 layers"):
+        open_meta_checkpoint(directory)
+
+
 def test_shard_files_without_params_are_named(tmp_path):
     directory = copy_case("mha_1shard", tmp_path / "m")
     (directory / "params.json").unlink()

@@ -246,6 +246,27 @@ def test_random_damage_to_the_pickle_is_a_checkpoint_error_or_a_valid_read(tmp_p
     assert outcomes["refused"] > 0, outcomes
 
 
+def test_random_damage_anywhere_in_the_file_is_a_checkpoint_error_or_a_valid_read(tmp_path):
+    """Flipped bytes in the pickle, the entries or the zip directory at the end."""
+    original = SHARED_STORAGE_SHARD.read_bytes()
+    rng = np.random.default_rng(1)
+    refused = 0
+    for trial in range(600):
+        damaged = bytearray(original)
+        start = (0, len(original) - 1500, 0)[trial % 3]
+        stop = (len(original), len(original), 1200)[trial % 3]
+        for position in rng.integers(start, stop, size=rng.integers(1, 6)):
+            damaged[position] = rng.integers(0, 256)
+        path = tmp_path / "d.pth"
+        path.write_bytes(bytes(damaged))
+        try:
+            for tensor in read_torch_file(path).values():
+                tensor.numpy()
+        except CheckpointError:
+            refused += 1
+    assert refused > 100
+
+
 def test_the_legacy_format_and_other_files_are_named(tmp_path):
     legacy = tmp_path / "legacy.pth"
     legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
