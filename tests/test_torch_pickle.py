@@ -188,6 +188,21 @@ def test_malformed_or_foreign_pickles_are_refused(tmp_path, payload, expected):
         read_torch_file(tmp_path / "w.pth")
 
 
+def test_a_value_nested_a_million_deep_is_described_not_repred(tmp_path):
+    payload = b"\x80\x02N" + b"\x85" * 1_000_000 + b"Q."  # (((None,),),...) as a persistent id
+    write_torch_file(tmp_path / "w.pth", {}, pickle_bytes=payload)
+    with pytest.raises(CheckpointError, match=r"a persistent id is \(tuple\)"):
+        read_torch_file(tmp_path / "w.pth")
+
+
+def test_a_pickle_running_too_many_opcodes_is_refused(tmp_path, monkeypatch):
+    from llama_np import torch_pickle
+
+    monkeypatch.setattr(torch_pickle, "MAX_PICKLE_OPERATIONS", 50)
+    with pytest.raises(CheckpointError, match="more than 50 opcodes"):
+        read_torch_file(ONE_SHARD)
+
+
 # --------------------------------------------------------------------------------------------
 # Broken zips and storages
 # --------------------------------------------------------------------------------------------
