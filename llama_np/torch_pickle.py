@@ -183,8 +183,8 @@ def interpret_pickle(data: bytes):
     """
     stack: list = []
     memo: dict[int, object] = {}
-    for count, (opcode, argument) in enumerate(_parsed_opcodes(data)):
-        if count >= MAX_PICKLE_OPERATIONS:
+    for done, (opcode, argument) in enumerate(_parsed_opcodes(data)):
+        if done >= MAX_PICKLE_OPERATIONS:
             raise _PickleProblem(f"it runs more than {MAX_PICKLE_OPERATIONS} opcodes, far more than "
                                  "a state dict's")
         name = opcode.name
@@ -205,9 +205,7 @@ def interpret_pickle(data: bytes):
                 raise _PickleProblem(f"{name} reads memo entry {argument}, which was never stored")
             stack.append(memo[int(argument)])
         elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-            count = int(name[-1])
-            items = _pop(stack, count)
-            stack.append(tuple(items))
+            stack.append(tuple(_pop(stack, int(name[-1]))))
         elif name == "TUPLE":
             stack.append(tuple(_pop_to_mark(stack)))
         elif name == "APPEND":
