@@ -47,6 +47,7 @@ from llama_np.tokenizer import VOCAB_FILE_NAME, LlamaTokenizer
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_SHARD_BYTES = 5 * 10**9  # Transformers' save_pretrained default, max_shard_size="5GB"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+CHUNK_ELEMENTS = 2**24  # values converted at a time: 64 MB of float32 temporaries
 
 
 @dataclass
@@ -190,13 +191,13 @@ def write_safetensors_streaming(path: Path, tensors: dict, out_dtypes: dict[str,
     def tensor_bytes():
         written = 0
         for name in order:
-            data = convert_stored(tensors[name], out_dtypes[name])
-            yield data
-            written += data.nbytes
-            del data
-            # The writer's loop variable still holds the tensor just written; an empty chunk
-            # replaces it there, so it is freed before the next tensor is made.
-            yield b""
+            for chunk in converted_chunks(tensors[name], out_dtypes[name]):
+                yield chunk
+                written += chunk.nbytes
+                del chunk
+                # The writer's loop variable still holds the chunk just written; an empty one
+                # replaces it there, so it is freed before the next is made.
+                yield b""
             if progress is not None:
                 progress(written)
 
@@ -226,43 +227,53 @@ def read_into_memory(tensor) -> np.ndarray:
     return values.reshape(tensor.shape)
 
 
-def convert_stored(tensor, out_dtype: str) -> np.ndarray:
-    """A stored tensor's values in ``out_dtype`` ("F32", "F16", "BF16"), as little-endian bytes
-    (a flat uint8 array). The same dtype is a copy of the bits; otherwise via float32."""
-    stored = read_into_memory(tensor)
+def converted_chunks(tensor, out_dtype: str):
+    """A stored tensor's values in ``out_dtype`` ("F32", "F16", "BF16"), as little-endian bytes:
+    flat uint8 arrays, in order. The same dtype is the stored bits, one chunk; another dtype is
+    converted via float32 CHUNK_ELEMENTS values at a time, so the temporaries stay small even
+    for a 70B embedding."""
+    stored = read_into_memory(tensor).reshape(-1)
     if tensor.dtype == out_dtype:
-        return np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
-    if tensor.dtype == "BF16":
-        values = _widen_bf16(stored)
+        yield stored.view(np.uint8)
+        return
+    for start in range(0, stored.size, CHUNK_ELEMENTS):
+        yield convert_values(tensor.name, stored[start:start + CHUNK_ELEMENTS], tensor.dtype, out_dtype)
+
+
+def convert_values(name: str, stored: np.ndarray, dtype: str, out_dtype: str) -> np.ndarray:
+    """Flat stored values (BF16 as uint16 bits) -> the bytes of ``out_dtype``, via float32.
+
+    A finite value that the narrower dtype cannot hold is a CheckpointError naming the tensor,
+    never an infinity written to disk.
+    """
+    if dtype == "BF16":
+        values = _widen_bf16(stored)  # exact
     else:
         with np.errstate(over="ignore"):  # F64 beyond float32: inf, refused below
             values = stored.astype(np.float32)
-    _check_representable(tensor.name, stored, values, "float32")
+        _check_representable(name, stored, values, "float32")
     if out_dtype == "F32":
         converted = values
     elif out_dtype == "BF16":
-        converted = float32_to_bf16_bits(values)
+        converted = float32_to_bf16_bits(values)  # round to nearest even
     else:
         with np.errstate(over="ignore"):
-            converted = values.astype("<f2")
-        _check_representable(tensor.name, values, converted, "float16")
-    return np.ascontiguousarray(converted).reshape(-1).view(np.uint8)
+            converted = values.astype("<f2")  # round to nearest even
+        _check_representable(name, values, converted, "float16")
+    return np.ascontiguousarray(converted).view(np.uint8)
 
 
 def _check_representable(name: str, before: np.ndarray, after: np.ndarray, what: str) -> None:
     """CheckpointError if a finite value became infinite: it is too large for ``what``."""
     if not np.isinf(after).any():
         return
-    if before.dtype == np.uint16:  # BF16 bits
-        before = _widen_bf16(before)
     overflowed = np.isinf(after) & np.isfinite(before)
     if overflowed.any():
         largest = float(np.abs(before[overflowed]).max())
+        limit = FLOAT16_MAX if what == "float16" else float(np.finfo(np.float32).max)
         raise CheckpointError(
-            f"{name} has {int(np.count_nonzero(overflowed))} values too large for {what} (the "
-            f"largest is {largest:.6g}; {what} ends at "
-            f"{FLOAT16_MAX if what == 'float16' else float(np.finfo(np.float32).max):.6g}); "
-            "keep the stored dtype or choose bfloat16 or float32")
+            f"{name} holds values too large for {what}: {largest:.6g}, beyond its largest "
+            f"{limit:.6g}; keep the stored dtype or choose bfloat16 or float32")
 
 
 def _write_tokenizer(meta_dir: Path, out_dir: Path) -> list[Path]:

@@ -95,6 +95,16 @@ def test_float16_and_float32_outputs_hold_the_bfloat16_values(tmp_path):
     assert json.loads((tmp_path / "mha_2shards-converted" / "config.json").read_text())["torch_dtype"] == "float16"
 
 
+def test_values_converted_in_small_chunks_are_the_same(tmp_path, monkeypatch):
+    from llama_np import convert
+
+    whole = Checkpoint.open(converted(tmp_path / "whole", "gqa_2shards", dtype="float16"))
+    monkeypatch.setattr(convert, "CHUNK_ELEMENTS", 100)  # many chunks per tensor, one partial
+    chunked = Checkpoint.open(converted(tmp_path / "chunked", "gqa_2shards", dtype="float16"))
+    for name in whole:
+        np.testing.assert_array_equal(chunked[name].stored(), whole[name].stored(), err_msg=name)
+
+
 def test_float16_refuses_a_weight_it_cannot_hold_by_name_and_leaves_nothing(tmp_path):
     directory = copy_case("mha_1shard", tmp_path / "meta")
     rewrite_shard(META / "mha_1shard" / "consolidated.00.pth", directory / "consolidated.00.pth",
@@ -104,8 +114,8 @@ def test_float16_refuses_a_weight_it_cannot_hold_by_name_and_leaves_nothing(tmp_
     with pytest.raises(CheckpointError) as error:
         convert_meta_checkpoint(directory, out, dtype="float16", max_shard_bytes=10_000)
     message = str(error.value)
-    assert "model.layers.1.mlp.down_proj.weight has 1 values too large for float16" in message
-    assert "the largest is 99840" in message and "65504" in message  # 1e5 in bfloat16
+    assert "model.layers.1.mlp.down_proj.weight holds values too large for float16" in message
+    assert "99840, beyond its largest 65504" in message  # 1e5 in bfloat16
     assert not out.exists()  # the shards written before the failure were removed
     convert_meta_checkpoint(directory, out)  # bfloat16 holds it
     assert Checkpoint.open(out)["model.layers.1.mlp.down_proj.weight"].numpy().max() > 65504

@@ -86,6 +86,8 @@ def main():
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="llama-np convert's --dtype (default: the stored bfloat16)")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--transformers-python", help="a python with torch and transformers 4.45.2")
     parser.add_argument("--keep", action="store_true")
@@ -104,7 +106,9 @@ def main():
                   "tensor_gb": round(tensor_bytes / 1e9, 2),
                   "write_seconds": round(time.perf_counter() - started, 1)}
         ours = args.work / "llama-np"
-        report["llama_np"] = run_measured([sys.executable, "-m", "llama_np", "convert", str(meta), str(ours)], args.work)
+        dtype = ["--dtype", args.dtype] if args.dtype else []
+        report["llama_np"] = run_measured([sys.executable, "-m", "llama_np", "convert", str(meta), str(ours), *dtype],
+                                          args.work)
         report["llama_np"]["output_gb"] = round(directory_bytes(ours) / 1e9, 2)
         shutil.rmtree(ours)
         if args.transformers_python:
