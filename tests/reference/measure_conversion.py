@@ -10,7 +10,7 @@ memory (GNU time's %M). Everything is written under --work and deleted afterward
 
     python tests/reference/measure_conversion.py --layers 32 --work /tmp/measure-7b
     python tests/reference/measure_conversion.py --layers 8 --work /tmp/measure-2b \\
-        --transformers-python /tmp/venv-meta-ref/bin/python
+        --transformers-python /tmp/refmeta/bin/python
 
 The Transformers run needs the virtualenv of requirements-meta.txt.
 """
