@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
+from llama_np.bpe import read_model
 from llama_np.checkpoint import (
     INDEX_FILE_NAME,
     SINGLE_FILE_NAME,
@@ -35,10 +36,10 @@ from llama_np.checkpoint import (
 )
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, ConfigError
-from llama_np.tokenizer import VOCAB_FILE_NAME, LlamaTokenizer
 from llama_np.torch_pickle import has_pickled_weights, open_pickled_checkpoint, read_torch_file
 
 PARAMS_FILE = "params.json"
+VOCAB_FILE_NAME = "tokenizer.model"
 MISSING = object()  # a required params.json field
 SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
 
@@ -190,7 +191,8 @@ def tokenizer_vocab_size(directory: Path, params_path: Path) -> int:
             f"{params_path} has vocab_size -1 (as many as the tokenizer has), but {directory} has "
             f"no {VOCAB_FILE_NAME}; Meta's download keeps it in the folder above the model's: copy "
             "or link it next to params.json")
-    return len(LlamaTokenizer(vocab_file))
+    # Transformers' converter takes len(tokenizer): the pieces, special tokens among them.
+    return len(read_model(vocab_file).pieces)
 
 
 # --------------------------------------------------------------------------------------------
