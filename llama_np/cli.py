@@ -15,7 +15,8 @@ defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for cla
 
 User mistakes (a missing path, a corrupt file, a bad argument) end with one line
 ``llama-np: error: ...`` on stderr and exit status 2, never a traceback. ``compare`` and ``diff``
-exit with 1 when the numbers differ by more than the tolerance. Ctrl-C exits with 130.
+exit with 1 when the numbers differ by more than the tolerance (``compare`` also when nothing
+was compared). Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -398,16 +399,19 @@ def run_compare(args) -> int:
         raise InputError(f"{path}: logits have {ref_logits.shape[-1]} {what} per position; the model "
                          f"{args.model} has {width}")
     ids = reference["input_ids"]
+    # (B, T) True where a position is compared. Logits at padding positions mean nothing
+    # (Transformers' and ours may differ there); a classifier has one pooled "position" per row.
+    mask = (np.ones((ids.shape[0], 1), dtype=bool) if classifier else
+            reference.get("attention_mask", np.ones(ids.shape, dtype=np.int64)).astype(bool))
+    if not mask.any():  # nothing to check is not a pass
+        print(f"FAIL: nothing was compared: attention_mask is 0 at every position of {path}")
+        return EXIT_FAILED
     out = model(ids, attention_mask=reference.get("attention_mask"),
                 **({"position_ids": reference["position_ids"]} if "position_ids" in reference else {}))
     ours = out.logits.astype(np.float64)
     ref = ref_logits.astype(np.float64)
-    if classifier:  # one pooled "position" per row
+    if classifier:
         ours, ref = ours[:, None, :], ref[:, None, :]
-        mask = np.ones(ours.shape[:2], dtype=bool)
-    else:
-        # Logits at padding positions mean nothing (Transformers' and ours may differ there).
-        mask = reference.get("attention_mask", np.ones(ids.shape, dtype=np.int64)).astype(bool)
     return report_comparison(ours, ref, mask, ids, args.atol, classifier)
 
 

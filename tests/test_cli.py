@@ -338,6 +338,17 @@ def test_compare_rejects_files_that_are_not_npz_or_hold_pickles(capsys, lm_dir, 
     assert "does not exist" in err
 
 
+def test_compare_fails_when_every_position_is_masked_as_nothing_was_compared(capsys, lm_dir, reference_file,
+                                                                              tmp_path):
+    with np.load(reference_file) as reference:
+        arrays = dict(reference)
+    arrays["attention_mask"] = np.zeros_like(arrays["attention_mask"])
+    masked = _write_npz(tmp_path / "masked.npz", **arrays)
+    status, out, _ = run(capsys, "compare", masked, "--model", lm_dir)
+    assert status == 1
+    assert "FAIL: nothing was compared" in out and "PASS" not in out
+
+
 # -------------------------------------------------------------------------------- inspect
 
 
