@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import sys
 import textwrap
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -308,20 +310,88 @@ def save_npz(path: Path, **arrays) -> None:
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz file. Pickled object arrays are refused (allow_pickle=False):
-    loading one could run code."""
+    """Every array of an .npz file (a zip archive of NAME.npy members), each checked before it
+    is read.
+
+    An .npy header declares a shape and a dtype, and NumPy allocates that much before it reads
+    any data: a 200-byte file declaring (1, 3, 2**40) would ask for terabytes. So each member's
+    declared size must equal the bytes it holds (the zip's uncompressed size, ``file_size``),
+    and all the arrays together must fit in ``npz_size_limit()`` -- a member that inflates from
+    a few bytes to terabytes (a deflate bomb) is refused on its declared size, before reading.
+    Pickled object arrays are refused (allow_pickle=False): loading one could run code.
+    """
     if not path.is_file():
         raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):  # an .npy file: np.load returns the array
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            start = f.read(len(NPY_MAGIC))
+        if start == NPY_MAGIC:
             raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
-        with archive:
-            return {name: archive[name] for name in archive.files}
+        raise InputError(f"{path} is not an .npz file: an .npz is a zip archive of .npy arrays, and this "
+                         "file is not a zip archive")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = {info.filename: npy_member_size(path, archive, info) for info in archive.infolist()}
+            total, limit = sum(sizes.values()), npz_size_limit()
+            if total > limit:
+                largest = max(sizes, key=sizes.get)
+                raise InputError(f"{path}: its arrays would take {human_bytes(total)} in memory (the largest, "
+                                 f"{largest.removesuffix('.npy')}, {human_bytes(sizes[largest])}), more than "
+                                 f"the {human_bytes(limit)} read from one file (half the memory available "
+                                 "now, at least 2 GiB)")
+            arrays = {}
+            for member in sizes:
+                with archive.open(member) as f:
+                    arrays[member.removesuffix(".npy")] = np.lib.format.read_array(f, allow_pickle=False)
+            return arrays
     except InputError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as error:
         raise InputError(f"{path} is not a readable .npz file: {error}") from None
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npz_size_limit() -> int:
+    """The most bytes read_npz loads from one file: half the memory available now, at least
+    2 GiB -- the rule that decides whether widened weights are kept (``keep_widened_limit``)."""
+    return keep_widened_limit()
+
+
+def npy_member_size(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The bytes one .npz member's array takes, from its .npy header alone; InputError naming
+    the file and the array when the header is unreadable, asks for a pickle, or declares more
+    (or less) data than the member holds."""
+    name = info.filename.removesuffix(".npy")
+    if not info.filename.endswith(".npy"):
+        raise InputError(f"{path}: member {info.filename} is not an .npy array (an .npz holds NAME.npy members)")
+    if info.flag_bits & 0x1:
+        raise InputError(f"{path}: array {name} is encrypted")
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise InputError(f"{path}: array {name} is in .npy format version {version[0]}.{version[1]}; "
+                                 "only 1.0 and 2.0 are read (3.0 only adds Unicode field names)")
+            shape, _, dtype = readers[version](f)
+        except InputError:
+            raise
+        except ValueError as error:
+            raise InputError(f"{path}: array {name} has no readable .npy header: {error}") from None
+        header_bytes = f.tell()
+    if any(n < 0 for n in shape):
+        raise InputError(f"{path}: array {name} declares a negative size in its shape {shape}")
+    if dtype.hasobject:
+        raise InputError(f"{path}: array {name} holds Python objects, stored as a pickle; refused, since "
+                         "loading a pickle can run code (allow_pickle=False)")
+    declared = math.prod(shape) * dtype.itemsize
+    held = info.file_size - header_bytes
+    if declared != held:
+        raise InputError(f"{path}: array {name} declares shape {shape} {dtype} ({human_bytes(declared)}) but "
+                         f"holds {held:,} bytes of data; the file is damaged or was not written by NumPy")
+    return max(declared, math.prod(shape))  # a zero-size dtype still costs per element
 
 
 def read_reference(path: Path, prefix: str | None) -> dict[str, np.ndarray]:
@@ -451,8 +521,8 @@ def report_comparison(ours, ref, mask, ids, atol, classifier) -> int:
 
 
 def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
 

@@ -5,9 +5,11 @@ directory beside a copy of the tokenizer test model, so these tests do not depen
 models.
 """
 
+import io
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +340,15 @@ def test_compare_rejects_files_that_are_not_npz_or_hold_pickles(capsys, lm_dir, 
     assert "does not exist" in err
 
 
+def test_compare_says_a_text_file_renamed_npz_is_not_a_zip_archive(capsys, lm_dir, tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("input_ids: 1 2 3\n")
+    status, _, err = run(capsys, "compare", text, "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "is not an .npz file" in err and "not a zip archive" in err
+    assert "allow_pickle" not in err
+
+
 def test_compare_fails_when_every_position_is_masked_as_nothing_was_compared(capsys, lm_dir, reference_file,
                                                                               tmp_path):
     with np.load(reference_file) as reference:
@@ -347,6 +358,53 @@ def test_compare_fails_when_every_position_is_masked_as_nothing_was_compared(cap
     status, out, _ = run(capsys, "compare", masked, "--model", lm_dir)
     assert status == 1
     assert "FAIL: nothing was compared" in out and "PASS" not in out
+
+
+def test_compare_reads_a_compressed_reference(capsys, lm_dir, reference_file, tmp_path):
+    with np.load(reference_file) as reference:
+        arrays = dict(reference)
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, **arrays)
+    status, out, err = run(capsys, "compare", compressed, "--model", lm_dir)
+    assert status == 0, err
+    assert "PASS" in out
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+TERABYTES_SHAPE = (1, 3, 2**40)  # 12 TiB of float32
+
+
+def test_compare_refuses_an_npz_whose_header_declares_terabytes_it_does_not_hold(capsys, lm_dir, tmp_path):
+    forged = tmp_path / "forged.npz"
+    with zipfile.ZipFile(forged, "w") as archive:
+        archive.writestr("input_ids.npy", _npy_header((1, 3), "<i8") + np.array([[1, 2, 3]]).tobytes())
+        archive.writestr("logits.npy", _npy_header(TERABYTES_SHAPE) + bytes(12))
+    assert forged.stat().st_size < 1000
+    status, _, err = run(capsys, "compare", forged, "--model", lm_dir)  # NumPy alone allocates 12 TiB
+    assert_one_line_error(status, err)
+    assert "forged.npz: array logits declares shape (1, 3, 1099511627776) float32 (12.0 TiB)" in err
+    assert "holds 12 bytes" in err
+
+
+@pytest.mark.parametrize("verb", ["compare", "diff"])
+def test_an_npz_member_that_would_inflate_to_terabytes_is_refused_before_reading(capsys, lm_dir, tmp_path, verb):
+    # A deflate bomb: the zip declares 12 TiB uncompressed for a member of a few compressed bytes.
+    bomb = tmp_path / "bomb.npz"
+    header = _npy_header(TERABYTES_SHAPE)
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("input_ids.npy", _npy_header((1, 3), "<i8") + np.array([[1, 2, 3]]).tobytes())
+        archive.writestr("logits.npy", header + bytes(64))
+        archive.filelist[-1].file_size = len(header) + 3 * 2**40 * 4
+    assert bomb.stat().st_size < 1000
+    argv = ("compare", bomb, "--model", lm_dir) if verb == "compare" else ("diff", bomb, bomb)
+    status, _, err = run(capsys, *argv)
+    assert_one_line_error(status, err)
+    assert "bomb.npz: its arrays would take 12.0 TiB in memory (the largest, logits, 12.0 TiB)" in err
 
 
 # -------------------------------------------------------------------------------- inspect
