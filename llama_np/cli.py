@@ -96,6 +96,28 @@ def model_class_for(name_or_path):
     return LlamaModel
 
 
+def require_model_class(name_or_path, wanted, verb: str) -> None:
+    """UsageError naming the verb that fits when a checkpoint holds another kind of model.
+
+    Loading a classifier as a causal LM would otherwise fail on a missing ``lm_head.weight``,
+    true but no help to someone who picked the wrong verb.
+    """
+    found = model_class_for(name_or_path)
+    if found is wanted:
+        return
+    if found is LlamaForSequenceClassification:
+        raise UsageError(f"{name_or_path} is a sequence classifier (LlamaForSequenceClassification: a "
+                         f"score.weight head, no lm_head.weight), so '{verb}' cannot use it; "
+                         "'llama-np classify' is the verb for it")
+    if found is LlamaForCausalLM:
+        raise UsageError(f"{name_or_path} is a causal language model (LlamaForCausalLM: no score.weight "
+                         f"head), so '{verb}' cannot use it; 'llama-np generate' or 'llama-np logits' is "
+                         "the verb for it")
+    raise UsageError(f"{name_or_path} holds a bare LlamaModel (neither lm_head.weight nor score.weight, "
+                     f"embeddings not tied), so '{verb}' has no head to use; 'llama-np dump' and "
+                     "'llama-np inspect' work on it")
+
+
 # ============================================================================================
 # generate and chat
 # ============================================================================================
@@ -145,6 +167,7 @@ def speed_report(stats: dict, prompt_length: int) -> str:
 
 def run_generate(args) -> int:
     settings = sampling_settings(args)
+    require_model_class(args.model, LlamaForCausalLM, "generate")
     model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
     prompt_ids = tokenizer.encode(args.prompt)
     stats: dict = {}
@@ -165,6 +188,7 @@ def run_chat(args) -> int:
     end of input, an empty line, or "exit" / "quit".
     """
     settings = sampling_settings(args)
+    require_model_class(args.model, LlamaForCausalLM, "chat")
     model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -226,6 +250,7 @@ def label_names(config) -> list[str]:
 
 
 def run_classify(args) -> int:
+    require_model_class(args.model, LlamaForSequenceClassification, "classify")
     model = LlamaForSequenceClassification.from_pretrained(args.model)
     tokenizer = LlamaTokenizer.from_pretrained(args.model)
     rows = [tokenizer.encode(text) for text in args.texts]
@@ -271,6 +296,7 @@ def run_logits(args) -> int:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     if args.out:
         check_output_path(Path(args.out))
+    require_model_class(args.model, LlamaForCausalLM, "logits")
     model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
     input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
     logits = model(input_ids).logits  # (1, T, V)
@@ -462,6 +488,11 @@ def run_compare(args) -> int:
     model_class = LlamaForSequenceClassification if classifier else LlamaForCausalLM
     if args.model is None:  # a classifier reference (B, labels) defaults to the bundled classifier
         args.model = DEFAULT_CLASSIFIER if classifier else DEFAULT_MODEL
+    if model_class_for(args.model) is not model_class:
+        kind = "classifier logits (B, labels)" if classifier else "language-model logits (B, T, V)"
+        raise InputError(f"{path} holds {kind} of shape {ref_logits.shape}, but {args.model} is "
+                         f"{'not a sequence classifier' if classifier else 'not a causal language model'}; "
+                         "compare it with a checkpoint of the kind that wrote the reference")
     model = model_class.from_pretrained(args.model, dtype=dtype)
     width = model.config.num_labels if classifier else model.config.vocab_size
     if ref_logits.shape[-1] != width:

@@ -204,6 +204,22 @@ def test_classify_prints_a_label_and_probabilities_per_text(capsys, classifier_d
             assert f"{name} {probabilities[index]:.3f}" in line
 
 
+@pytest.mark.parametrize("verb, other", [("generate", "classify"), ("logits", "classify"), ("chat", "classify")])
+def test_a_language_model_verb_on_a_classifier_names_the_verb_for_it(capsys, classifier_dir, verb, other):
+    argv = (verb, "--model", classifier_dir) if verb == "chat" else (verb, PROMPT, "--model", classifier_dir)
+    status, out, err = run(capsys, *argv)
+    assert_one_line_error(status, err)
+    assert "is a sequence classifier" in err and f"'llama-np {other}'" in err
+    assert "lm_head.weight is missing" not in err and "missing: lm_head.weight" not in err
+    assert out == ""
+
+
+def test_classify_on_a_causal_language_model_names_generate_and_logits(capsys, lm_dir):
+    status, _, err = run(capsys, "classify", PROMPT, "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "is a causal language model" in err and "'llama-np generate' or 'llama-np logits'" in err
+
+
 def test_classify_batched_equals_one_at_a_time(classifier_dir):
     from llama_np.cli import classify_logits
 
@@ -405,6 +421,13 @@ def test_an_npz_member_that_would_inflate_to_terabytes_is_refused_before_reading
     status, _, err = run(capsys, *argv)
     assert_one_line_error(status, err)
     assert "bomb.npz: its arrays would take 12.0 TiB in memory (the largest, logits, 12.0 TiB)" in err
+
+
+def test_compare_on_a_classifier_with_language_model_logits_says_which_kind_it_needs(capsys, classifier_dir,
+                                                                                      reference_file):
+    status, _, err = run(capsys, "compare", reference_file, "--model", classifier_dir)
+    assert_one_line_error(status, err)
+    assert "language-model logits (B, T, V)" in err and "not a causal language model" in err
 
 
 # -------------------------------------------------------------------------------- inspect
