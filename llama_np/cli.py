@@ -127,27 +127,63 @@ def sampling_settings(args) -> dict:
     """generate() keyword arguments from the sampling options; None = the checkpoint's default.
 
     Giving any sampling option turns sampling on; ``--greedy`` turns it off and cannot be
-    combined with them (they would be silently ignored).
+    combined with them (they would be silently ignored). Every option is checked here, before
+    anything is printed, so an error names the flag rather than generate()'s argument.
     """
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     given = [f"--{name.replace('_', '-')}" for name, value in sampling.items() if value is not None]
     if args.greedy and given:
         raise UsageError(f"--greedy picks the most likely token; it cannot be combined with {', '.join(given)}")
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling_options(args)
     do_sample = False if args.greedy else (True if given else None)
     return dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, **sampling)
 
 
-def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict, stats: dict) -> list[int]:
-    """Generate after ``prompt_ids`` and print the new text as it comes; return the new ids.
+def check_sampling_options(args) -> None:
+    """UsageError naming the first generation flag that generate() could not use."""
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature must be a finite number > 0, got {args.temperature:g}; "
+                         "for greedy decoding use --greedy")
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 turns the top-k limit off), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # False for NaN too
+        raise UsageError(f"--top-p must be in (0, 1] (1 keeps every token), got {args.top_p:g}")
+    penalty = args.repetition_penalty
+    if penalty is not None and not (math.isfinite(penalty) and penalty > 0):
+        raise UsageError(f"--repetition-penalty must be a finite number > 0 (1 means no penalty), got {penalty:g}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
 
-    The streamer is first given the prompt (printing nothing) so that each new piece is decoded
-    as part of the whole sequence: a word decoded alone would lose its leading space
+
+class EchoingStreamer(TextStreamer):
+    """A TextStreamer that prints ``echo`` (the prompt as typed) when generate() hands it the
+    prompt ids. generate() does so only after checking every setting, so a setting it refuses
+    (say, from generation_config.json) is reported before any output, not after the prompt."""
+
+    def __init__(self, tokenizer, echo: str | None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.echo = echo
+
+    def put(self, token_ids) -> str:
+        if self.echo is not None:
+            print(self.echo, end="", flush=True)
+            self.echo = None
+        return super().put(token_ids)
+
+
+def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict, stats: dict,
+                        echo: str | None = None) -> list[int]:
+    """Generate after ``prompt_ids`` and print ``echo`` then the new text as it comes; return
+    the new ids.
+
+    The streamer is first given the prompt (printing only ``echo``) so that each new piece is
+    decoded as part of the whole sequence: a word decoded alone would lose its leading space
     (REFERENCE.md §5).
     """
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = EchoingStreamer(tokenizer, echo)
     sequences = model.generate(np.array([prompt_ids], dtype=np.int64), streamer=streamer,
                                stats=stats, **settings)
     return [int(i) for i in sequences[0, len(prompt_ids):]]
@@ -163,16 +199,33 @@ def speed_report(stats: dict, prompt_length: int) -> str:
     rate = f"{steps / seconds:.1f} tokens/s" if steps and seconds > 0 else "- tokens/s"
     return (f"{stats['new_tokens']} new tokens; {rate} over the {steps} steps after the first "
             f"(prompt of {prompt_length} tokens read in {stats['prompt_seconds']:.2f} s, not counted)")
+def check_checkpoint_temperature(model, settings: dict, name_or_path) -> None:
+    """A generation_config.json may hold temperature 0, harmless while it decodes greedily; a
+    sampling flag other than --temperature turns sampling on and would then use it."""
+    defaults = model.generation_config
+    sampling = defaults.do_sample if settings["do_sample"] is None else settings["do_sample"]
+    temperature = defaults.temperature
+    usable = isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+    if sampling and settings["temperature"] is None and not usable:
+        raise UsageError(f"sampling needs a temperature > 0, and the generation_config.json of {name_or_path} "
+                         f"has temperature {temperature!r}; give --temperature too")
+
+
+def load_for_generation(args, verb: str, settings: dict):
+    """The causal LM and tokenizer for generate and chat, refused before any output when the
+    checkpoint is of another kind or its defaults cannot serve the sampling flags."""
+    require_model_class(args.model, LlamaForCausalLM, verb)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    check_checkpoint_temperature(model, settings, args.model)
+    return model, tokenizer
 
 
 def run_generate(args) -> int:
     settings = sampling_settings(args)
-    require_model_class(args.model, LlamaForCausalLM, "generate")
-    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_for_generation(args, "generate", settings)
     prompt_ids = tokenizer.encode(args.prompt)
     stats: dict = {}
-    print(args.prompt, end="", flush=True)
-    stream_continuation(model, tokenizer, prompt_ids, settings, stats)
+    stream_continuation(model, tokenizer, prompt_ids, settings, stats, echo=args.prompt)
     print(speed_report(stats, len(prompt_ids)), file=sys.stderr)
     return EXIT_OK
 
@@ -188,8 +241,7 @@ def run_chat(args) -> int:
     end of input, an empty line, or "exit" / "quit".
     """
     settings = sampling_settings(args)
-    require_model_class(args.model, LlamaForCausalLM, "chat")
-    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_for_generation(args, "chat", settings)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; an empty line, 'exit' or Ctrl-D ends the chat.", file=sys.stderr)
@@ -790,13 +842,15 @@ def build_parser() -> ArgumentParser:
                        help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS}); "
                             "generation stops earlier at end-of-sequence")
     group.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature (> 0)")
-    group.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
+    group.add_argument("--top-k", type=int, metavar="K",
+                       help="sample from the K most likely tokens (0: no limit, as in Transformers)")
     group.add_argument("--top-p", type=float, metavar="P",
-                       help="sample from the smallest set of most likely tokens whose probabilities add up to >= P")
+                       help="sample from the smallest set of most likely tokens whose probabilities add up "
+                            "to >= P, in (0, 1]")
     group.add_argument("--repetition-penalty", type=float, metavar="R",
                        help="penalise tokens already in the text: their logits are divided by R when positive, "
-                            "multiplied by R when negative (> 1 repeats less)")
-    group.add_argument("--seed", type=int, help="seed for sampling, for reproducible output")
+                            "multiplied by R when negative (R > 0; > 1 repeats less, 1 is no penalty)")
+    group.add_argument("--seed", type=int, help="seed (>= 0) for sampling, for reproducible output")
     group.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
 
     def add_verb(name, help, example, parents=(), description=None):

@@ -172,6 +172,37 @@ def test_chat_stops_at_end_of_input(capsys, monkeypatch, lm_dir):
     assert err.count("tokens/s") == 2
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "0", "--temperature must be a finite number > 0, got 0; for greedy decoding use --greedy"),
+    ("--temperature", "nan", "--temperature must be a finite number > 0, got nan"),
+    ("--top-p", "2", "--top-p must be in (0, 1]"),
+    ("--top-p", "0", "--top-p must be in (0, 1]"),
+    ("--top-k", "-1", "--top-k must be >= 0"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be a finite number > 0"),
+    ("--repetition-penalty", "inf", "--repetition-penalty must be a finite number > 0"),
+    ("--seed", "-1", "--seed must be a non-negative integer"),
+])
+def test_generate_refuses_a_bad_sampling_flag_by_its_name_before_printing_anything(capsys, lm_dir, flag, value,
+                                                                                    message):
+    status, out, err = run(capsys, "generate", "ROMEO.", "--model", lm_dir, flag, value)
+    assert_one_line_error(status, err)
+    assert out == ""  # not even the prompt
+    assert message in err
+    assert "do_sample" not in err and "top_p " not in err
+
+
+def test_a_checkpoint_temperature_of_0_with_top_k_names_the_file_and_the_flag_before_any_output(
+        capsys, lm_dir, tmp_path):
+    greedy_zero = tmp_path / "greedy-zero"
+    shutil.copytree(lm_dir, greedy_zero)
+    (greedy_zero / "generation_config.json").write_text('{"do_sample": false, "temperature": 0}')
+    status, out, err = run(capsys, "generate", "ROMEO.", "--model", greedy_zero, "--top-k", 5)
+    assert_one_line_error(status, err)
+    assert out == ""
+    assert "generation_config.json" in err and "--temperature" in err
+    assert run(capsys, "generate", "ROMEO.", "--model", greedy_zero, "--max-new-tokens", 2)[0] == 0
+
+
 class _Lines:
     """A non-interactive stdin holding ``text``."""
 
