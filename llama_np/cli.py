@@ -16,12 +16,14 @@ defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for cla
 User mistakes (a missing path, a corrupt file, a bad argument) end with one line
 ``llama-np: error: ...`` on stderr and exit status 2, never a traceback. ``compare`` and ``diff``
 exit with 1 when the numbers differ by more than the tolerance (``compare`` also when nothing
-was compared). Ctrl-C exits with 130.
+was compared). Ctrl-C exits with 130. Characters stdout's encoding cannot hold are written as
+Python escapes (é as \\xe9).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -116,6 +118,18 @@ def require_model_class(name_or_path, wanted, verb: str) -> None:
     raise UsageError(f"{name_or_path} holds a bare LlamaModel (neither lm_head.weight nor score.weight, "
                      f"embeddings not tied), so '{verb}' has no head to use; 'llama-np dump' and "
                      "'llama-np inspect' work on it")
+
+
+def read_stdin(what: str, one_line: bool = False) -> str:
+    """All of stdin (or its next line) as text, for ``what`` ("the prompt"); a closed or
+    undecodable stdin is an InputError rather than a crash."""
+    if sys.stdin is None:
+        raise InputError(f"cannot read {what} from stdin: stdin is closed")
+    try:
+        return sys.stdin.readline() if one_line else sys.stdin.read()
+    except UnicodeDecodeError as error:
+        raise InputError(f"cannot read {what} from stdin: it is not {error.encoding} text ({error.reason} "
+                         f"at byte {error.start}); set PYTHONIOENCODING=utf-8") from None
 
 
 # ============================================================================================
@@ -241,6 +255,9 @@ def run_chat(args) -> int:
     end of input, an empty line, or "exit" / "quit".
     """
     settings = sampling_settings(args)
+    if sys.stdin is None:
+        raise InputError("chat reads one message per line from stdin, and stdin is closed; run it in a "
+                         "terminal or give it input (a pipe or a file)")
     model, tokenizer = load_for_generation(args, "chat", settings)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -249,7 +266,7 @@ def run_chat(args) -> int:
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = read_stdin("a message", one_line=True)
         text = line.strip()
         if not line or not text or text.lower() in CHAT_EXIT_WORDS:
             return EXIT_OK
@@ -998,6 +1015,35 @@ def _warning_printer():
 
 def main(argv=None) -> int:
     """Run one ``llama-np`` command; returns the exit status."""
+    with escapes_for_unencodable_output():
+        return _run(argv)
+
+
+@contextlib.contextmanager
+def escapes_for_unencodable_output():
+    """Write what stdout's encoding cannot hold as Python escapes (é -> \\xe9), as Python
+    already does on stderr, instead of failing.
+
+    With an ASCII-only stdout (PYTHONIOENCODING=ascii, a C locale, some pipes) a prompt or a
+    generated word with an accent would otherwise end the command in UnicodeEncodeError half
+    way through its output. The stream's own setting is restored afterwards: ``main`` can be
+    called from Python.
+    """
+    stream = sys.stdout
+    if getattr(stream, "errors", None) != "strict" or not hasattr(stream, "reconfigure"):
+        yield
+        return
+    stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        try:
+            stream.reconfigure(errors="strict")
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to write anyway
+            pass
+
+
+def _run(argv) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer()

@@ -203,6 +203,25 @@ def test_a_checkpoint_temperature_of_0_with_top_k_names_the_file_and_the_flag_be
     assert run(capsys, "generate", "ROMEO.", "--model", greedy_zero, "--max-new-tokens", 2)[0] == 0
 
 
+def test_output_to_an_ascii_only_stdout_escapes_what_it_cannot_encode(monkeypatch, lm_dir):
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="ascii")  # as with PYTHONIOENCODING=ascii
+    monkeypatch.setattr(sys, "stdout", stdout)
+    status = main(["generate", "café", "--model", str(lm_dir), "--greedy", "--max-new-tokens", "2"])
+    stdout.flush()
+    assert status == 0
+    assert raw.getvalue().startswith(b"caf\\xe9")
+    assert stdout.errors == "strict"  # the caller's stream is left as it was
+
+
+def test_chat_with_stdin_closed_is_one_line_error(lm_dir):
+    # `llama-np chat <&-`: Python starts with sys.stdin = None.
+    result = subprocess.run(["sh", "-c", 'exec "$0" -m llama_np chat --model "$1" <&-', sys.executable, str(lm_dir)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert_one_line_error(result.returncode, result.stderr)
+    assert "stdin is closed" in result.stderr
+
+
 class _Lines:
     """A non-interactive stdin holding ``text``."""
 
