@@ -11,7 +11,8 @@
     llama-np attention PROMPT   save a figure of one head's or one layer's attention
 
 Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory, or a bundled model name) and
-defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for classify).
+defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for classify). A PROMPT
+of ``-`` is read from stdin.
 
 User mistakes (a missing path, a corrupt file, a bad argument) end with one line
 ``llama-np: error: ...`` on stderr and exit status 2, never a traceback. ``compare`` and ``diff``
@@ -120,6 +121,11 @@ def require_model_class(name_or_path, wanted, verb: str) -> None:
                      "'llama-np inspect' work on it")
 
 
+def plural(count: int, word: str) -> str:
+    """'1 token', '2 tokens', '0 tokens'."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def read_stdin(what: str, one_line: bool = False) -> str:
     """All of stdin (or its next line) as text, for ``what`` ("the prompt"); a closed or
     undecodable stdin is an InputError rather than a crash."""
@@ -130,6 +136,16 @@ def read_stdin(what: str, one_line: bool = False) -> str:
     except UnicodeDecodeError as error:
         raise InputError(f"cannot read {what} from stdin: it is not {error.encoding} text ({error.reason} "
                          f"at byte {error.start}); set PYTHONIOENCODING=utf-8") from None
+
+
+def prompt_text(args) -> str:
+    """The PROMPT argument; ``-`` reads it from stdin, less one final newline: the one ``echo``
+    or an editor adds, which the user did not mean as part of the prompt (stdin is read in text
+    mode, so a Windows line end arrives as "\\n" too)."""
+    if args.prompt != "-":
+        return args.prompt
+    text = read_stdin("the prompt")
+    return text[:-1] if text.endswith("\n") else text
 
 
 # ============================================================================================
@@ -211,8 +227,11 @@ def speed_report(stats: dict, prompt_length: int) -> str:
     """
     steps, seconds = stats["decode_steps"], stats["decode_seconds"]
     rate = f"{steps / seconds:.1f} tokens/s" if steps and seconds > 0 else "- tokens/s"
-    return (f"{stats['new_tokens']} new tokens; {rate} over the {steps} steps after the first "
-            f"(prompt of {prompt_length} tokens read in {stats['prompt_seconds']:.2f} s, not counted)")
+    return (f"{plural(stats['new_tokens'], 'new token')}; {rate} over the {plural(steps, 'step')} after the "
+            f"first (prompt of {plural(prompt_length, 'token')} read in {stats['prompt_seconds']:.2f} s, "
+            "not counted)")
+
+
 def check_checkpoint_temperature(model, settings: dict, name_or_path) -> None:
     """A generation_config.json may hold temperature 0, harmless while it decodes greedily; a
     sampling flag other than --temperature turns sampling on and would then use it."""
@@ -237,9 +256,10 @@ def load_for_generation(args, verb: str, settings: dict):
 def run_generate(args) -> int:
     settings = sampling_settings(args)
     model, tokenizer = load_for_generation(args, "generate", settings)
-    prompt_ids = tokenizer.encode(args.prompt)
+    prompt = prompt_text(args)
+    prompt_ids = tokenizer.encode(prompt)
     stats: dict = {}
-    stream_continuation(model, tokenizer, prompt_ids, settings, stats, echo=args.prompt)
+    stream_continuation(model, tokenizer, prompt_ids, settings, stats, echo=prompt)
     print(speed_report(stats, len(prompt_ids)), file=sys.stderr)
     return EXIT_OK
 
@@ -366,13 +386,14 @@ def run_logits(args) -> int:
     if args.out:
         check_output_path(Path(args.out))
     require_model_class(args.model, LlamaForCausalLM, "logits")
+    prompt = prompt_text(args)
     model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
-    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
+    input_ids = np.array([tokenizer.encode(prompt)], dtype=np.int64)  # (1, T)
     logits = model(input_ids).logits  # (1, T, V)
     last = logits[0, -1].astype(np.float64)  # (V,)
     probabilities = softmax(last)
     top = np.argsort(-last, kind="stable")[: args.top]
-    print(f"next token after {input_ids.shape[1]} prompt tokens (top {len(top)} of {last.shape[0]}):")
+    print(f"next token after {plural(input_ids.shape[1], 'prompt token')} (top {len(top)} of {last.shape[0]}):")
     print(f"{'rank':>4}  {'id':>6}  {'probability':>11}  {'logit':>9}  token")
     for rank, token_id in enumerate(top, start=1):
         piece = tokenizer.convert_ids_to_tokens(int(token_id))
@@ -609,8 +630,9 @@ def report_comparison(ours, ref, mask, ids, atol, classifier) -> int:
     b, t = np.unravel_index(np.argmax(np.where(mask, max_difference, -1.0)), mask.shape)
     passed = bool((worst_ratio[mask] <= 1).all())
     where = f"row {b}" if classifier else f"row {b}, position {t}"
-    print(f"max |Δlogit| {max_difference[b, t]:.3e} at {where}; argmax agrees at {agreeing}/{compared} "
-          f"{'rows' if classifier else 'positions'}")
+    unit = "row" if classifier else "position"
+    print(f"max |Δlogit| {max_difference[b, t]:.3e} at {where}; argmax agrees at {agreeing}/"
+          f"{plural(compared, unit)}")
     print(f"{'PASS' if passed else 'FAIL'}: tolerance |Δ| <= {atol:g} * max(1, |reference logit|)")
     return EXIT_OK if passed else EXIT_FAILED
 
@@ -669,7 +691,7 @@ def print_architecture(config, classifier: bool) -> None:
     gqa = config.num_key_value_groups
     kind = ("multi-head attention" if gqa == 1 else
             "multi-query attention" if config.num_key_value_heads == 1 else "grouped-query attention")
-    print(f"GQA ratio        {gqa}:1 ({gqa} query head{'s' if gqa != 1 else ''} per key/value head; {kind})")
+    print(f"GQA ratio        {gqa}:1 ({plural(gqa, 'query head')} per key/value head; {kind})")
     print(f"vocabulary       {config.vocab_size}")
     print(f"max positions    {config.max_position_embeddings}")
     rope = dict(config.rope_parameters)
@@ -688,12 +710,12 @@ def print_storage(checkpoint) -> None:
     counts: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():
         counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
-    dtypes = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(counts.items()))
+    dtypes = ", ".join(f"{name} ({plural(n, 'tensor')})" for name, n in sorted(counts.items()))
     print(f"storage dtype    {dtypes}")
     file_bytes = sum(Path(f).stat().st_size for f in checkpoint.files)
     files = len(checkpoint.files)
-    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in {files} safetensors "
-          f"file{'s' if files != 1 else ''}; tensor data {checkpoint.nbytes:,})")
+    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in "
+          f"{plural(files, 'safetensors file')}; tensor data {checkpoint.nbytes:,})")
 
 
 def print_memory(config, parameters: int, stored_bytes: int, length: int, classifier: bool) -> None:
@@ -702,7 +724,7 @@ def print_memory(config, parameters: int, stored_bytes: int, length: int, classi
     head_width = config.num_labels if classifier else config.vocab_size
     activations = activation_bytes(config, length, head_width)
     print(f"memory (float32) about {human_bytes(weights + sum(activations.values()))} for one sequence of "
-          f"{length} tokens, batch 1:")
+          f"{plural(length, 'token')}, batch 1:")
     print(f"  {'weights widened to float32':<40} {human_bytes(weights)}")
     for name, size in activations.items():
         print(f"  {name:<40} {human_bytes(size)}")
@@ -731,8 +753,9 @@ def run_dump(args) -> int:
     out = Path(args.out)
     check_output_path(out)
     model_class = model_class_for(args.model)
+    prompt = prompt_text(args)
     model, tokenizer = model_class.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
-    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
+    input_ids = np.array([tokenizer.encode(prompt)], dtype=np.int64)  # (1, T)
     names_filter = (lambda name: any(part in name for part in args.names)) if args.names else None
     logits, cache = model.run_with_cache(input_ids, names_filter=names_filter)
     arrays = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
@@ -740,7 +763,7 @@ def run_dump(args) -> int:
     arrays.update((name, np.asarray(value, dtype=np.float32)) for name, value in cache.items())
     save_npz(out, **arrays)
     size = sum(a.nbytes for a in arrays.values())
-    print(f"saved {len(cache)} activations, logits {arrays['logits'].shape} and input_ids "
+    print(f"saved {plural(len(cache), 'activation')}, logits {arrays['logits'].shape} and input_ids "
           f"{input_ids.shape} ({human_bytes(size)}) to {out}")
     return EXIT_OK
 
@@ -791,7 +814,7 @@ def run_diff(args) -> int:
     if first_divergence is not None:
         print(f"FAIL: first divergence at {first_divergence} (tolerance {args.atol:g} x max(1, |value|))")
         return EXIT_FAILED
-    print(f"PASS: {len(common)} arrays within {args.atol:g} x max(1, |value|)")
+    print(f"PASS: {plural(len(common), 'array')} within {args.atol:g} x max(1, |value|)")
     return EXIT_OK
 
 
@@ -816,7 +839,7 @@ def run_attention(args) -> int:
         raise UsageError(f"--layer must be in [0, {config.num_hidden_layers}), got {args.layer}")
     if args.head is not None and not 0 <= args.head < config.num_attention_heads:
         raise UsageError(f"--head must be in [0, {config.num_attention_heads}), got {args.head}")
-    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)
+    input_ids = np.array([tokenizer.encode(prompt_text(args))], dtype=np.int64)
     _, cache = model.run_with_cache(input_ids, names_filter=f"blocks.{args.layer}.attn.hook_pattern")
     tokens = tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
     if args.head is None:
@@ -827,7 +850,7 @@ def run_attention(args) -> int:
     figure.savefig(buffer, format=out.suffix.lower()[1:], dpi=120)
     atomic_write(out, [buffer.getvalue()])
     what = f"head {args.head}" if args.head is not None else "all heads"
-    print(f"saved layer {args.layer}, {what}, over {input_ids.shape[1]} tokens to {out}")
+    print(f"saved layer {args.layer}, {what}, over {plural(input_ids.shape[1], 'token')} to {out}")
     return EXIT_OK
 
 
@@ -882,7 +905,8 @@ def build_parser() -> ArgumentParser:
         description="Continue PROMPT, printing the text as it is generated. Without sampling options "
                     "the checkpoint's generation_config.json decides between sampling and greedy. "
                     "The speed, counting only the new tokens, is printed on stderr at the end.")
-    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("prompt", metavar="PROMPT",
+                          help="the text to continue; - reads it from stdin (less one final newline)")
     generate.set_defaults(run=run_generate)
 
     chat = add_verb(
@@ -912,7 +936,7 @@ def build_parser() -> ArgumentParser:
         description="Print the most likely next tokens after PROMPT with their probabilities. "
                     "--out saves input_ids (1, T), attention_mask (1, T) and the logits of every "
                     "position (1, T, V) as float32, a reference file for 'llama-np compare'.")
-    logits.add_argument("prompt", metavar="PROMPT")
+    logits.add_argument("prompt", metavar="PROMPT", help="the text to run; - reads it from stdin")
     logits.add_argument("--top", type=int, default=10, metavar="N", help="how many tokens to show (default: 10)")
     logits.add_argument("--out", metavar="FILE.npz", help="save the full logits with the input ids")
     logits.set_defaults(run=run_logits)
@@ -958,7 +982,7 @@ def build_parser() -> ArgumentParser:
                     "blocks.{l}.attn.hook_q, blocks.{l}.hook_resid_post, ...; see docs/trace.md), "
                     "as float32. Write the same names from your own implementation, on the same "
                     "input_ids, and 'llama-np diff' finds the first place the two part ways.")
-    dump.add_argument("prompt", metavar="PROMPT")
+    dump.add_argument("prompt", metavar="PROMPT", help="the text to run; - reads it from stdin")
     dump.add_argument("--out", required=True, metavar="FILE.npz", help="where to save the activations")
     dump.add_argument("--names", nargs="+", metavar="PART",
                       help="keep only hook names containing one of these parts (default: all)")
@@ -984,7 +1008,7 @@ def build_parser() -> ArgumentParser:
         description="Run PROMPT and save the attention weights of --layer as a figure: one head's "
                     "pattern with --head, else every head of the layer with the query heads that "
                     "share a key/value head grouped together.")
-    attention.add_argument("prompt", metavar="PROMPT")
+    attention.add_argument("prompt", metavar="PROMPT", help="the text to run; - reads it from stdin")
     attention.add_argument("--layer", type=int, required=True, metavar="L", help="layer index, from 0")
     attention.add_argument("--head", type=int, metavar="H", help="one query head (default: the whole layer)")
     attention.add_argument("--out", required=True, metavar="FILE.png", help="a .png, .svg or .pdf to write")

@@ -203,6 +203,36 @@ def test_a_checkpoint_temperature_of_0_with_top_k_names_the_file_and_the_flag_be
     assert run(capsys, "generate", "ROMEO.", "--model", greedy_zero, "--max-new-tokens", 2)[0] == 0
 
 
+def test_generate_dash_reads_the_prompt_from_stdin_less_the_final_newline(capsys, monkeypatch, lm_dir):
+    argv = ("--model", lm_dir, "--greedy", "--max-new-tokens", 6)
+    status, from_argument, err = run(capsys, "generate", PROMPT, *argv)
+    assert status == 0, err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT + "\n"))
+    status, from_stdin, err = run(capsys, "generate", "-", *argv)
+    assert status == 0, err
+    assert from_stdin == from_argument and from_stdin.startswith(PROMPT)
+
+
+def test_generate_dash_with_stdin_closed_is_one_line_error(capsys, monkeypatch, lm_dir):
+    monkeypatch.setattr(sys, "stdin", None)
+    status, out, err = run(capsys, "generate", "-", "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "stdin is closed" in err and out == ""
+
+
+def test_a_prompt_on_stdin_that_is_not_in_stdins_encoding_is_one_line_error(capsys, monkeypatch, lm_dir):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("café\n".encode()), encoding="ascii"))
+    status, _, err = run(capsys, "generate", "-", "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "not ascii text" in err and "PYTHONIOENCODING=utf-8" in err
+
+
+def test_a_one_token_prompt_and_one_new_token_are_counted_in_the_singular(capsys, lm_dir):
+    status, _, err = run(capsys, "generate", "", "--model", lm_dir, "--greedy", "--max-new-tokens", 1)
+    assert status == 0, err
+    assert err.startswith("1 new token; - tokens/s over the 0 steps after the first (prompt of 1 token read")
+
+
 def test_output_to_an_ascii_only_stdout_escapes_what_it_cannot_encode(monkeypatch, lm_dir):
     raw = io.BytesIO()
     stdout = io.TextIOWrapper(raw, encoding="ascii")  # as with PYTHONIOENCODING=ascii
