@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import math
 import os
@@ -44,7 +45,7 @@ from llama_np.config import LlamaConfig
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
 from llama_np.tokenizer import LlamaTokenizer, TextStreamer
-from llama_np.trace import forward_order
+from llama_np.trace import forward_order, hook_names
 
 DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_CLASSIFIER = "tiny-shakespeare-genre"
@@ -746,6 +747,32 @@ def print_memory(config, parameters: int, stored_bytes: int, length: int, classi
 # ============================================================================================
 
 DUMP_INPUTS = ("input_ids", "attention_mask")
+DUMP_ALWAYS = (*DUMP_INPUTS, "logits")
+
+
+def check_name_parts(parts: list[str], config) -> None:
+    """UsageError for a --names part that no hook name contains (it would select nothing),
+    with the closest hook names: a typo would otherwise save an empty dump and exit 0."""
+    names = hook_names(config)
+    for part in parts:
+        if any(part in name for name in (*names, *DUMP_ALWAYS)):
+            continue
+        # Close matches among the full names and their forms without "blocks.{l}.", the way
+        # the names are usually written ("hook_resid_post", "attn.hook_pattern").
+        candidates = sorted({form for name in names for form in (name, *name_suffixes(name))})
+        close = difflib.get_close_matches(part, candidates, n=3, cutoff=0.6)
+        if close:
+            listed = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+            hint = f"did you mean {listed}?"
+        else:
+            hint = "hook names look like hook_embed, blocks.0.attn.hook_q or hook_resid_post"
+        raise UsageError(f"--names {part} matches no hook name; {hint} (all names: docs/trace.md)")
+
+
+def name_suffixes(name: str) -> list[str]:
+    """blocks.0.attn.hook_q -> [attn.hook_q, hook_q]; the parts a --names filter is written with."""
+    pieces = name.split(".")
+    return [".".join(pieces[i:]) for i in range(1, len(pieces)) if not pieces[i].isdigit()]
 
 
 def run_dump(args) -> int:
@@ -753,6 +780,8 @@ def run_dump(args) -> int:
     out = Path(args.out)
     check_output_path(out)
     model_class = model_class_for(args.model)
+    if args.names:
+        check_name_parts(args.names, LlamaConfig.from_pretrained(resolve_model_path(args.model)))
     prompt = prompt_text(args)
     model, tokenizer = model_class.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
     input_ids = np.array([tokenizer.encode(prompt)], dtype=np.int64)  # (1, T)

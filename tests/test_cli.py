@@ -586,6 +586,18 @@ def test_diff_refuses_dumps_of_different_inputs(capsys, lm_dir, tmp_path):
     assert "different input_ids" in err
 
 
+@pytest.mark.parametrize("part, hint", [("nosuchhook", "hook names look like hook_embed"),
+                                        ("hook_patern", "did you mean hook_pattern"),
+                                        ("resid_pst", "did you mean hook_resid_post")])
+def test_dump_refuses_a_names_part_that_matches_no_hook_and_suggests_close_ones(capsys, lm_dir, tmp_path, part,
+                                                                                 hint):
+    out_file = tmp_path / "dump.npz"
+    status, _, err = run(capsys, "dump", PROMPT, "--model", lm_dir, "--out", out_file, "--names", "hook_embed", part)
+    assert_one_line_error(status, err)
+    assert f"--names {part} matches no hook name" in err and hint in err
+    assert not out_file.exists()
+
+
 def test_attention_writes_a_png_and_checks_the_layer(capsys, lm_dir, tmp_path):
     figure = tmp_path / "layer.png"
     status, out, err = run(capsys, "attention", PROMPT, "--model", lm_dir, "--layer", 1, "--out", figure)
