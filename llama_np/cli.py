@@ -876,11 +876,21 @@ def run_attention(args) -> int:
     else:
         figure = plot_attention_head(cache, args.layer, args.head, tokens=tokens)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=out.suffix.lower()[1:], dpi=120)
+    figure.savefig(buffer, format=out.suffix.lower()[1:], dpi=figure_dpi(figure))
     atomic_write(out, [buffer.getvalue()])
     what = f"head {args.head}" if args.head is not None else "all heads"
     print(f"saved layer {args.layer}, {what}, over {plural(input_ids.shape[1], 'token')} to {out}")
     return EXIT_OK
+
+
+FIGURE_DPI = 120
+MAX_FIGURE_PIXELS = 1200
+
+
+def figure_dpi(figure) -> float:
+    """120 dpi, lowered for a wide figure so the image is at most 1200 pixels wide: shown
+    whole on a laptop screen, its text (plotting keeps figures narrow enough) stays readable."""
+    return min(FIGURE_DPI, MAX_FIGURE_PIXELS / figure.get_figwidth())
 
 
 def build_parser() -> ArgumentParser:

@@ -9,13 +9,16 @@ import io
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.text import Text
 
 import llama_np
+from llama_np import cli, plotting
 from llama_np.cli import main
 from llama_np.config import LlamaConfig
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification
@@ -659,3 +662,79 @@ def test_a_negative_seed_is_one_line_error(capsys, lm_dir):
     status, _, err = run(capsys, "generate", PROMPT, "--model", lm_dir, "--seed", -1, "--max-new-tokens", 2)
     assert_one_line_error(status, err)
     assert "seed must be a non-negative integer" in err
+
+
+def test_attention_on_a_long_prompt_says_why_the_token_labels_were_left_out(capsys, lm_dir, tmp_path):
+    long_prompt = " ".join(["To be, or not to be"] * 5)  # more tokens than a head's panel can label
+    status, _, err = run(capsys, "attention", long_prompt, "--model", lm_dir, "--layer", 0, "--out",
+                         tmp_path / "layer.png")
+    assert status == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("llama-np: warning: ")]
+    assert len(warnings) == 1 and "token labels left out" in warnings[0] and "--head" in warnings[0]
+
+
+def _uniform_pattern(heads: int, length: int) -> dict:
+    """A trace-cache-like dict holding layer 0's attention pattern (1, H, T, T)."""
+    return {"blocks.0.attn.hook_pattern": np.full((1, heads, length, length), 1.0 / length)}
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (8, 1), (16, 2)])
+def test_the_layer_figure_labels_tokens_up_to_what_fits_and_warns_beyond(heads, kv_heads):
+    figure = plotting.plot_attention_layer(_uniform_pattern(heads, 4), 0, kv_heads)
+    panel_inches = (figure.get_figwidth() - 1) / figure.axes[0].get_gridspec().ncols
+    fit = plotting.labels_that_fit(plotting.PANEL_IMAGE_SHARE * panel_inches)
+    assert fit >= 8
+    tokens = [f"t{i}" for i in range(fit)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = plotting.plot_attention_layer(_uniform_pattern(heads, fit), 0, kv_heads, tokens=tokens)
+    assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == tokens  # the left column
+    with pytest.warns(UserWarning, match=f"token labels left out, since {fit + 1} labels"):
+        figure = plotting.plot_attention_layer(_uniform_pattern(heads, fit + 1), 0, kv_heads,
+                                               tokens=[f"t{i}" for i in range(fit + 1)])
+    assert not figure.axes[0].get_yticklabels()
+
+
+def test_the_head_figure_thins_labels_it_cannot_fit_and_says_so():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plotting.plot_attention_head(_uniform_pattern(1, 30), 0, 0, tokens=[f"t{i}" for i in range(30)])
+    with pytest.warns(UserWarning, match="labelled every 2nd token"):
+        figure = plotting.plot_attention_head(_uniform_pattern(1, 100), 0, 0, tokens=[f"t{i}" for i in range(100)])
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()][:3] == ["t0", "t2", "t4"]
+
+
+SMALLEST_READABLE_PIXELS = 10
+
+
+@pytest.mark.parametrize("layer_figure, heads, kv_heads, length", [
+    (False, 1, 1, 5), (False, 1, 1, 60), (False, 1, 1, 200),
+    (True, 4, 2, 8), (True, 8, 8, 8), (True, 16, 2, 8), (True, 16, 2, 40),
+])
+def test_attention_figures_saved_by_the_cli_are_at_most_1200_pixels_wide_with_text_10_pixels_high(
+        layer_figure, heads, kv_heads, length):
+    tokens = [f"t{i}" for i in range(length)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # labels left out or thinned: tested above
+        if layer_figure:
+            figure = plotting.plot_attention_layer(_uniform_pattern(heads, length), 0, kv_heads, tokens=tokens)
+        else:
+            figure = plotting.plot_attention_head(_uniform_pattern(heads, length), 0, 0, tokens=tokens)
+    dpi = cli.figure_dpi(figure)
+    assert figure.get_figwidth() * dpi <= cli.MAX_FIGURE_PIXELS + 0.5
+    figure.canvas.draw()
+    texts = [text for text in figure.findobj(Text) if text.get_visible() and text.get_text()]
+    assert texts
+    smallest = min(text.get_fontsize() for text in texts)
+    assert smallest * dpi / 72 >= SMALLEST_READABLE_PIXELS, (smallest, dpi)
+
+
+def test_the_activation_norms_plot_has_whole_layer_numbers_on_its_axis(lm_dir):
+    model = LlamaForCausalLM.from_pretrained(lm_dir)
+    _, cache = model.run_with_cache(np.array([[1, 50, 60, 70]]))
+    figure = plotting.plot_activation_norms(cache)
+    axis = figure.axes[0]
+    low, high = axis.get_xlim()
+    assert [tick for tick in axis.get_xticks() if low <= tick <= high] == [0, 1]  # not 0.2, 0.4, ...
+
+
