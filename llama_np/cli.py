@@ -51,6 +51,10 @@ DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_CLASSIFIER = "tiny-shakespeare-genre"
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_ATOL = 1e-4
+# The classify example in --help: lines from two plays the bundled classifier never saw (Twelfth
+# Night, Henry V), with the genre it gives them; tests/test_cli.py checks that it still does.
+CLASSIFY_EXAMPLES = (("DUKE.\nIf music be the food of love, play on", "comedy"),
+                     ("KING HENRY.\nOnce more unto the breach, dear friends, once more;", "history"))
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -78,7 +82,8 @@ class HelpFormatter(argparse.HelpFormatter):
             if line.startswith("  ") or not line.strip():
                 lines.append(indent + line)
             else:
-                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent))
+                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent,
+                                           break_on_hyphens=False))
         return "\n".join(lines)
 
 
@@ -960,11 +965,16 @@ def build_parser() -> ArgumentParser:
 
     classify = add_verb(
         "classify", "label texts with a sequence classifier",
-        'llama-np classify "Is this a dagger which I see before me," "If music be the food of love, play on"',
+        "llama-np classify " + " ".join(f"$'{text}'".replace("\n", "\\n") for text, _ in CLASSIFY_EXAMPLES),
         [model_option(DEFAULT_CLASSIFIER)],
         description="Print the predicted label and the probability of every label for each TEXT. "
                     "Texts are run as one right-padded batch when the config has a pad_token_id, "
-                    "else one at a time; the numbers are the same either way.")
+                    "else one at a time; the numbers are the same either way. The bundled "
+                    f"{DEFAULT_CLASSIFIER} names the genre of 69% of 128-token passages from six plays "
+                    "it never saw (from 25% on Macbeth to 90% on Julius Caesar; see its MODEL_CARD.md); "
+                    "on a single line it guesses, swayed by the speaker's name (a KING reads as history). "
+                    "The example's lines, written as in its training text (speaker, newline, speech), "
+                    "come from two of those plays, and it labels them right.")
     classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(run=run_classify)
 

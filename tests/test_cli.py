@@ -19,6 +19,7 @@ from matplotlib.text import Text
 
 import llama_np
 from llama_np import cli, plotting
+from llama_np.checkpoint import bundled_model_names
 from llama_np.cli import main
 from llama_np.config import LlamaConfig
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification
@@ -301,6 +302,19 @@ def test_classify_on_a_causal_language_model_names_generate_and_logits(capsys, l
     status, _, err = run(capsys, "classify", PROMPT, "--model", lm_dir)
     assert_one_line_error(status, err)
     assert "is a causal language model" in err and "'llama-np generate' or 'llama-np logits'" in err
+
+
+@pytest.mark.skipif(cli.DEFAULT_CLASSIFIER not in bundled_model_names(), reason="bundled classifier not installed")
+def test_the_classify_example_in_help_is_labelled_right_by_the_bundled_classifier(capsys):
+    _, help_text, _ = run(capsys, "classify", "--help")
+    assert "69%" in help_text  # the help says how often the model is right
+    texts = [text for text, _ in cli.CLASSIFY_EXAMPLES]
+    for text in texts:
+        assert text.replace("\n", "\\n") in help_text
+    status, out, err = run(capsys, "classify", *texts)
+    assert status == 0, err
+    predicted = [line.split("\t")[0] for line in out.strip().splitlines()]
+    assert predicted == [genre for _, genre in cli.CLASSIFY_EXAMPLES]
 
 
 def test_classify_batched_equals_one_at_a_time(classifier_dir):
