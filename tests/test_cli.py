@@ -9,6 +9,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tomllib
 import warnings
 import zipfile
 from pathlib import Path
@@ -752,3 +753,10 @@ def test_the_activation_norms_plot_has_whole_layer_numbers_on_its_axis(lm_dir):
     assert [tick for tick in axis.get_xticks() if low <= tick <= high] == [0, 1]  # not 0.2, 0.4, ...
 
 
+# -------------------------------------------------------------------------------- packaging
+
+
+def test_the_package_ships_a_py_typed_marker_for_type_checkers():
+    assert (REPO / "llama_np" / "py.typed").is_file()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["llama_np"]
