@@ -27,6 +27,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import tempfile
 import warnings
@@ -38,6 +39,11 @@ import numpy as np
 from safetensors import safe_open
 
 from llama_np.errors import CheckpointError
+
+try:  # POSIX: a writer holds a lock on its temporary file, so stale ones can be told apart
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -749,22 +755,87 @@ def _stored_bytes(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write the chunks to ``path`` so that readers see the old file or the new, never half."""
+    """Write the chunks to ``path`` so that readers see the old file or the new, never half.
+
+    The data goes to a temporary ``.<name>.<random>.tmp`` beside ``path``, which is then renamed
+    over it. A writer killed midway (SIGKILL, power loss) leaves its temporary file behind; the
+    next write of the same ``path`` removes those, and only those no live writer holds.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    handle, temporary = _locked_temporary(path)
     try:
         with os.fdopen(handle, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the permissions open() would
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
+            # mkstemp creates the file private (0600); give it the permissions open() would
+            os.chmod(temporary, 0o666 & ~_current_umask())
+            os.replace(temporary, path)  # while still locked, so no cleaner can take it
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _temporary_pattern(path: Path) -> re.Pattern:
+    """The names ``tempfile.mkstemp`` gives our temporary files for ``path``: 8 random letters,
+    digits or underscores between ``.<name>.`` and ``.tmp``."""
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (an open descriptor and its name), locked.
+
+    The lock (flock, released when the descriptor closes, also when the process is killed) is
+    what tells a live writer's temporary file from a dead one's. Between mkstemp and flock
+    another writer's cleanup may take the unlocked file; then it is no longer at its name, and
+    we make another.
+    """
+    while True:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        if fcntl is None:
+            return handle, temporary
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            still_ours = os.stat(temporary).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            still_ours = False
+        if still_ours:
+            return handle, temporary
+        os.close(handle)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of earlier writes of ``path`` that no live writer holds."""
+    if fcntl is None:  # without flock a live writer cannot be told from a dead one
+        return
+    pattern = _temporary_pattern(path)
+    try:
+        names = [name for name in os.listdir(path.parent) if pattern.fullmatch(name)]
+    except OSError:
+        return
+    for name in names:
+        candidate = path.parent / name
+        try:
+            handle = os.open(candidate, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # gone already, or not ours to open
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)  # a live writer holds it
+            continue
+        try:
+            if os.stat(candidate).st_ino == os.fstat(handle).st_ino:
+                candidate.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(handle)
 
 
 def _current_umask() -> int:

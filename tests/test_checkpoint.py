@@ -44,6 +44,11 @@ def entry(shape, begin, end, dtype="F32"):
     return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
 
 
+HAS_FLOCK = sys.platform != "win32"
+if HAS_FLOCK:
+    import fcntl
+
+
 def random_float32(rng, shape):
     return rng.standard_normal(shape).astype(np.float32)
 
@@ -741,6 +746,68 @@ def test_save_that_fails_on_a_new_path_creates_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="fsync failed"):
         save_safetensors(tmp_path / "new.safetensors", {"a": np.ones(4, np.float32)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_next_save_removes_the_temporary_file_a_killed_writer_left_and_nothing_else(tmp_path):
+    path = tmp_path / "model.safetensors"
+    result = run_python("""
+        import os, signal, sys
+        import numpy as np
+        from llama_np import checkpoint
+        real_stored_bytes = checkpoint._stored_bytes
+        def killed_after_the_first_tensor(array, dtype):
+            if array.shape == (3,):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_stored_bytes(array, dtype)
+        checkpoint._stored_bytes = killed_after_the_first_tensor
+        checkpoint.save_safetensors(sys.argv[1], {"a": np.ones(4, np.float64),
+                                                  "b": np.ones(3, np.float32)})
+        """, path)
+    assert result.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and re.fullmatch(r"\.model\.safetensors\.[a-z0-9_]{8}\.tmp", left[0])
+    others = [".model.safetensors.notours.tmp", ".config.json.abcdefgh.tmp",
+              "model.safetensors.abcdefgh.tmp"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"not our temporary file for model.safetensors")
+
+    save_safetensors(path, {"w": np.ones(2, np.float32)})
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["model.safetensors"])
+    np.testing.assert_array_equal(Checkpoint.open(path)["w"].numpy(), [1, 1])
+
+
+@pytest.mark.skipif(not HAS_FLOCK, reason="needs flock to tell live writers apart")
+def test_a_temporary_file_a_live_writer_holds_is_left_alone(tmp_path):
+    live = tmp_path / ".model.safetensors.abcd1234.tmp"
+    live.write_bytes(b"half written")
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})
+        assert live.exists()
+    save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})
+    assert not live.exists()
+
+
+@pytest.mark.skipif(not HAS_FLOCK, reason="needs flock to tell live writers apart")
+def test_a_write_whose_new_temporary_file_is_taken_by_a_cleanup_makes_another(tmp_path,
+                                                                            monkeypatch):
+    real_mkstemp = checkpoint.tempfile.mkstemp
+    made = []
+
+    def mkstemp_then_another_writer_cleans_up(**kwargs):
+        handle, name = real_mkstemp(**kwargs)
+        made.append(name)
+        if len(made) == 1:
+            os.unlink(name)  # what another writer's cleanup does between mkstemp and our lock
+        return handle, name
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp_then_another_writer_cleans_up)
+    save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})
+
+    assert len(made) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    np.testing.assert_array_equal(Checkpoint.open(tmp_path)["w"].numpy(), [1, 1])
 
 
 @pytest.mark.parametrize("array", [np.arange(3), np.ones(2, dtype=np.complex64),
