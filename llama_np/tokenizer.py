@@ -149,6 +149,7 @@ class LlamaTokenizer:
         # Tokens matched as whole strings before sentencepiece sees the text: the special tokens
         # (found in the vocabulary or given new ids from vocab_size on).
         self.added_tokens_encoder: dict[str, int] = {}
+        self._new_token_count = 0  # added tokens whose ids come after the sentencepiece pieces
         self._register_special_tokens()
 
     # ----------------------------------------------------------------------------------------
@@ -161,9 +162,7 @@ class LlamaTokenizer:
 
     def __len__(self) -> int:
         """Vocabulary size including added tokens: the embedding matrix needs this many rows."""
-        return self.vocab_size + sum(
-            1 for i in self.added_tokens_encoder.values() if i >= self.vocab_size
-        )
+        return self.vocab_size + self._new_token_count
 
     def get_vocab(self) -> dict[str, int]:
         """{token: id} for every sentencepiece piece and every added token."""
@@ -208,9 +207,8 @@ class LlamaTokenizer:
                 values = list(value)
                 for token in values:
                     _check_token_string(name, token)
-                self.additional_special_tokens += [
-                    t for t in values if t not in self.additional_special_tokens
-                ]
+                known = set(self.additional_special_tokens)
+                self.additional_special_tokens += [t for t in values if t not in known]
             elif name in SPECIAL_TOKEN_NAMES:
                 _check_token_string(name, value)
                 setattr(self, name, value)
@@ -223,7 +221,11 @@ class LlamaTokenizer:
         return len(self) - before
 
     def _register_special_tokens(self):
-        """Give every special token an id: its piece id if sentencepiece has it, else a new one."""
+        """Give every special token an id: its piece id if sentencepiece has it, else a new one.
+
+        New ids are handed out in order from ``len(self)``. Every step here is linear in the
+        number of special tokens, so a tokenizer with 100,000 of them loads in moments.
+        """
         for token in self.all_special_tokens:
             if token in self.added_tokens_encoder:
                 continue
@@ -232,11 +234,15 @@ class LlamaTokenizer:
                 self.added_tokens_encoder[token] = piece_id
             else:
                 self.added_tokens_encoder[token] = len(self)
+                self._new_token_count += 1
         self._added_tokens_decoder = {i: token for token, i in self.added_tokens_encoder.items()}
-        # Longest first, so that a token that is a prefix of another never wins.
-        by_length = sorted(self.added_tokens_encoder, key=len, reverse=True)
-        self._added_tokens_pattern = (
-            re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+        # Where a special token may start (its first letter), and how long the tokens are.
+        first_letters = sorted({token[0] for token in self.added_tokens_encoder})
+        self._special_token_starts = (
+            re.compile("[" + "".join(map(re.escape, first_letters)) + "]") if first_letters else None
+        )
+        self._special_token_lengths = sorted(
+            {len(token) for token in self.added_tokens_encoder}, reverse=True
         )
 
     # ----------------------------------------------------------------------------------------
@@ -265,10 +271,27 @@ class LlamaTokenizer:
         return tokens
 
     def _split_on_special_tokens(self, text: str) -> list[str]:
-        """ "Hello <s>." -> ["Hello ", "<s>", "."]; empty chunks dropped."""
-        if self._added_tokens_pattern is None:
+        """ "Hello <s>." -> ["Hello ", "<s>", "."]; empty chunks dropped.
+
+        From the left, at each place where a special token starts, the longest one that does is
+        split out, so a token that is a prefix of another never wins. Only places holding the
+        first letter of some special token are tried.
+        """
+        if self._special_token_starts is None:
             return [text] if text else []
-        return [chunk for chunk in self._added_tokens_pattern.split(text) if chunk]
+        chunks, done = [], 0
+        for start in self._special_token_starts.finditer(text):
+            position = start.start()
+            if position < done:  # inside the special token just split out
+                continue
+            for length in self._special_token_lengths:
+                token = text[position : position + length]
+                if token in self.added_tokens_encoder:
+                    chunks += [text[done:position], token]
+                    done = position + len(token)
+                    break
+        chunks.append(text[done:])
+        return [chunk for chunk in chunks if chunk]
 
     def _encode_chunk(self, chunk: str) -> list[str]:
         """Pieces for one chunk: an added token is itself; other text goes through sentencepiece.

@@ -9,6 +9,7 @@ exactly.
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -770,3 +771,27 @@ def test_bad_tokenizer_config_values_are_errors_naming_the_file(tmp_path, settin
 def test_bad_settings_passed_in_python_are_tokenizer_errors():
     with pytest.raises(TokenizerError, match="add_eos_token must be true or false, got 'yes'"):
         LlamaTokenizer(MODEL, add_eos_token="yes")
+
+
+def test_one_hundred_thousand_additional_special_tokens_load_and_encode_in_linear_time(tmp_path):
+    # Loading was quadratic: 6,000 tokens took 3.3 s and 100,000 never finished.
+    extra = [f"<extra_{i}>" for i in range(100_000)]
+    shutil.copyfile(MODEL, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"additional_special_tokens": extra}))
+
+    start = time.perf_counter()
+    tokenizer = LlamaTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer.encode("a<extra_7><extra_99999>b", add_special_tokens=False)
+    elapsed = time.perf_counter() - start
+
+    assert elapsed < 30  # about 0.4 s; the quadratic version needs hours
+    assert len(tokenizer) == 1000 + 100_000
+    assert tokenizer.convert_tokens_to_ids(["<extra_0>", "<extra_99999>"]) == [1000, 100_999]
+    assert ids[-3:-1] == [1007, 100_999]
+    assert tokenizer.convert_ids_to_tokens(ids[-3:-1]) == ["<extra_7>", "<extra_99999>"]
+
+
+def test_the_longest_special_token_starting_at_a_place_wins():
+    tokenizer = LlamaTokenizer(MODEL, additional_special_tokens=["<x>", "<x>>", "x>"])
+    assert tokenizer.tokenize("<x>>x>") == ["<x>>", "x>"]
+    assert tokenizer.tokenize("a<x>")[-1] == "<x>"
