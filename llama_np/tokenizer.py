@@ -327,12 +327,28 @@ class LlamaTokenizer:
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None) -> list[int]:
         """[bos] + A + [eos], and for a pair + [bos] + B + [eos]; bos/eos as the flags say."""
-        bos = [self.bos_token_id] if self.add_bos_token else []
-        eos = [self.eos_token_id] if self.add_eos_token else []
+        bos = self._flagged_special_id("add_bos_token", "bos_token")
+        eos = self._flagged_special_id("add_eos_token", "eos_token")
         output = bos + list(token_ids_0) + eos
         if token_ids_1 is not None:
             output += bos + list(token_ids_1) + eos
         return output
+
+    def _flagged_special_id(self, flag: str, name: str) -> list[int]:
+        """[id of the token ``name``] if the setting ``flag`` is on, else [].
+
+        On with no such token (``"bos_token": null`` in tokenizer_config.json) is an error:
+        Transformers would put None among the ids.
+        """
+        if not getattr(self, flag):
+            return []
+        token = getattr(self, name)
+        if token is None:
+            raise TokenizerError(
+                f"{flag} is true but {name} is null, so there is no token to add: set {flag} "
+                f"to false or give a {name}"
+            )
+        return [self._token_to_id(token)]
 
     def get_special_tokens_mask(
         self, token_ids_0, token_ids_1=None, already_has_special_tokens=False
@@ -490,7 +506,15 @@ class LlamaTokenizer:
         return encoding
 
     def _padding_truncation_strategies(self, padding, truncation, max_length):
-        """Normalise the padding / truncation arguments the way Transformers does."""
+        """Normalise the padding / truncation arguments the way Transformers does.
+
+        Except for max_length: Transformers ignores 0 (and logs, then ignores, a negative
+        value), leaving the text whole; here either is an error.
+        """
+        if max_length is not None and not (_is_integer(max_length) and max_length > 0):
+            raise TokenizerError(
+                f"max_length must be a positive integer or None, got {max_length!r:.80}"
+            )
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"
         padding = {
@@ -708,6 +732,10 @@ class LlamaTokenizer:
         which is written as a finished exchange (for scoring or training on whole dialogs).
         """
         dialog = _llama2_dialog(messages)
+        for name in ("bos_token", "eos_token"):
+            if getattr(self, name) is None:
+                raise TokenizerError(f"the Llama 2 chat format needs a {name}, and this "
+                                     f"tokenizer's {name} is null")
         if add_generation_prompt and dialog[-1]["role"] != "user":
             raise TokenizerError(
                 f"the dialog ends with a {dialog[-1]['role']!r} turn; the Llama 2 chat format "

@@ -773,6 +773,40 @@ def test_bad_settings_passed_in_python_are_tokenizer_errors():
         LlamaTokenizer(MODEL, add_eos_token="yes")
 
 
+def test_add_bos_token_with_a_null_bos_token_is_an_error_naming_both_fields(tmp_path):
+    # Transformers' slow tokenizer puts None among the ids here ([self.bos_token_id]).
+    shutil.copyfile(MODEL, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": True, "bos_token": None}))
+    tokenizer = LlamaTokenizer.from_pretrained(tmp_path)
+
+    with pytest.raises(TokenizerError, match="add_bos_token is true but bos_token is null"):
+        tokenizer.encode("Hello")
+    with pytest.raises(TokenizerError, match="add_bos_token is true but bos_token is null"):
+        tokenizer(["Hello", "world"])
+    with pytest.raises(TokenizerError, match="chat format needs a bos_token"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert None not in tokenizer.encode("Hello", add_special_tokens=False)
+    tokenizer.add_bos_token = False
+    assert tokenizer.encode("Hello") == tokenizer.encode("Hello", add_special_tokens=False)
+
+
+def test_add_eos_token_with_a_null_eos_token_is_an_error():
+    tokenizer = LlamaTokenizer(MODEL, eos_token=None, add_eos_token=True)
+    with pytest.raises(TokenizerError, match="add_eos_token is true but eos_token is null"):
+        tokenizer.encode("Hello")
+
+
+@pytest.mark.parametrize("max_length", [0, -1, 2.5, "8", True])
+def test_max_length_that_is_not_a_positive_integer_is_refused_not_ignored(max_length):
+    # Transformers leaves the text untruncated for 0 and -1; that is never what was meant.
+    tokenizer = padded_tokenizer()
+    with pytest.raises(TokenizerError, match="max_length must be a positive integer or None"):
+        tokenizer("Hello world, hello world", truncation=True, max_length=max_length)
+    with pytest.raises(TokenizerError, match="max_length must be a positive integer or None"):
+        tokenizer.encode("Hello world", max_length=max_length)
+
+
 def test_one_hundred_thousand_additional_special_tokens_load_and_encode_in_linear_time(tmp_path):
     # Loading was quadratic: 6,000 tokens took 3.3 s and 100,000 never finished.
     extra = [f"<extra_{i}>" for i in range(100_000)]
