@@ -9,6 +9,9 @@ exactly.
 import io
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -829,3 +832,28 @@ def test_the_longest_special_token_starting_at_a_place_wins():
     tokenizer = LlamaTokenizer(MODEL, additional_special_tokens=["<x>", "<x>>", "x>"])
     assert tokenizer.tokenize("<x>>x>") == ["<x>>", "x>"]
     assert tokenizer.tokenize("a<x>")[-1] == "<x>"
+
+
+def test_importing_the_tokenizer_without_sentencepiece_names_the_missing_package():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["sentencepiece"] = None  # what an environment without it looks like
+        import llama_np
+        assert llama_np.LlamaForCausalLM  # the model does not need sentencepiece
+        try:
+            from llama_np import LlamaTokenizer
+        except ImportError as error:
+            print(error)
+        try:
+            from llama_np import NoSuchName
+        except ImportError as error:
+            print(error)
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    tokenizer_line, other_line = result.stdout.splitlines()
+    assert "LlamaTokenizer needs the 'sentencepiece' package" in tokenizer_line
+    assert "pip install sentencepiece" in tokenizer_line
+    assert "cannot import name 'NoSuchName'" in other_line
