@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 import tempfile
 import warnings
@@ -484,20 +485,20 @@ class Checkpoint:
         ``path`` is a model directory, or a single ``.safetensors`` file. Only headers are read.
         """
         path = Path(path)
-        if path.is_file() and path.suffix == ".safetensors":
+        if is_file(path) and path.suffix == ".safetensors":
             return cls._open_files(path.parent, {path: None})
-        if path.is_file():
+        if is_file(path):
             raise CheckpointError(
                 f"{path} is neither a checkpoint directory nor a .safetensors file"
             )
-        if not path.is_dir():
+        if not is_dir(path):
             raise CheckpointError(
                 f"checkpoint directory {path} does not exist; expected a directory holding "
                 f"{SINGLE_FILE_NAME} or {INDEX_FILE_NAME}"
             )
-        if (path / SINGLE_FILE_NAME).is_file():
+        if is_file(path / SINGLE_FILE_NAME):
             return cls._open_files(path, {path / SINGLE_FILE_NAME: None})
-        if (path / INDEX_FILE_NAME).is_file():
+        if is_file(path / INDEX_FILE_NAME):
             return cls._open_files(path, _read_index(path / INDEX_FILE_NAME))
         raise _no_weights_error(path)
 
@@ -595,6 +596,36 @@ class Checkpoint:
             )
 
 
+def is_file(path, error: type[Exception] = CheckpointError) -> bool:
+    """``Path.is_file``, except that when the answer cannot be known (a directory on the way that
+    may not be searched) it is an ``error`` naming the path, not a bare PermissionError."""
+    status = _status_or_none(path, error)
+    return status is not None and stat.S_ISREG(status.st_mode)
+
+
+def is_dir(path, error: type[Exception] = CheckpointError) -> bool:
+    """``Path.is_dir``, with the same ``error`` as ``is_file`` when it cannot be known."""
+    status = _status_or_none(path, error)
+    return status is not None and stat.S_ISDIR(status.st_mode)
+
+
+def _status_or_none(path, error: type[Exception]) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as problem:
+        raise error(f"cannot look for {path}: {problem.strerror or problem}") from None
+
+
+def read_bytes(path, error: type[Exception] = CheckpointError) -> bytes:
+    """The bytes of a file, or ``error`` naming it if it cannot be read (e.g. no permission)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as problem:
+        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+
+
 def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
     """The JSON object in a file such as config.json; ``error`` naming the file if it is
     unreadable, not JSON, or not an object."""
@@ -631,7 +662,7 @@ def _read_index(index_path: Path) -> dict[Path, list[str]]:
                 f"{index_path} places {name!r} in {file_name!r}, outside {directory}"
             )
         shards.setdefault(shard, []).append(name)
-    absent = [shard.name for shard in shards if not shard.is_file()]
+    absent = [shard.name for shard in shards if not is_file(shard)]
     if absent:
         raise CheckpointError(
             f"{index_path} names shard files that are not in {directory}: {', '.join(absent)}"
@@ -887,12 +918,12 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
             f"{type(name_or_path).__name__} {name_or_path!r:.80}"
         )
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if is_dir(path):
         return path
     names = bundled_model_names()
     if str(name_or_path) in names:
         return ASSETS_DIR / str(name_or_path)
-    if path.exists():
+    if _status_or_none(path, CheckpointError) is not None:
         raise CheckpointError(
             f"{path} is a file; a model is named by the directory holding its config.json and "
             "weights, or by a bundled model name"

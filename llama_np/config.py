@@ -125,11 +125,11 @@ class LlamaConfig:
     @classmethod
     def from_pretrained(cls, name_or_path) -> "LlamaConfig":
         """Read ``config.json`` from a checkpoint directory or a bundled model name."""
-        from llama_np.checkpoint import resolve_model_path
+        from llama_np.checkpoint import is_file, resolve_model_path
 
         directory = resolve_model_path(name_or_path)
         path = directory / CONFIG_FILE
-        if not path.is_file():
+        if not is_file(path, ConfigError):
             raise ConfigError(f"{directory} has no {CONFIG_FILE}")
         return cls.from_json_file(path)
 

@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llama_np.checkpoint import atomic_write, atomic_write_text, read_json_object, resolve_model_path
+from llama_np.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    is_file,
+    read_bytes,
+    read_json_object,
+    resolve_model_path,
+)
 from llama_np.errors import CheckpointError, TokenizerError
 
 SPIECE_UNDERLINE = "▁"  # sentencepiece's visible space, U+2581
@@ -63,11 +70,11 @@ def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
     Raises TokenizerError naming the file if it is missing or not a sentencepiece model.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path, TokenizerError):
         raise TokenizerError(
             f"{path} does not exist: a Llama tokenizer needs its sentencepiece model file"
         )
-    model_bytes = path.read_bytes()
+    model_bytes = read_bytes(path, TokenizerError)
     proto = model_bytes if add_dummy_prefix else model_bytes + _NO_DUMMY_PREFIX
     processor = spm.SentencePieceProcessor()
     try:
@@ -770,7 +777,7 @@ class LlamaTokenizer:
         except CheckpointError as error:
             raise TokenizerError(str(error)) from None
         vocab_file = directory / VOCAB_FILE_NAME
-        if not vocab_file.is_file():
+        if not is_file(vocab_file, TokenizerError):
             raise TokenizerError(
                 f"{directory} has no {VOCAB_FILE_NAME} (the sentencepiece model a Llama "
                 "tokenizer needs)"
@@ -1118,7 +1125,7 @@ def _llama2_dialog(messages) -> list[dict]:
 
 def _read_json(path: Path) -> dict:
     """A tokenizer side file (tokenizer_config.json, ...) as a dict; {} when it is absent."""
-    if not path.is_file():
+    if not is_file(path, TokenizerError):
         return {}
     return read_json_object(path, TokenizerError)
 

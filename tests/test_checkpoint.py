@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from llama_np import checkpoint
+from llama_np import LlamaConfig, LlamaForCausalLM, checkpoint
 from llama_np.checkpoint import (
     Checkpoint,
     bundled_model_names,
@@ -28,7 +28,7 @@ from llama_np.checkpoint import (
     resolve_model_path,
     save_safetensors,
 )
-from llama_np.errors import CheckpointError
+from llama_np.errors import CheckpointError, ConfigError
 
 
 def write_raw(path, header, data=b"", header_length=None):
@@ -922,3 +922,47 @@ def test_saved_files_get_the_usual_permissions_not_private_temp_ones(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+# --------------------------------------------------------------------------------------------
+# Files that may not be read
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_directory(tmp_path):
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2)
+    LlamaForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "generation_config.json").write_text('{"max_length": 20}')
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("file_name, error_type", [
+    ("config.json", ConfigError), ("model.safetensors", CheckpointError),
+    ("generation_config.json", CheckpointError)])
+def test_an_unreadable_file_of_a_model_is_an_error_naming_it(model_directory, deny_access,
+                                                            file_name, error_type):
+    deny_access(model_directory / file_name)
+    with pytest.raises(error_type, match="Permission denied") as error:
+        LlamaForCausalLM.from_pretrained(model_directory)
+    assert str(model_directory / file_name) in str(error.value)
+
+
+def test_a_model_directory_that_may_not_be_searched_is_an_error_naming_it(model_directory,
+                                                                         deny_access):
+    deny_access(model_directory)
+    with pytest.raises(ConfigError, match="cannot look for .*config.json: Permission denied"):
+        LlamaForCausalLM.from_pretrained(model_directory)
+    with pytest.raises(CheckpointError, match="cannot look for .*model.safetensors: Permission"):
+        Checkpoint.open(model_directory)
+
+
+@pytest.mark.parametrize("denied", ["model.safetensors.index.json", "a.safetensors"])
+def test_an_unreadable_index_or_shard_is_an_error_naming_it(tmp_path, deny_access, denied):
+    write_sharded(tmp_path, {"a.safetensors": {"x": np.ones(2, np.float32)},
+                             "b.safetensors": {"y": np.ones(2, np.float32)}})
+    deny_access(tmp_path / denied)
+    with pytest.raises(CheckpointError, match=f"cannot read {re.escape(str(tmp_path / denied))}: "
+                                              "Permission denied"):
+        Checkpoint.open(tmp_path)

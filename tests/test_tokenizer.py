@@ -857,3 +857,24 @@ def test_importing_the_tokenizer_without_sentencepiece_names_the_missing_package
     assert "LlamaTokenizer needs the 'sentencepiece' package" in tokenizer_line
     assert "pip install sentencepiece" in tokenizer_line
     assert "cannot import name 'NoSuchName'" in other_line
+
+
+@pytest.mark.parametrize("denied", ["tokenizer.model", "tokenizer_config.json",
+                                    "special_tokens_map.json", "."])
+def test_an_unreadable_tokenizer_file_is_a_tokenizer_error_naming_it(tmp_path, deny_access,
+                                                                    denied):
+    LlamaTokenizer(MODEL).save_pretrained(tmp_path)
+    deny_access(tmp_path / denied)
+    with pytest.raises(TokenizerError, match="Permission denied") as error:
+        LlamaTokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path / ("tokenizer.model" if denied == "." else denied)) in str(error.value)
+
+
+def test_an_unreadable_tokenizer_model_is_named_by_both_readers(tmp_path, deny_access):
+    path = tmp_path / "tokenizer.model"
+    shutil.copyfile(MODEL, path)
+    deny_access(path)
+    with pytest.raises(TokenizerError, match=f"cannot read {path}: Permission denied"):
+        LlamaTokenizer(path)
+    with pytest.raises(TokenizerError, match=f"cannot read {path}: Permission denied"):
+        read_model(path)
