@@ -337,9 +337,11 @@ class LlamaConfig:
                 inv_freq, attention_factor = layers.rope_frequencies(
                     self.head_dim, rope, self.max_position_embeddings, self.max_position_embeddings)
         except (ArithmeticError, ValueError) as error:  # e.g. a yarn beta so small its log is inf
-            raise ConfigError(f"the RoPE settings ({settings}) cannot be computed: {error}") from None
+            raise ConfigError(
+                f"the RoPE settings ({settings}) cannot be computed: {error}") from None
         if not np.isfinite(inv_freq).all():
-            raise ConfigError(f"the RoPE settings ({settings}) give frequencies that are not finite")
+            raise ConfigError(
+                f"the RoPE settings ({settings}) give frequencies that are not finite")
         low, high = ATTENTION_FACTOR_RANGE
         if not low <= attention_factor <= high:  # also False for NaN
             if rope.get("attention_factor") is not None:

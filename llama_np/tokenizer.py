@@ -246,7 +246,9 @@ class LlamaTokenizer:
         # Where a special token may start (its first letter), and how long the tokens are.
         first_letters = sorted({token[0] for token in self.added_tokens_encoder})
         self._special_token_starts = (
-            re.compile("[" + "".join(map(re.escape, first_letters)) + "]") if first_letters else None
+            re.compile("[" + "".join(map(re.escape, first_letters)) + "]")
+            if first_letters
+            else None
         )
         self._special_token_lengths = sorted(
             {len(token) for token in self.added_tokens_encoder}, reverse=True

@@ -82,7 +82,8 @@ def test_a_safetensors_file_with_flipped_bytes_or_cut_short_loads_or_is_a_checkp
     read_every_tensor(path)
 
 
-JSON_SCALARS = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8)
+JSON_SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
+                | st.text(max_size=8))
 ANY_JSON = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4)
                         | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
 DIMENSION = st.sampled_from([0, 0, 1, 2, 3, 2**62, 2**70]) | st.integers(-1, 2**70)

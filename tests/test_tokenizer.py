@@ -814,7 +814,8 @@ def test_one_hundred_thousand_additional_special_tokens_load_and_encode_in_linea
     # Loading was quadratic: 6,000 tokens took 3.3 s and 100,000 never finished.
     extra = [f"<extra_{i}>" for i in range(100_000)]
     shutil.copyfile(MODEL, tmp_path / "tokenizer.model")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"additional_special_tokens": extra}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"additional_special_tokens": extra}))
 
     start = time.perf_counter()
     tokenizer = LlamaTokenizer.from_pretrained(tmp_path)
