@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_np.checkpoint import is_file, read_bytes
 from llama_np.errors import TokenizerError
 
 SPIECE_UNDERLINE = "▁"
@@ -136,11 +137,12 @@ def read_model(path: str | Path) -> BPEModel:
     3 = NormalizerSpec {3: add_dummy_prefix (default true)}.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path, TokenizerError):
         raise TokenizerError(f"{path} does not exist")
+    data = read_bytes(path, TokenizerError)
     pieces, scores, types, add_dummy_prefix = [], [], [], True
     try:
-        for number, value in protobuf_fields(path.read_bytes()):
+        for number, value in protobuf_fields(data):
             if number == 1:
                 piece, score, kind = "", 0.0, NORMAL
                 for sub_number, sub_value in protobuf_fields(value):

@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llama_np.checkpoint import atomic_write, atomic_write_text, read_json_object, resolve_model_path
+from llama_np.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    is_file,
+    read_bytes,
+    read_json_object,
+    resolve_model_path,
+)
 from llama_np.errors import CheckpointError, TokenizerError
 
 SPIECE_UNDERLINE = "▁"  # sentencepiece's visible space, U+2581
@@ -63,11 +70,11 @@ def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
     Raises TokenizerError naming the file if it is missing or not a sentencepiece model.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path, TokenizerError):
         raise TokenizerError(
             f"{path} does not exist: a Llama tokenizer needs its sentencepiece model file"
         )
-    model_bytes = path.read_bytes()
+    model_bytes = read_bytes(path, TokenizerError)
     proto = model_bytes if add_dummy_prefix else model_bytes + _NO_DUMMY_PREFIX
     processor = spm.SentencePieceProcessor()
     try:
@@ -149,6 +156,7 @@ class LlamaTokenizer:
         # Tokens matched as whole strings before sentencepiece sees the text: the special tokens
         # (found in the vocabulary or given new ids from vocab_size on).
         self.added_tokens_encoder: dict[str, int] = {}
+        self._new_token_count = 0  # added tokens whose ids come after the sentencepiece pieces
         self._register_special_tokens()
 
     # ----------------------------------------------------------------------------------------
@@ -161,9 +169,7 @@ class LlamaTokenizer:
 
     def __len__(self) -> int:
         """Vocabulary size including added tokens: the embedding matrix needs this many rows."""
-        return self.vocab_size + sum(
-            1 for i in self.added_tokens_encoder.values() if i >= self.vocab_size
-        )
+        return self.vocab_size + self._new_token_count
 
     def get_vocab(self) -> dict[str, int]:
         """{token: id} for every sentencepiece piece and every added token."""
@@ -208,9 +214,8 @@ class LlamaTokenizer:
                 values = list(value)
                 for token in values:
                     _check_token_string(name, token)
-                self.additional_special_tokens += [
-                    t for t in values if t not in self.additional_special_tokens
-                ]
+                known = set(self.additional_special_tokens)
+                self.additional_special_tokens += [t for t in values if t not in known]
             elif name in SPECIAL_TOKEN_NAMES:
                 _check_token_string(name, value)
                 setattr(self, name, value)
@@ -223,7 +228,11 @@ class LlamaTokenizer:
         return len(self) - before
 
     def _register_special_tokens(self):
-        """Give every special token an id: its piece id if sentencepiece has it, else a new one."""
+        """Give every special token an id: its piece id if sentencepiece has it, else a new one.
+
+        New ids are handed out in order from ``len(self)``. Every step here is linear in the
+        number of special tokens, so a tokenizer with 100,000 of them loads in moments.
+        """
         for token in self.all_special_tokens:
             if token in self.added_tokens_encoder:
                 continue
@@ -232,11 +241,17 @@ class LlamaTokenizer:
                 self.added_tokens_encoder[token] = piece_id
             else:
                 self.added_tokens_encoder[token] = len(self)
+                self._new_token_count += 1
         self._added_tokens_decoder = {i: token for token, i in self.added_tokens_encoder.items()}
-        # Longest first, so that a token that is a prefix of another never wins.
-        by_length = sorted(self.added_tokens_encoder, key=len, reverse=True)
-        self._added_tokens_pattern = (
-            re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+        # Where a special token may start (its first letter), and how long the tokens are.
+        first_letters = sorted({token[0] for token in self.added_tokens_encoder})
+        self._special_token_starts = (
+            re.compile("[" + "".join(map(re.escape, first_letters)) + "]")
+            if first_letters
+            else None
+        )
+        self._special_token_lengths = sorted(
+            {len(token) for token in self.added_tokens_encoder}, reverse=True
         )
 
     # ----------------------------------------------------------------------------------------
@@ -265,10 +280,27 @@ class LlamaTokenizer:
         return tokens
 
     def _split_on_special_tokens(self, text: str) -> list[str]:
-        """ "Hello <s>." -> ["Hello ", "<s>", "."]; empty chunks dropped."""
-        if self._added_tokens_pattern is None:
+        """ "Hello <s>." -> ["Hello ", "<s>", "."]; empty chunks dropped.
+
+        From the left, at each place where a special token starts, the longest one that does is
+        split out, so a token that is a prefix of another never wins. Only places holding the
+        first letter of some special token are tried.
+        """
+        if self._special_token_starts is None:
             return [text] if text else []
-        return [chunk for chunk in self._added_tokens_pattern.split(text) if chunk]
+        chunks, done = [], 0
+        for start in self._special_token_starts.finditer(text):
+            position = start.start()
+            if position < done:  # inside the special token just split out
+                continue
+            for length in self._special_token_lengths:
+                token = text[position : position + length]
+                if token in self.added_tokens_encoder:
+                    chunks += [text[done:position], token]
+                    done = position + len(token)
+                    break
+        chunks.append(text[done:])
+        return [chunk for chunk in chunks if chunk]
 
     def _encode_chunk(self, chunk: str) -> list[str]:
         """Pieces for one chunk: an added token is itself; other text goes through sentencepiece.
@@ -304,12 +336,28 @@ class LlamaTokenizer:
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None) -> list[int]:
         """[bos] + A + [eos], and for a pair + [bos] + B + [eos]; bos/eos as the flags say."""
-        bos = [self.bos_token_id] if self.add_bos_token else []
-        eos = [self.eos_token_id] if self.add_eos_token else []
+        bos = self._flagged_special_id("add_bos_token", "bos_token")
+        eos = self._flagged_special_id("add_eos_token", "eos_token")
         output = bos + list(token_ids_0) + eos
         if token_ids_1 is not None:
             output += bos + list(token_ids_1) + eos
         return output
+
+    def _flagged_special_id(self, flag: str, name: str) -> list[int]:
+        """[id of the token ``name``] if the setting ``flag`` is on, else [].
+
+        On with no such token (``"bos_token": null`` in tokenizer_config.json) is an error:
+        Transformers would put None among the ids.
+        """
+        if not getattr(self, flag):
+            return []
+        token = getattr(self, name)
+        if token is None:
+            raise TokenizerError(
+                f"{flag} is true but {name} is null, so there is no token to add: set {flag} "
+                f"to false or give a {name}"
+            )
+        return [self._token_to_id(token)]
 
     def get_special_tokens_mask(
         self, token_ids_0, token_ids_1=None, already_has_special_tokens=False
@@ -467,7 +515,15 @@ class LlamaTokenizer:
         return encoding
 
     def _padding_truncation_strategies(self, padding, truncation, max_length):
-        """Normalise the padding / truncation arguments the way Transformers does."""
+        """Normalise the padding / truncation arguments the way Transformers does.
+
+        Except for max_length: Transformers ignores 0 (and logs, then ignores, a negative
+        value), leaving the text whole; here either is an error.
+        """
+        if max_length is not None and not (_is_integer(max_length) and max_length > 0):
+            raise TokenizerError(
+                f"max_length must be a positive integer or None, got {max_length!r:.80}"
+            )
         if max_length is not None and padding is False and truncation is None:
             truncation = "longest_first"
         padding = {
@@ -685,6 +741,10 @@ class LlamaTokenizer:
         which is written as a finished exchange (for scoring or training on whole dialogs).
         """
         dialog = _llama2_dialog(messages)
+        for name in ("bos_token", "eos_token"):
+            if getattr(self, name) is None:
+                raise TokenizerError(f"the Llama 2 chat format needs a {name}, and this "
+                                     f"tokenizer's {name} is null")
         if add_generation_prompt and dialog[-1]["role"] != "user":
             raise TokenizerError(
                 f"the dialog ends with a {dialog[-1]['role']!r} turn; the Llama 2 chat format "
@@ -719,7 +779,7 @@ class LlamaTokenizer:
         except CheckpointError as error:
             raise TokenizerError(str(error)) from None
         vocab_file = directory / VOCAB_FILE_NAME
-        if not vocab_file.is_file():
+        if not is_file(vocab_file, TokenizerError):
             raise TokenizerError(
                 f"{directory} has no {VOCAB_FILE_NAME} (the sentencepiece model a Llama "
                 "tokenizer needs)"
@@ -1067,7 +1127,7 @@ def _llama2_dialog(messages) -> list[dict]:
 
 def _read_json(path: Path) -> dict:
     """A tokenizer side file (tokenizer_config.json, ...) as a dict; {} when it is absent."""
-    if not path.is_file():
+    if not is_file(path, TokenizerError):
         return {}
     return read_json_object(path, TokenizerError)
 
