@@ -1,4 +1,4 @@
-"""Reading and writing Llama weights stored as safetensors (REFERENCE.md section 2).
+"""Reading and writing Llama weights stored as safetensors (docs/reference.md §2).
 
 A safetensors file is an 8-byte little-endian header length N, then N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the

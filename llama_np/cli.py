@@ -220,7 +220,7 @@ def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict,
 
     The streamer is first given the prompt (printing only ``echo``) so that each new piece is
     decoded as part of the whole sequence: a word decoded alone would lose its leading space
-    (REFERENCE.md §5).
+    (docs/reference.md §5.3).
     """
     streamer = EchoingStreamer(tokenizer, echo)
     sequences = model.generate(np.array([prompt_ids], dtype=np.int64), streamer=streamer,

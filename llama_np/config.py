@@ -1,6 +1,6 @@
 """LlamaConfig: read and validate a Hugging Face ``config.json`` for the Llama family.
 
-Two spellings of the RoPE settings exist on disk (REFERENCE.md §1) and both load:
+Two spellings of the RoPE settings exist on disk (docs/reference.md §1.2) and both load:
 
 - 4.x, used by every Llama 2 checkpoint: top-level ``rope_theta`` and ``rope_scaling``
   (``null`` or a dict whose type is under ``rope_type`` or the older ``type``), ``torch_dtype``;
@@ -26,7 +26,7 @@ from llama_np.checkpoint import atomic_write_text, is_file, read_json_object, re
 from llama_np.errors import ConfigError
 from llama_np.inputs import is_integer
 
-# Defaults of Transformers' LlamaConfig when a key is absent (REFERENCE.md §1).
+# Defaults of Transformers' LlamaConfig when a key is absent (docs/reference.md §1.1).
 DEFAULTS = {
     "vocab_size": 32000,
     "hidden_size": 4096,
@@ -50,7 +50,7 @@ DEFAULTS = {
     "torch_dtype": None,
 }
 
-# The fields each RoPE type needs besides rope_theta (REFERENCE.md §3, "Scaling types").
+# The fields each RoPE type needs besides rope_theta (docs/reference.md §3.4).
 ROPE_REQUIRED_FIELDS = {
     "default": (),
     "linear": ("factor",),
@@ -59,7 +59,7 @@ ROPE_REQUIRED_FIELDS = {
     "yarn": ("factor", "original_max_position_embeddings"),
 }
 
-# Optional yarn fields: null (Transformers' default) or a positive number (REFERENCE.md §3).
+# Optional yarn fields: null (Transformers' default) or a positive number (docs/reference.md §3.4).
 YARN_OPTIONAL_FIELDS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
 
 # The settings that switch a part of the model on or off; JSON true or false, nothing else.

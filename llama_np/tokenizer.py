@@ -1,7 +1,7 @@
 """LlamaTokenizer: Llama 2's sentencepiece tokenizer, token for token equal to Transformers 4.45.2's
 slow ``LlamaTokenizer``, plus the Llama 2 chat format and an incremental decoder for streaming.
 
-The pieces, and what REFERENCE.md section 5 says about each:
+The pieces, and what docs/reference.md §5 says about each:
 
 - **Encoding.** Special-token strings written in the text (``<s>``, ``</s>``, ``<unk>``, an added
   ``<pad>``) are split out first; every other chunk goes through the sentencepiece BPE model
@@ -135,7 +135,7 @@ class LlamaTokenizer:
         self.legacy = True if legacy is None else legacy
         self.vocab_file = str(vocab_file)
         # legacy=False loads the model without its dummy prefix; the prefix is then added by
-        # hand at the start of the text only (REFERENCE §5).
+        # hand at the start of the text only (docs/reference.md §5.2).
         self.sp_model, self._model_bytes = load_sentencepiece(
             vocab_file, add_dummy_prefix=self.legacy
         )
@@ -201,7 +201,7 @@ class LlamaTokenizer:
 
         A token not in the vocabulary gets the next free id (vocab size for the first one), so
         ``len(tokenizer)`` grows and the model's embedding must grow with it (the model's
-        ``resize_token_embeddings(len(tokenizer))``; REFERENCE §5).
+        ``resize_token_embeddings(len(tokenizer))``; docs/reference.md §5.5).
         """
         if not isinstance(special_tokens, dict):
             raise TokenizerError(
@@ -332,7 +332,7 @@ class LlamaTokenizer:
         return [self._token_to_id(_check_token_string("token", token)) for token in tokens]
 
     # ----------------------------------------------------------------------------------------
-    # the four methods of the Transformers API (REFERENCE §5)
+    # the four methods of the Transformers API (docs/reference.md §5.4)
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None) -> list[int]:
         """[bos] + A + [eos], and for a pair + [bos] + B + [eos]; bos/eos as the flags say."""
@@ -672,7 +672,7 @@ class LlamaTokenizer:
     def convert_tokens_to_string(self, tokens) -> str:
         """Join tokens into text: special tokens as written, other runs decoded by sentencepiece.
 
-        The "▁" that the prefix put before the first token is dropped first (REFERENCE §5). With
+        The "▁" that the prefix put before the first token is dropped first (docs/reference.md §5.3). With
         legacy=True a space is written before a special token that follows text, and the model's
         own decoder also drops the first "▁" of each run; these quirks are kept so decoded text
         matches Transformers.
@@ -728,7 +728,7 @@ class LlamaTokenizer:
 
         ``messages`` is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an
         optional system message first, then user and assistant turns alternating, starting with
-        the user. Following Meta's ``chat_completion`` (REFERENCE §5):
+        the user. Following Meta's ``chat_completion`` (docs/reference.md §5.6):
 
             system  -> put inside the first user turn: "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}"
             each finished exchange -> <s>[INST] {user} [/INST] {answer} </s>
@@ -917,7 +917,7 @@ class IncrementalDecoder:
     Decoding each new id on its own loses the space in front of a word ("▁Banana" alone decodes
     to "Banana"), and a character spelled as several byte pieces cannot be decoded until its last
     byte arrives. So this decodes the whole sequence so far and returns only what is new, holding
-    back a trailing incomplete character (U+FFFD) until it is complete (REFERENCE §5).
+    back a trailing incomplete character (U+FFFD) until it is complete (docs/reference.md §5.3).
 
     The joined output equals ``tokenizer.decode(all_ids)`` with one exception: with legacy=True
     and special tokens kept, Transformers' decode writes a space in front of the text that

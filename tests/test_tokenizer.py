@@ -111,7 +111,7 @@ def test_legacy_none_behaves_as_legacy_true():
 
 
 def test_legacy_true_adds_a_space_after_a_special_token_and_false_does_not():
-    # REFERENCE §5: "Hello <s>." gets an extra "▁" before "." only with legacy=True.
+    # docs/reference.md §5.2: "Hello <s>." gets an extra "▁" before "." only with legacy=True.
     assert LlamaTokenizer(MODEL, legacy=True).tokenize("Hello <s>.") == [
         "▁Hello",
         "▁",
@@ -364,7 +364,7 @@ def test_incremental_decoder_with_legacy_special_tokens_moves_only_the_space_tra
 
 
 def test_decoding_token_by_token_loses_spaces_but_the_incremental_decoder_does_not():
-    # REFERENCE §5, the "Banana" note.
+    # docs/reference.md §5.3, the "Banana" note.
     tokenizer = LlamaTokenizer(MODEL)
     ids = tokenizer.encode("Banana bread is the best bread.", add_special_tokens=False)
     assert "".join(tokenizer.decode([i]) for i in ids) == "Bananabreadisthebestbread."
@@ -469,7 +469,7 @@ def test_chat_template_text_form():
 
 
 def test_chat_template_with_legacy_false_differs_from_meta_after_each_bos():
-    # The text after "<s>" gets no "▁" with legacy=False: "[" instead of "▁[" (REFERENCE §5).
+    # The text after "<s>" gets no "▁" with legacy=False: "[" instead of "▁[" (docs/reference.md §5.2).
     dialog = DIALOGS["one_user_turn"]
     tokenizer = LlamaTokenizer(MODEL, legacy=False)
     ids = tokenizer.apply_chat_template(dialog)
