@@ -1,4 +1,5 @@
-"""Property-based fuzzing of the two readers of untrusted bytes: safetensors and tokenizer.model.
+"""Property-based fuzzing of the readers of untrusted bytes: safetensors, tokenizer.model, and
+the .npz files that llama-np compare and diff read.
 
 Whatever the bytes, a reader either loads the file or raises a LlamaNPError; any other exception
 (an IndexError, a NumPy ValueError, a struct.error, ...) fails the test, and hypothesis shrinks
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from llama_np.bpe import read_model
 from llama_np.checkpoint import Checkpoint, read_safetensors_header, save_safetensors
+from llama_np.cli import read_npz
 from llama_np.errors import LlamaNPError
 from llama_np.tokenizer import LlamaTokenizer
 
@@ -188,3 +190,29 @@ def test_the_fuzzed_originals_themselves_load(workdir):
     assert len(read_model(directory / "tokenizer.model").pieces) == 1000
     (directory / "model.safetensors").write_bytes(valid_safetensors(workdir))
     assert sorted(Checkpoint.open(directory)) == ["d", "h", "model.norm.weight"]
+
+
+# --------------------------------------------------------------------------------------------
+# .npz files read by compare and diff
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_npz(path: Path) -> bytes:
+    rng = np.random.default_rng(0)
+    np.savez(path, input_ids=np.array([[1, 5, 9]]), logits=rng.normal(size=(1, 3, 4)).astype(np.float32),
+             attention_mask=np.ones((1, 3), dtype=np.int64))
+    return path.read_bytes()
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_mutated_npz_either_loads_or_is_an_input_error(workdir, data):
+    original = _reference_npz(workdir / "reference.npz")
+    flips, cut = data.draw(st.tuples(*flips_and_cut(len(original))))
+    path = workdir / "mutated.npz"
+    path.write_bytes(mutated(original, flips, cut))
+    try:
+        arrays = read_npz(path)
+    except LlamaNPError:
+        return
+    assert all(isinstance(array, np.ndarray) for array in arrays.values())
