@@ -421,7 +421,7 @@ def _check_finite(values: np.ndarray, what: str, compute: np.dtype) -> None:
     makes it NaN or inf; only when it is not finite are the values looked at one by one (a sum
     of finite values can also overflow).
     """
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + (-inf) is NaN: looked at below
         if values.size == 0 or np.isfinite(values.sum()):
             return
     bad = ~np.isfinite(values)
