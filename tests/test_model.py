@@ -13,7 +13,7 @@ from llama_np import (InputError, LlamaConfig, LlamaForCausalLM, LlamaForSequenc
                       LlamaModel)
 from llama_np import layers
 from llama_np.errors import CheckpointError
-from llama_np.generation import KVCache
+from llama_np.cache import KVCache
 from llama_np.model import last_non_pad_index
 from tolerance import FLOAT32_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
