@@ -283,3 +283,9 @@ def test_integers_follow_one_rule_numpy_integers_yes_bools_no(lm, ids):
         model.resize_token_embeddings(True)
     with pytest.raises(InputError, match="top_k"):
         model.generate(ids[:1], max_new_tokens=1, do_sample=True, top_k=True)
+
+
+def test_ragged_classification_labels_are_an_input_error():
+    model = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG, num_labels=2, pad_token_id=0))
+    with pytest.raises(InputError, match="labels rows have different lengths"):
+        model(np.array([[5, 6], [7, 8]]), labels=[[1.0, 0.0], [1.0]])
