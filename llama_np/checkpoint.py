@@ -969,10 +969,11 @@ def hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path:
                                                       local_files_only=True))
     except Exception as error:  # LocalEntryNotFoundError, a bad revision or repo id, ...
         at = "" if revision is None else f" at revision {revision!r}"
+        flag = "" if revision is None else f" --revision {revision}"
         raise CheckpointError(
             f"{repo_id}{at} is not a directory, not a bundled model name, and not in the Hugging "
             f"Face cache (searched {cache}; set HF_HUB_CACHE or HF_HOME to search elsewhere; "
             f"{type(error).__name__}). llama_np never downloads: fetch it with "
-            f"`huggingface-cli download {repo_id}"
-            f"{'' if revision is None else ' --revision ' + revision}` and try again"
+            f"`huggingface-cli download {repo_id}{flag}` (`hf download {repo_id}{flag}` with "
+            "huggingface_hub 1.0 or later) and try again"
         ) from None
