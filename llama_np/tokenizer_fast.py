@@ -173,6 +173,13 @@ class LlamaTokenizerFast(TokenizerBase):
         self.vocab_file = None if vocab_file is None else str(vocab_file)
         self.tokenizer_file = None if tokenizer_file is None else str(tokenizer_file)
         self._tokenizer = self._build_backend()
+        # Padding or truncation saved in tokenizer.json: Transformers takes the pad token from it
+        # and then sets both per call (off unless asked), so they never apply to tokenize().
+        saved_padding = self._tokenizer.padding
+        if pad_token is None and saved_padding is not None:
+            pad_token = saved_padding.get("pad_token")
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         self.padding_side = _check_side("padding_side", padding_side)
         self.truncation_side = _check_side("truncation_side", truncation_side)
         self.model_max_length = model_max_length
@@ -264,6 +271,9 @@ class LlamaTokenizerFast(TokenizerBase):
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
         for name, value in special_tokens.items():
             if name == "additional_special_tokens":
+                if not isinstance(value, (list, tuple)):  # a string would be one token per letter
+                    raise TokenizerError(f"additional_special_tokens must be a list of tokens, "
+                                         f"got {value!r:.80}")
                 values = [_check_token_string(name, token) for token in value]
                 known = set(self.additional_special_tokens)
                 self.additional_special_tokens += [t for t in values if t not in known]
@@ -402,23 +412,21 @@ class LlamaTokenizerFast(TokenizerBase):
         padding, truncation, max_length = self._padding_truncation_strategies(
             padding, truncation, max_length)
         side = _check_side("padding_side", padding_side or self.padding_side)
-        if truncation is None:
-            self._tokenizer.no_truncation()
-        else:
-            self._tokenizer.enable_truncation(max_length, stride=0, strategy=truncation,
-                                              direction=self.truncation_side)
-        if padding is None:
-            self._tokenizer.no_padding()
-        else:
-            self._tokenizer.enable_padding(
-                direction=side, pad_id=self.pad_token_id, pad_type_id=0, pad_token=self.pad_token,
-                length=max_length if padding == "max_length" else None)
         # Transformers' rule: one text with an empty second segment is encoded as one text.
         has_pairs = text_pair is not None if is_batch else bool(text_pair)
         inputs = list(zip(texts, pairs)) if has_pairs else texts
-        encodings = self._encode_batch(inputs, add_special_tokens)
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
+        try:
+            if truncation is not None:
+                self._tokenizer.enable_truncation(max_length, stride=0, strategy=truncation,
+                                                  direction=self.truncation_side)
+            if padding is not None:
+                self._tokenizer.enable_padding(
+                    direction=side, pad_id=self.pad_token_id, pad_type_id=0,
+                    pad_token=self.pad_token, length=max_length if padding == "max_length" else None)
+            encodings = self._encode_batch(inputs, add_special_tokens)
+        finally:  # the settings are this call's only, as in Transformers
+            self._tokenizer.no_truncation()
+            self._tokenizer.no_padding()
 
         rows = []
         for encoding in encodings:

@@ -346,6 +346,23 @@ def test_a_directory_without_either_file_names_both(tmp_path):
         LlamaTokenizer.from_pretrained(tmp_path)
 
 
+def test_a_refused_truncation_leaves_no_setting_behind():
+    tokenizer = LlamaTokenizerFast.from_pretrained(json_dir(True))
+    with pytest.raises(TokenizerError, match="cannot encode"):
+        tokenizer("A llama is not a camel, but close.", truncation="only_second", max_length=4)
+    assert len(tokenizer.tokenize("A llama is not a camel, but close.")) > 4
+
+
+def test_padding_saved_in_tokenizer_json_gives_the_pad_token_but_pads_nothing_by_itself(tmp_path):
+    saved = json.loads((json_dir(True) / "tokenizer.json").read_text(encoding="utf-8"))
+    saved["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None,
+                        "pad_id": 2, "pad_type_id": 0, "pad_token": "</s>"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved), encoding="utf-8")
+    tokenizer = LlamaTokenizerFast.from_pretrained(tmp_path)
+    assert tokenizer.pad_token == "</s>"
+    assert tokenizer(["a", "b c d"])["input_ids"] == [tokenizer.encode("a"), tokenizer.encode("b c d")]
+
+
 def test_bad_inputs_are_tokenizer_errors():
     tokenizer = LlamaTokenizerFast.from_pretrained(json_dir(True))
     with pytest.raises(TokenizerError, match="text must be a string"):
@@ -358,6 +375,10 @@ def test_bad_inputs_are_tokenizer_errors():
         tokenizer(["a", "b c"], padding=True)
     with pytest.raises(TokenizerError, match="add_bos_token must be true or false"):
         tokenizer.add_bos_token = "false"
+    with pytest.raises(TokenizerError, match="must be a list of tokens"):
+        tokenizer.add_special_tokens({"additional_special_tokens": "<x>"})
+    with pytest.raises(TokenizerError, match="unknown special token name"):
+        tokenizer.add_special_tokens({"sep_token": "<x>"})
 
 
 def test_without_the_tokenizers_package_the_error_names_the_extra():
