@@ -1,5 +1,5 @@
 """LlamaTokenizer: Llama 2's sentencepiece tokenizer, token for token equal to Transformers 4.45.2's
-slow ``LlamaTokenizer``, plus the Llama 2 chat format and an incremental decoder for streaming.
+slow ``LlamaTokenizer``, plus chat formatting and an incremental decoder for streaming.
 
 The pieces, and what docs/reference.md §5 says about each:
 
@@ -13,15 +13,17 @@ The pieces, and what docs/reference.md §5 says about each:
   character becomes U+FFFD, never an exception), and the one space the dummy prefix added in
   front of the text is removed. Because of that last rule a word decoded alone loses its space,
   so streaming decodes the growing sequence and emits only the new suffix (``IncrementalDecoder``).
-- **Chat.** ``apply_chat_template`` writes Meta's Llama 2 dialog format.
+- **Chat.** ``apply_chat_template`` renders the checkpoint's ``chat_template``, or writes Meta's
+  Llama 2 dialog format when it has none (``llama_np.tokenizer_base``).
 
-The tokenizer runs on the ``sentencepiece`` package; ``llama_np.bpe`` re-implements the encoder
+What the slow and the fast tokenizer (``llama_np.tokenizer_fast``, for a checkpoint's
+``tokenizer.json``) share lives in ``llama_np.tokenizer_base``. The tokenizer runs on the
+``sentencepiece`` package; ``llama_np.bpe`` re-implements the encoder
 in pure Python for reading.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -31,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llama_np.checkpoint import atomic_write, atomic_write_text, is_file, read_bytes, resolve_model_path
+from llama_np.checkpoint import atomic_write, is_file, read_bytes, resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.tokenizer_base import (
     SPECIAL_TOKEN_NAMES,
-    SPECIAL_TOKENS_MAP_NAME,
     TOKENIZER_CONFIG_NAME,
     VERY_LARGE_INTEGER,
     TokenizerBase,

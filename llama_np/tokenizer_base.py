@@ -462,9 +462,11 @@ def llama2_chat_text(messages, bos_token, eos_token, add_generation_prompt=True)
         each finished exchange -> <s>[INST] {user} [/INST] {answer} </s>
         the open user turn     -> <s>[INST] {user} [/INST]
 
-    with user and answer texts stripped. With ``add_generation_prompt=True`` (the default) the dialog must end
-    with a user turn, as Meta's code requires; with False it may also end with an answer,
-    which is written as a finished exchange (for scoring or training on whole dialogs).
+    with user and answer texts stripped. With ``add_generation_prompt=True`` (the default) the
+    dialog must end with a user turn, as Meta's code requires; with False it may also end with
+    an answer, which is written as a finished exchange (for scoring or training on whole
+    dialogs). Encoded with legacy=True, the text gives exactly Meta's ids (each segment gets
+    its own dummy prefix).
     """
     dialog = _llama2_dialog(messages)
     tokens = {"bos_token": bos_token, "eos_token": eos_token}

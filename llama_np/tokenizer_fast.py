@@ -31,6 +31,7 @@ from llama_np.bpe import BPE_MODEL, CONTROL, USER_DEFINED, read_model
 from llama_np.checkpoint import atomic_write, atomic_write_text, is_file, read_bytes, resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.tokenizer_base import (
+    SPECIAL_TOKEN_NAMES,
     TOKENIZER_CONFIG_NAME,
     VERY_LARGE_INTEGER,
     TokenizerBase,
@@ -268,7 +269,6 @@ class LlamaTokenizerFast(TokenizerBase):
                 "add_special_tokens takes a dict such as {'pad_token': '<pad>'}, "
                 f"got {special_tokens!r}"
             )
-        names = ("bos_token", "eos_token", "unk_token", "pad_token")
         for name, value in special_tokens.items():
             if name == "additional_special_tokens":
                 if not isinstance(value, (list, tuple)):  # a string would be one token per letter
@@ -277,12 +277,12 @@ class LlamaTokenizerFast(TokenizerBase):
                 values = [_check_token_string(name, token) for token in value]
                 known = set(self.additional_special_tokens)
                 self.additional_special_tokens += [t for t in values if t not in known]
-            elif name in names:
+            elif name in SPECIAL_TOKEN_NAMES:
                 setattr(self, name, _check_token_string(name, value))
             else:
                 raise TokenizerError(
                     f"unknown special token name {name!r}; expected one of "
-                    f"{', '.join(names)} or additional_special_tokens"
+                    f"{', '.join(SPECIAL_TOKEN_NAMES)} or additional_special_tokens"
                 )
         return self._register_special_tokens(self.all_special_tokens)
 
