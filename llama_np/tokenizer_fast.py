@@ -521,7 +521,8 @@ class LlamaTokenizerFast(TokenizerBase):
         tokenizer.model when the tokenizer has one; Transformers reads the directory too."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        paths = self._save_side_files(directory, "LlamaTokenizerFast", {"legacy": self.legacy})
+        # Transformers names the class without "Fast" in tokenizer_config.json.
+        paths = self._save_side_files(directory, "LlamaTokenizer", {"legacy": self.legacy})
         tokenizer_path = directory / TOKENIZER_FILE_NAME
         atomic_write_text(tokenizer_path, self._tokenizer.to_str(pretty=True))
         paths += (str(tokenizer_path),)
