@@ -15,6 +15,7 @@ from llama_np.model import (  # noqa: E402
     LlamaForSequenceClassification,
     LlamaModel,
 )
+from llama_np.tokenizer_fast import LlamaTokenizerFast  # noqa: E402  (tokenizers is loaded on use)
 
 try:
     from llama_np.tokenizer import LlamaTokenizer  # noqa: E402
@@ -34,7 +35,7 @@ except ModuleNotFoundError as _missing:  # sentencepiece has no wheel for some p
         raise AttributeError(f"module 'llama_np' has no attribute {name!r}")
 
 __all__ = [
-    "LlamaConfig", "LlamaTokenizer", "LlamaModel", "LlamaForCausalLM",
+    "LlamaConfig", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaModel", "LlamaForCausalLM",
     "LlamaForSequenceClassification", "LlamaNPError", "ConfigError", "CheckpointError",
     "TokenizerError", "InputError",
 ]

@@ -11,7 +11,8 @@
     llama-np diff A.npz B.npz   the first activation where two dumps part ways
     llama-np attention PROMPT   save a figure of one head's or one layer's attention
 
-Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory, or a bundled model name) and
+Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory, a bundled model name, or a
+repo id such as ``meta-llama/Llama-2-7b-hf`` already in the local Hugging Face cache) and
 defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for classify). A PROMPT
 of ``-`` is read from stdin.
 
@@ -31,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import warnings
@@ -276,18 +278,34 @@ def run_generate(args) -> int:
 CHAT_EXIT_WORDS = ("exit", "quit")
 
 
+def warn_without_chat_template(tokenizer, name_or_path) -> None:
+    """Warn when a model with no chat_template gets the Llama 2 format without being a Llama 2
+    chat model (judged by its name or path, e.g. meta-llama/Llama-2-7b-chat-hf)."""
+    if tokenizer.chat_template is not None:
+        return
+    names = f"{name_or_path} {resolve_model_path(name_or_path)}".lower()
+    if re.search(r"llama-?2[^/]*chat", names):
+        return
+    warnings.warn(f"{name_or_path} has no chat_template in its tokenizer_config.json and is not a "
+                  "Llama 2 chat model; the conversation is written in Llama 2's [INST] format, "
+                  "which this model may not have been trained on")
+
+
 def run_chat(args) -> int:
     """Read one user turn per line from stdin; answer each with the whole dialog as context.
 
-    The dialog is written in Meta's Llama 2 format by the tokenizer's ``apply_chat_template``
-    (``<s>[INST] <<SYS>>…<</SYS>> user [/INST] answer </s><s>[INST] …``). The session ends at
-    end of input, an empty line, or "exit" / "quit".
+    The dialog is written by the tokenizer's ``apply_chat_template``: in the model's own
+    ``chat_template`` from tokenizer_config.json when it has one, else in Meta's Llama 2 format
+    (``<s>[INST] <<SYS>>…<</SYS>> user [/INST] answer </s><s>[INST] …``), with one warning when
+    the model is not a Llama 2 chat model. The session ends at end of input, an empty line, or
+    "exit" / "quit".
     """
     settings = sampling_settings(args)
     if sys.stdin is None:
         raise InputError("chat reads one message per line from stdin, and stdin is closed; run it in a "
                          "terminal or give it input (a pipe or a file)")
     model, tokenizer = load_for_generation(args, "chat", settings)
+    warn_without_chat_template(tokenizer, args.model)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; an empty line, 'exit' or Ctrl-D ends the chat.", file=sys.stderr)
@@ -977,8 +995,9 @@ def build_parser() -> ArgumentParser:
         common = ArgumentParser(add_help=False)
         shown = default or f"{DEFAULT_MODEL}, or {DEFAULT_CLASSIFIER} for classifier logits (B, labels)"
         common.add_argument("--model", default=default, metavar="NAME_OR_PATH",
-                            help="a checkpoint directory (config.json, *.safetensors, tokenizer.model) "
-                                 f"or a bundled model name (default: {shown})")
+                            help="a checkpoint directory (config.json, *.safetensors, tokenizer.model "
+                                 "or tokenizer.json), a bundled model name, or a repo id in the "
+                                 f"local Hugging Face cache (default: {shown})")
         return common
 
     sampling = ArgumentParser(add_help=False)

@@ -123,9 +123,10 @@ class LlamaConfig:
             raise ConfigError(f"{path}: {error}") from None
 
     @classmethod
-    def from_pretrained(cls, name_or_path) -> "LlamaConfig":
-        """Read ``config.json`` from a checkpoint directory or a bundled model name."""
-        directory = resolve_model_path(name_or_path)
+    def from_pretrained(cls, name_or_path, revision=None) -> "LlamaConfig":
+        """Read ``config.json`` from a checkpoint directory, a bundled model name or a repo id
+        in the Hugging Face cache (at ``revision``)."""
+        directory = resolve_model_path(name_or_path, revision=revision)
         path = directory / CONFIG_FILE
         if not is_file(path, ConfigError):
             raise ConfigError(f"{directory} has no {CONFIG_FILE}")

@@ -208,7 +208,8 @@ class LlamaPreTrainedModel:
         return 0
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None):
+    def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None,
+                        revision: str | None = None):
         """Open a checkpoint directory or a bundled model by name. Memory-mapped and lazy.
 
         Only headers are read here; tensors are widened to ``dtype`` (float32 or float64) when
@@ -217,7 +218,7 @@ class LlamaPreTrainedModel:
         available memory, at least 2 GiB).
         """
         dtype = check_compute_dtype(dtype)
-        directory = resolve_model_path(name_or_path)
+        directory = resolve_model_path(name_or_path, revision=revision)
         config = LlamaConfig.from_pretrained(directory)
         checkpoint = Checkpoint.open(directory)
         prefix = cls.base_prefix
