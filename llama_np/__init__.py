@@ -16,14 +16,27 @@ from llama_np.model import (  # noqa: E402
     LlamaModel,
 )
 from llama_np.convert import convert_meta_checkpoint  # noqa: E402
+from llama_np.tokenizer_fast import LlamaTokenizerFast  # noqa: E402  (tokenizers is loaded on use)
 
-try:  # the tokenizer module lands separately
+try:
     from llama_np.tokenizer import LlamaTokenizer  # noqa: E402
-except ImportError:  # pragma: no cover
-    pass
+except ModuleNotFoundError as _missing:  # sentencepiece has no wheel for some platforms
+    if _missing.name is None or _missing.name.partition(".")[0] == "llama_np":
+        raise
+    # The model still imports and runs; asking for the tokenizer says what to install.
+    _tokenizer_missing = _missing
+
+    def __getattr__(name):
+        if name == "LlamaTokenizer":
+            package = _tokenizer_missing.name.partition(".")[0]
+            raise ImportError(
+                f"LlamaTokenizer needs the {package!r} package, which cannot be imported "
+                f"({_tokenizer_missing}); install it with: pip install {package}"
+            ) from _tokenizer_missing
+        raise AttributeError(f"module 'llama_np' has no attribute {name!r}")
 
 __all__ = [
-    "LlamaConfig", "LlamaTokenizer", "LlamaModel", "LlamaForCausalLM",
+    "LlamaConfig", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaModel", "LlamaForCausalLM",
     "LlamaForSequenceClassification", "LlamaNPError", "ConfigError", "CheckpointError",
     "TokenizerError", "InputError", "convert_meta_checkpoint",
 ]

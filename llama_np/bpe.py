@@ -24,12 +24,15 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_np.checkpoint import is_file, read_bytes
 from llama_np.errors import TokenizerError
 
 SPIECE_UNDERLINE = "▁"
 
 # sentencepiece_model.proto: SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# sentencepiece_model.proto: TrainerSpec.ModelType
+UNIGRAM_MODEL, BPE_MODEL = 1, 2
 
 
 def _read_varint(data: bytes, position: int) -> tuple[int, int]:
@@ -81,6 +84,8 @@ class BPEModel:
     types: list[int]  # piece type by id (NORMAL, BYTE, ...)
     add_dummy_prefix: bool = True
     unk_id: int = 0
+    model_type: int = BPE_MODEL  # what the trainer built: BPE for Llama, never unigram
+    unk_piece: str = "<unk>"  # the trainer's name for the unknown piece
     merge_scores: dict[str, float] = field(init=False, repr=False)  # normal pieces only
     piece_ids: dict[str, int] = field(init=False, repr=False)
     byte_ids: dict[int, int] = field(init=False, repr=False)  # byte value -> id of <0xNN>
@@ -133,14 +138,17 @@ def read_model(path: str | Path) -> BPEModel:
     """Read a sentencepiece ``tokenizer.model`` (a serialized ModelProto) into a BPEModel.
 
     ModelProto fields used: 1 = repeated SentencePiece {1: piece, 2: score (float), 3: type},
-    3 = NormalizerSpec {3: add_dummy_prefix (default true)}.
+    2 = TrainerSpec {3: model_type (default unigram), 45: unk_piece}, 3 = NormalizerSpec
+    {3: add_dummy_prefix (default true)}.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path, TokenizerError):
         raise TokenizerError(f"{path} does not exist")
+    data = read_bytes(path, TokenizerError)
     pieces, scores, types, add_dummy_prefix = [], [], [], True
+    model_type, unk_piece = UNIGRAM_MODEL, "<unk>"
     try:
-        for number, value in protobuf_fields(path.read_bytes()):
+        for number, value in protobuf_fields(data):
             if number == 1:
                 piece, score, kind = "", 0.0, NORMAL
                 for sub_number, sub_value in protobuf_fields(value):
@@ -153,6 +161,12 @@ def read_model(path: str | Path) -> BPEModel:
                 pieces.append(piece)
                 scores.append(score)
                 types.append(kind)
+            elif number == 2:
+                for sub_number, sub_value in protobuf_fields(value):
+                    if sub_number == 3:
+                        model_type = sub_value
+                    elif sub_number == 45:
+                        unk_piece = sub_value.decode("utf-8")
             elif number == 3:
                 for sub_number, sub_value in protobuf_fields(value):
                     if sub_number == 3:
@@ -161,6 +175,7 @@ def read_model(path: str | Path) -> BPEModel:
             raise TokenizerError("it holds no sentencepiece pieces")
         unk_id = types.index(UNKNOWN) if UNKNOWN in types else 0
         # ValueError: a byte piece not spelled <0xNN>
-        return BPEModel(pieces, scores, types, add_dummy_prefix=add_dummy_prefix, unk_id=unk_id)
+        return BPEModel(pieces, scores, types, add_dummy_prefix=add_dummy_prefix, unk_id=unk_id,
+                        model_type=model_type, unk_piece=unk_piece)
     except (TokenizerError, UnicodeDecodeError, struct.error, AttributeError, TypeError, ValueError) as error:
         raise TokenizerError(f"{path} is not a valid sentencepiece model: {error}") from None

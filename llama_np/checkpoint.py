@@ -1,13 +1,19 @@
-"""Reading and writing Llama weights stored as safetensors (REFERENCE.md section 2).
+"""Reading and writing Llama weights stored as safetensors (docs/reference.md §2).
 
 A safetensors file is an 8-byte little-endian header length N, then N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
 raw little-endian tensor bytes; offsets count from the end of the header.
 
-Opening a checkpoint reads and validates the headers only. Each file is memory-mapped once, the
-first time one of its tensors is used, and every tensor is a view into that mapping, so a 13 GB
-float16 checkpoint opens in moments and a weight is widened to the compute dtype only when a
-layer asks for it.
+Opening a checkpoint reads and validates the headers only: the ``safetensors`` library checks
+each one first, then the checks below (which name the tensor and what is wrong). Each file is
+memory-mapped once, the first time one of its tensors is used, and every tensor is a view into
+that mapping, so a 13 GB float16 checkpoint opens in moments and a weight is widened to the
+compute dtype only when a layer asks for it.
+
+A mapped file must not change while it is in use: reading a page of a file that shrank since it
+was mapped kills the process with SIGBUS, with no Python exception to catch. So every read
+re-checks the file first (``Checkpoint.check_unchanged``), and a widened tensor that holds NaN or
+inf is refused rather than turned into NaN logits.
 
 Pickled PyTorch weights (``pytorch_model.bin``, ``consolidated.00.pth``) are never unpickled:
 unpickling a file can run arbitrary code. ``torch_pickle.py`` reads their tensors without running
@@ -22,16 +28,24 @@ import json
 import math
 import mmap
 import os
+import re
+import stat
 import struct
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
+from safetensors import safe_open
 
 from llama_np.errors import CheckpointError
+
+try:  # POSIX: a writer holds a lock on its temporary file, so stale ones can be told apart
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -49,6 +63,11 @@ COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are kilobytes; more means a corrupt length
+# Llama's tensors have one or two dimensions and at most a few billion elements (a 256k x 16k
+# embedding). A header declaring more is corrupt or hostile, even for an empty tensor: NumPy
+# cannot even describe a shape such as (0, 2**70).
+MAX_TENSOR_RANK = 32  # NumPy 1.x's limit
+MAX_TENSOR_ELEMENTS = 2**40  # the product of the dimensions, counting a 0 as 1
 IGNORED_TENSOR_SUFFIX = "rotary_emb.inv_freq"  # a buffer old conversions saved; recomputed
 
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl")
@@ -90,25 +109,65 @@ def read_safetensors_header(
     Every problem is a CheckpointError naming the file and what is wrong, so a corrupt file can
     never cause an out-of-bounds read later.
     """
-    path = Path(path)
-    header_bytes, file_size = _read_header_bytes(path)
+    tensors, metadata, _ = _read_header(Path(path))
+    return tensors, metadata
+
+
+class FileIdentity(NamedTuple):
+    """What tells one state of a file from another: replaced (device, inode), resized, rewritten."""
+
+    device: int
+    inode: int
+    size: int
+    modified_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> "FileIdentity":
+        return cls(status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], FileIdentity]:
+    """read_safetensors_header, plus the identity of the file whose header was read.
+
+    The safetensors library (the format's own, maintained parser) validates the file first. When
+    it refuses one, the checks here usually say more exactly what is wrong, naming the tensor;
+    when they find nothing, its message is the error.
+    """
+    library_problem = _safetensors_library_problem(path)
+    header_bytes, identity = _read_header_bytes(path)
     header = _parse_header_json(path, header_bytes)
     metadata = _validate_metadata(path, header.pop("__metadata__", {}))
     data_start = HEADER_LENGTH_BYTES + len(header_bytes)
-    data_size = file_size - data_start
+    data_size = identity.size - data_start
     tensors = {
         name: _validate_entry(path, name, entry, data_start, data_size)
         for name, entry in header.items()
     }
     _check_no_overlaps(path, tensors.values())
-    return tensors, metadata
+    if library_problem is not None:
+        raise CheckpointError(f"{path} is not a valid safetensors file: {library_problem}")
+    return tensors, metadata, identity
 
 
-def _read_header_bytes(path: Path) -> tuple[bytes, int]:
-    """The N JSON bytes after the 8-byte length, and the file's total size in bytes."""
+def _safetensors_library_problem(path: Path) -> str | None:
+    """What ``safetensors.safe_open`` finds wrong with the file's header, or None if nothing.
+
+    It checks, among other things, that the tensors cover the data section without holes, as the
+    format requires. Only the header is parsed; no tensor is read.
+    """
+    try:
+        with safe_open(path, framework="numpy"):
+            return None
+    except Exception as error:  # SafetensorError, or OSError for a file it cannot open
+        return str(error)
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, FileIdentity]:
+    """The N JSON bytes after the 8-byte length, and the identity of the file they came from."""
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+            identity = FileIdentity.of(os.fstat(f.fileno()))
+            file_size = identity.size
             if file_size < HEADER_LENGTH_BYTES:
                 raise CheckpointError(
                     f"{path} is {file_size} bytes long; a safetensors file starts with an "
@@ -126,9 +185,12 @@ def _read_header_bytes(path: Path) -> tuple[bytes, int]:
                     f"{path} declares a {header_length}-byte header but the file is only "
                     f"{file_size} bytes long; the file is truncated"
                 )
-            return f.read(header_length), file_size
+            header_bytes = f.read(header_length)
     except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from error
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(header_bytes) != header_length:  # the file shrank while we read it
+        raise CheckpointError(f"{path} changed while its header was read; try again")
+    return header_bytes, identity
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -190,7 +252,15 @@ def _validate_entry(
             "(integer, quantized and float8 weights are not supported)"
         )
     if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
-        raise CheckpointError(f"{where} has shape {shape!r}; expected a list of non-negative ints")
+        raise CheckpointError(
+            f"{where} has shape {shape!r:.200}; expected a list of non-negative ints"
+        )
+    if len(shape) > MAX_TENSOR_RANK or math.prod(max(n, 1) for n in shape) > MAX_TENSOR_ELEMENTS:
+        raise CheckpointError(
+            f"{where} has shape {shape!r:.200}; a tensor may have at most {MAX_TENSOR_RANK} "
+            f"dimensions and {MAX_TENSOR_ELEMENTS} elements (a dimension of 0 counted as 1), so "
+            "the header is corrupt"
+        )
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
         raise CheckpointError(
             f"{where} has data_offsets {offsets!r}; expected two ints [begin, end]"
@@ -232,14 +302,34 @@ def _check_no_overlaps(path: Path, tensors: Iterable[TensorInfo]) -> None:
 class _MappedFile:
     """One safetensors file, memory-mapped read-only the first time any tensor in it is used."""
 
-    def __init__(self, path: Path, size: int):
+    def __init__(self, path: Path, identity: FileIdentity):
         self.path = path
-        self.size = size  # at header-reading time; a file that changed since cannot be trusted
+        self.identity = identity  # when the header was read; the mapping must be of this file
+        self.finite: set[tuple[str, np.dtype]] = set()  # (tensor, compute dtype) checked finite
         self._bytes: np.ndarray | None = None
+
+    def check_unchanged(self) -> None:
+        """CheckpointError unless the file is still the one whose header was read.
+
+        A read of the mapping past the end of a file that has since shrunk (a re-download in
+        place, a full disk) is a SIGBUS that kills the process; a rewritten or replaced file
+        would give other numbers than its header promised. One os.stat, so cheap enough before
+        every read.
+        """
+        try:
+            now = FileIdentity.of(os.stat(self.path))
+        except OSError as error:
+            raise CheckpointError(
+                f"{self.path} changed since it was opened: it cannot be found any more "
+                f"({error.strerror or error}); open the checkpoint again"
+            ) from None
+        if now != self.identity:
+            raise _changed_since_opened(self.path, self.identity, now)
 
     @property
     def bytes(self) -> np.ndarray:
-        """The whole file as a read-only uint8 array, shape (file size,)."""
+        """The whole file as a read-only uint8 array, shape (file size,), checked unchanged."""
+        self.check_unchanged()
         if self._bytes is None:
             self._bytes = self._map()
         return self._bytes
@@ -247,16 +337,28 @@ class _MappedFile:
     def _map(self) -> np.ndarray:
         try:
             with open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != self.size:
-                    raise CheckpointError(
-                        f"{self.path} changed size from {self.size} to {size} bytes since its "
-                        "header was read; open the checkpoint again"
-                    )
+                now = FileIdentity.of(os.fstat(f.fileno()))
+                if now != self.identity:  # replaced between the os.stat above and this open
+                    raise _changed_since_opened(self.path, self.identity, now)
                 mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as error:
-            raise CheckpointError(f"cannot memory-map {self.path}: {error}") from error
+            raise CheckpointError(
+                f"cannot memory-map {self.path}: {error.strerror or error}"
+            ) from None
         return np.frombuffer(mapping, dtype=np.uint8)
+
+
+def _changed_since_opened(path: Path, before: FileIdentity, now: FileIdentity) -> CheckpointError:
+    if (now.device, now.inode) != (before.device, before.inode):
+        what = "another file has replaced it"
+    elif now.size != before.size:
+        what = f"its size went from {before.size} to {now.size} bytes"
+    else:
+        what = "it was rewritten (its modification time changed)"
+    return CheckpointError(
+        f"{path} changed since it was opened: {what}. Its tensors cannot be read safely any "
+        "more; open the checkpoint again"
+    )
 
 
 @dataclass(frozen=True)
@@ -279,7 +381,8 @@ class StoredTensor:
     def stored(self) -> np.ndarray:
         """The tensor exactly as stored, shape ``self.shape``, a read-only view of the mapping.
 
-        BF16 comes back as its uint16 bit pattern, since NumPy has no bfloat16.
+        BF16 comes back as its uint16 bit pattern, since NumPy has no bfloat16. The file is
+        checked unchanged first (CheckpointError otherwise).
         """
         storage = STORAGE_DTYPES[self.dtype]
         if self.nbytes == 0:  # nothing to map; np.frombuffer rejects empty buffers
@@ -291,7 +394,8 @@ class StoredTensor:
         """The tensor widened to the compute dtype (float32 or float64), shape ``self.shape``.
 
         When the stored dtype already is the compute dtype (F32 -> float32) this is the
-        read-only memory-mapped view itself, no copy; otherwise a new array.
+        read-only memory-mapped view itself, no copy; otherwise a new array. A NaN or inf
+        among the values is a CheckpointError: one such weight makes every logit NaN.
         """
         compute = np.dtype(dtype)
         if compute not in COMPUTE_DTYPES:
@@ -300,8 +404,37 @@ class StoredTensor:
             )
         stored = self.stored()
         if self.dtype == "BF16":
-            return _widen_bf16(stored).astype(compute, copy=False)
-        return stored.astype(compute, copy=False)
+            widened = _widen_bf16(stored).astype(compute, copy=False)
+        else:
+            with np.errstate(over="ignore"):  # F64 beyond float32's range: inf, refused below
+                widened = stored.astype(compute, copy=False)
+        # Once per tensor and dtype: check_unchanged guarantees the bytes are the same later.
+        if (self.name, compute) not in self._mapped.finite:
+            _check_finite(widened, f"tensor {self.name!r} in {self.file}", compute)
+            self._mapped.finite.add((self.name, compute))
+        return widened
+
+
+def _check_finite(values: np.ndarray, what: str, compute: np.dtype) -> None:
+    """CheckpointError if ``values`` (any shape) holds a NaN or an infinity.
+
+    A sum is one fast pass with no temporary array as large as the tensor, and any NaN or inf
+    makes it NaN or inf; only when it is not finite are the values looked at one by one (a sum
+    of finite values can also overflow).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + (-inf) is NaN: looked at below
+        if values.size == 0 or np.isfinite(values.sum()):
+            return
+    bad = ~np.isfinite(values)
+    count = int(np.count_nonzero(bad))
+    if count == 0:
+        return
+    nans = int(np.count_nonzero(np.isnan(values)))
+    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape))
+    raise CheckpointError(
+        f"{what} holds {nans} NaN and {count - nans} infinite values as {compute} (the first at "
+        f"index {first}); a single one makes every logit NaN, so the checkpoint is corrupt"
+    )
 
 
 def _widen_bf16(bits: np.ndarray) -> np.ndarray:
@@ -356,20 +489,20 @@ class Checkpoint:
         ``path`` is a model directory, or a single ``.safetensors`` file. Only headers are read.
         """
         path = Path(path)
-        if path.is_file() and path.suffix == ".safetensors":
+        if is_file(path) and path.suffix == ".safetensors":
             return cls._open_files(path.parent, {path: None})
-        if path.is_file():
+        if is_file(path):
             raise CheckpointError(
                 f"{path} is neither a checkpoint directory nor a .safetensors file"
             )
-        if not path.is_dir():
+        if not is_dir(path):
             raise CheckpointError(
                 f"checkpoint directory {path} does not exist; expected a directory holding "
                 f"{SINGLE_FILE_NAME} or {INDEX_FILE_NAME}"
             )
-        if (path / SINGLE_FILE_NAME).is_file():
+        if is_file(path / SINGLE_FILE_NAME):
             return cls._open_files(path, {path / SINGLE_FILE_NAME: None})
-        if (path / INDEX_FILE_NAME).is_file():
+        if is_file(path / INDEX_FILE_NAME):
             return cls._open_files(path, _read_index(path / INDEX_FILE_NAME))
         raise _no_weights_error(path)
 
@@ -379,8 +512,8 @@ class Checkpoint:
         places in it, or to None to take every tensor in the file."""
         tensors: dict[str, StoredTensor] = {}
         for file, wanted in shards.items():
-            infos, _ = read_safetensors_header(file)
-            mapped = _MappedFile(file, file.stat().st_size)
+            infos, _, identity = _read_header(file)
+            mapped = _MappedFile(file, identity)
             if wanted is not None:
                 _check_shard_matches_index(directory, file, infos, wanted)
                 infos = {name: infos[name] for name in wanted}
@@ -389,6 +522,17 @@ class Checkpoint:
                     info.name, file, info.dtype, info.shape, mapped, info.start, info.stop
                 )
         return cls(directory, list(shards), tensors)
+
+    def check_unchanged(self) -> None:
+        """CheckpointError if a file of this checkpoint changed since it was opened.
+
+        ``StoredTensor.numpy()`` checks before each read, but the float32 arrays it returned
+        for F32 tensors are views of the memory mapping: whoever keeps them (a model keeping its
+        widened weights) must call this before using them again, since reading a mapping of a
+        file that shrank kills the process (SIGBUS). One os.stat per file.
+        """
+        for mapped in {id(t._mapped): t._mapped for t in self.tensors.values()}.values():
+            mapped.check_unchanged()
 
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
@@ -456,6 +600,36 @@ class Checkpoint:
             )
 
 
+def is_file(path, error: type[Exception] = CheckpointError) -> bool:
+    """``Path.is_file``, except that when the answer cannot be known (a directory on the way that
+    may not be searched) it is an ``error`` naming the path, not a bare PermissionError."""
+    status = _status_or_none(path, error)
+    return status is not None and stat.S_ISREG(status.st_mode)
+
+
+def is_dir(path, error: type[Exception] = CheckpointError) -> bool:
+    """``Path.is_dir``, with the same ``error`` as ``is_file`` when it cannot be known."""
+    status = _status_or_none(path, error)
+    return status is not None and stat.S_ISDIR(status.st_mode)
+
+
+def _status_or_none(path, error: type[Exception]) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as problem:
+        raise error(f"cannot look for {path}: {problem.strerror or problem}") from None
+
+
+def read_bytes(path, error: type[Exception] = CheckpointError) -> bytes:
+    """The bytes of a file, or ``error`` naming it if it cannot be read (e.g. no permission)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as problem:
+        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+
+
 def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
     """The JSON object in a file such as config.json; ``error`` naming the file if it is
     unreadable, not JSON, or not an object."""
@@ -492,7 +666,7 @@ def _read_index(index_path: Path) -> dict[Path, list[str]]:
                 f"{index_path} places {name!r} in {file_name!r}, outside {directory}"
             )
         shards.setdefault(shard, []).append(name)
-    absent = [shard.name for shard in shards if not shard.is_file()]
+    absent = [shard.name for shard in shards if not is_file(shard)]
     if absent:
         raise CheckpointError(
             f"{index_path} names shard files that are not in {directory}: {', '.join(absent)}"
@@ -619,22 +793,87 @@ def _stored_bytes(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write the chunks to ``path`` so that readers see the old file or the new, never half."""
+    """Write the chunks to ``path`` so that readers see the old file or the new, never half.
+
+    The data goes to a temporary ``.<name>.<random>.tmp`` beside ``path``, which is then renamed
+    over it. A writer killed midway (SIGKILL, power loss) leaves its temporary file behind; the
+    next write of the same ``path`` removes those, and only those no live writer holds.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    handle, temporary = _locked_temporary(path)
     try:
         with os.fdopen(handle, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); give it the permissions open() would
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
+            # mkstemp creates the file private (0600); give it the permissions open() would
+            os.chmod(temporary, 0o666 & ~_current_umask())
+            os.replace(temporary, path)  # while still locked, so no cleaner can take it
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _temporary_pattern(path: Path) -> re.Pattern:
+    """The names ``tempfile.mkstemp`` gives our temporary files for ``path``: 8 random letters,
+    digits or underscores between ``.<name>.`` and ``.tmp``."""
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (an open descriptor and its name), locked.
+
+    The lock (flock, released when the descriptor closes, also when the process is killed) is
+    what tells a live writer's temporary file from a dead one's. Between mkstemp and flock
+    another writer's cleanup may take the unlocked file; then it is no longer at its name, and
+    we make another.
+    """
+    while True:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        if fcntl is None:
+            return handle, temporary
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            still_ours = os.stat(temporary).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            still_ours = False
+        if still_ours:
+            return handle, temporary
+        os.close(handle)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of earlier writes of ``path`` that no live writer holds."""
+    if fcntl is None:  # without flock a live writer cannot be told from a dead one
+        return
+    pattern = _temporary_pattern(path)
+    try:
+        names = [name for name in os.listdir(path.parent) if pattern.fullmatch(name)]
+    except OSError:
+        return
+    for name in names:
+        candidate = path.parent / name
+        try:
+            handle = os.open(candidate, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # gone already, or not ours to open
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)  # a live writer holds it
+            continue
+        try:
+            if os.stat(candidate).st_ino == os.fstat(handle).st_ino:
+                candidate.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(handle)
 
 
 def _current_umask() -> int:
@@ -678,20 +917,27 @@ def bundled_model_names() -> list[str]:
     )
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """An existing directory as given, else the bundled model of that name, else CheckpointError."""
+def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """An existing directory as given, else the bundled model of that name, else the snapshot
+    of a repo id ("org/name", at ``revision``) in the local Hugging Face cache, else
+    CheckpointError."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise CheckpointError(
             f"a model is named by a path or a bundled model name (a str), got "
             f"{type(name_or_path).__name__} {name_or_path!r:.80}"
         )
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if is_dir(path) and revision is None:
         return path
     names = bundled_model_names()
-    if str(name_or_path) in names:
+    if str(name_or_path) in names and revision is None:
         return ASSETS_DIR / str(name_or_path)
-    if path.exists():
+    if isinstance(name_or_path, str) and REPO_ID.fullmatch(name_or_path):
+        return hub_cache_snapshot(name_or_path, revision)
+    if revision is not None:
+        raise CheckpointError(f"revision={revision!r} is for a repo id such as "
+                              f"'meta-llama/Llama-2-7b-hf', not for {name_or_path}")
+    if _status_or_none(path, CheckpointError) is not None:
         raise CheckpointError(
             f"{path} is a file; a model is named by the directory holding its config.json and "
             "weights, or by a bundled model name"
@@ -701,3 +947,40 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
         f"{name_or_path} does not exist: it is neither a directory nor a bundled model name "
         f"(bundled models: {available})"
     )
+
+
+# A Hugging Face repo id: "org/name", letters, digits, "-", "_" and "." (not a path like "./x").
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot directory of ``repo_id`` in the local Hugging Face hub cache; never downloads.
+
+    The lookup is huggingface_hub's own (``snapshot_download(local_files_only=True)``): the cache
+    is ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``; a revision
+    (default "main") is a branch or tag named in ``models--org--name/refs/`` or a commit hash
+    under ``snapshots/``. huggingface_hub is the optional extra ``llama-np[hub]``.
+    """
+    try:
+        import huggingface_hub  # optional extra llama-np[hub]
+        from huggingface_hub import constants  # optional extra llama-np[hub]
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id} is not a directory or a bundled model name; to find it as a repo id in "
+            "the Hugging Face cache, llama_np needs the huggingface_hub package: "
+            "pip install 'llama-np[hub]'"
+        ) from None
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                      local_files_only=True))
+    except Exception as error:  # LocalEntryNotFoundError, a bad revision or repo id, ...
+        at = "" if revision is None else f" at revision {revision!r}"
+        flag = "" if revision is None else f" --revision {revision}"
+        raise CheckpointError(
+            f"{repo_id}{at} is not a directory, not a bundled model name, and not in the Hugging "
+            f"Face cache (searched {cache}; set HF_HUB_CACHE or HF_HOME to search elsewhere; "
+            f"{type(error).__name__}). llama_np never downloads: fetch it with "
+            f"`huggingface-cli download {repo_id}{flag}` (`hf download {repo_id}{flag}` with "
+            "huggingface_hub 1.0 or later) and try again"
+        ) from None

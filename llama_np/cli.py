@@ -13,43 +13,55 @@
     llama-np convert META OUT   Meta's consolidated.NN.pth checkpoint -> a Hugging Face directory
 
 Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory in Hugging Face's or Meta's
-layout, or a bundled model name) and
-defaults to the bundled ``tiny-shakespeare`` (``tiny-shakespeare-genre`` for classify).
+layout, a bundled model name, or a repo id such as ``meta-llama/Llama-2-7b-hf`` already in the
+local Hugging Face cache) and defaults to the bundled ``tiny-shakespeare``
+(``tiny-shakespeare-genre`` for classify). A PROMPT of ``-`` is read from stdin.
 
 User mistakes (a missing path, a corrupt file, a bad argument) end with one line
 ``llama-np: error: ...`` on stderr and exit status 2, never a traceback. ``compare`` and ``diff``
-exit with 1 when the numbers differ by more than the tolerance. Ctrl-C exits with 130.
+exit with 1 when the numbers differ by more than the tolerance (``compare`` also when nothing
+was compared). Ctrl-C exits with 130. Characters stdout's encoding cannot hold are written as
+Python escapes (é as \\xe9).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import io
 import json
+import math
 import os
+import re
 import sys
 import textwrap
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 import llama_np
 from llama_np import layers
-from llama_np.checkpoint import atomic_write
+from llama_np.checkpoint import atomic_write, resolve_model_path
 from llama_np.convert import OUTPUT_DTYPES, convert_meta_checkpoint
-from llama_np.meta import open_model_files
 from llama_np.errors import InputError, LlamaNPError
+from llama_np.meta import open_model_files
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
 from llama_np.perplexity import perplexity, read_text_file, sliding_windows
 from llama_np.tokenizer import LlamaTokenizer, TextStreamer
-from llama_np.trace import forward_order
+from llama_np.trace import forward_order, hook_names
 
 DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_CLASSIFIER = "tiny-shakespeare-genre"
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_ATOL = 1e-4
+# The classify example in --help: lines from two plays the bundled classifier never saw (Twelfth
+# Night, Henry V), with the genre it gives them; tests/test_cli.py checks that it still does.
+CLASSIFY_EXAMPLES = (("DUKE.\nIf music be the food of love, play on", "comedy"),
+                     ("KING HENRY.\nOnce more unto the breach, dear friends, once more;", "history"))
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -77,7 +89,8 @@ class HelpFormatter(argparse.HelpFormatter):
             if line.startswith("  ") or not line.strip():
                 lines.append(indent + line)
             else:
-                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent))
+                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent,
+                                           break_on_hyphens=False))
         return "\n".join(lines)
 
 
@@ -98,6 +111,55 @@ def model_class_for(name_or_path):
     return LlamaModel
 
 
+def require_model_class(name_or_path, wanted, verb: str) -> None:
+    """UsageError naming the verb that fits when a checkpoint holds another kind of model.
+
+    Loading a classifier as a causal LM would otherwise fail on a missing ``lm_head.weight``,
+    true but no help to someone who picked the wrong verb.
+    """
+    found = model_class_for(name_or_path)
+    if found is wanted:
+        return
+    if found is LlamaForSequenceClassification:
+        raise UsageError(f"{name_or_path} is a sequence classifier (LlamaForSequenceClassification: a "
+                         f"score.weight head, no lm_head.weight), so '{verb}' cannot use it; "
+                         "'llama-np classify' is the verb for it")
+    if found is LlamaForCausalLM:
+        raise UsageError(f"{name_or_path} is a causal language model (LlamaForCausalLM: no score.weight "
+                         f"head), so '{verb}' cannot use it; 'llama-np generate' or 'llama-np logits' is "
+                         "the verb for it")
+    raise UsageError(f"{name_or_path} holds a bare LlamaModel (neither lm_head.weight nor score.weight, "
+                     f"embeddings not tied), so '{verb}' has no head to use; 'llama-np dump' and "
+                     "'llama-np inspect' work on it")
+
+
+def plural(count: int, word: str) -> str:
+    """'1 token', '2 tokens', '0 tokens'."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def read_stdin(what: str, one_line: bool = False) -> str:
+    """All of stdin (or its next line) as text, for ``what`` ("the prompt"); a closed or
+    undecodable stdin is an InputError rather than a crash."""
+    if sys.stdin is None:
+        raise InputError(f"cannot read {what} from stdin: stdin is closed")
+    try:
+        return sys.stdin.readline() if one_line else sys.stdin.read()
+    except UnicodeDecodeError as error:
+        raise InputError(f"cannot read {what} from stdin: it is not {error.encoding} text ({error.reason} "
+                         f"at byte {error.start}); set PYTHONIOENCODING=utf-8") from None
+
+
+def prompt_text(args) -> str:
+    """The PROMPT argument; ``-`` reads it from stdin, less one final newline: the one ``echo``
+    or an editor adds, which the user did not mean as part of the prompt (stdin is read in text
+    mode, so a Windows line end arrives as "\\n" too)."""
+    if args.prompt != "-":
+        return args.prompt
+    text = read_stdin("the prompt")
+    return text[:-1] if text.endswith("\n") else text
+
+
 # ============================================================================================
 # generate and chat
 # ============================================================================================
@@ -107,27 +169,63 @@ def sampling_settings(args) -> dict:
     """generate() keyword arguments from the sampling options; None = the checkpoint's default.
 
     Giving any sampling option turns sampling on; ``--greedy`` turns it off and cannot be
-    combined with them (they would be silently ignored).
+    combined with them (they would be silently ignored). Every option is checked here, before
+    anything is printed, so an error names the flag rather than generate()'s argument.
     """
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     given = [f"--{name.replace('_', '-')}" for name, value in sampling.items() if value is not None]
     if args.greedy and given:
         raise UsageError(f"--greedy picks the most likely token; it cannot be combined with {', '.join(given)}")
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling_options(args)
     do_sample = False if args.greedy else (True if given else None)
     return dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, **sampling)
 
 
-def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict, stats: dict) -> list[int]:
-    """Generate after ``prompt_ids`` and print the new text as it comes; return the new ids.
+def check_sampling_options(args) -> None:
+    """UsageError naming the first generation flag that generate() could not use."""
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(f"--temperature must be a finite number > 0, got {args.temperature:g}; "
+                         "for greedy decoding use --greedy")
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 turns the top-k limit off), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # False for NaN too
+        raise UsageError(f"--top-p must be in (0, 1] (1 keeps every token), got {args.top_p:g}")
+    penalty = args.repetition_penalty
+    if penalty is not None and not (math.isfinite(penalty) and penalty > 0):
+        raise UsageError(f"--repetition-penalty must be a finite number > 0 (1 means no penalty), got {penalty:g}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
 
-    The streamer is first given the prompt (printing nothing) so that each new piece is decoded
-    as part of the whole sequence: a word decoded alone would lose its leading space
-    (REFERENCE.md §5).
+
+class EchoingStreamer(TextStreamer):
+    """A TextStreamer that prints ``echo`` (the prompt as typed) when generate() hands it the
+    prompt ids. generate() does so only after checking every setting, so a setting it refuses
+    (say, from generation_config.json) is reported before any output, not after the prompt."""
+
+    def __init__(self, tokenizer, echo: str | None):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.echo = echo
+
+    def put(self, token_ids) -> str:
+        if self.echo is not None:
+            print(self.echo, end="", flush=True)
+            self.echo = None
+        return super().put(token_ids)
+
+
+def stream_continuation(model, tokenizer, prompt_ids: list[int], settings: dict, stats: dict,
+                        echo: str | None = None) -> list[int]:
+    """Generate after ``prompt_ids`` and print ``echo`` then the new text as it comes; return
+    the new ids.
+
+    The streamer is first given the prompt (printing only ``echo``) so that each new piece is
+    decoded as part of the whole sequence: a word decoded alone would lose its leading space
+    (docs/reference.md §5.3).
     """
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = EchoingStreamer(tokenizer, echo)
     sequences = model.generate(np.array([prompt_ids], dtype=np.int64), streamer=streamer,
                                stats=stats, **settings)
     return [int(i) for i in sequences[0, len(prompt_ids):]]
@@ -141,17 +239,39 @@ def speed_report(stats: dict, prompt_length: int) -> str:
     """
     steps, seconds = stats["decode_steps"], stats["decode_seconds"]
     rate = f"{steps / seconds:.1f} tokens/s" if steps and seconds > 0 else "- tokens/s"
-    return (f"{stats['new_tokens']} new tokens; {rate} over the {steps} steps after the first "
-            f"(prompt of {prompt_length} tokens read in {stats['prompt_seconds']:.2f} s, not counted)")
+    return (f"{plural(stats['new_tokens'], 'new token')}; {rate} over the {plural(steps, 'step')} after the "
+            f"first (prompt of {plural(prompt_length, 'token')} read in {stats['prompt_seconds']:.2f} s, "
+            "not counted)")
+
+
+def check_checkpoint_temperature(model, settings: dict, name_or_path) -> None:
+    """A generation_config.json may hold temperature 0, harmless while it decodes greedily; a
+    sampling flag other than --temperature turns sampling on and would then use it."""
+    defaults = model.generation_config
+    sampling = defaults.do_sample if settings["do_sample"] is None else settings["do_sample"]
+    temperature = defaults.temperature
+    usable = isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
+    if sampling and settings["temperature"] is None and not usable:
+        raise UsageError(f"sampling needs a temperature > 0, and the generation_config.json of {name_or_path} "
+                         f"has temperature {temperature!r}; give --temperature too")
+
+
+def load_for_generation(args, verb: str, settings: dict):
+    """The causal LM and tokenizer for generate and chat, refused before any output when the
+    checkpoint is of another kind or its defaults cannot serve the sampling flags."""
+    require_model_class(args.model, LlamaForCausalLM, verb)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    check_checkpoint_temperature(model, settings, args.model)
+    return model, tokenizer
 
 
 def run_generate(args) -> int:
     settings = sampling_settings(args)
-    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
-    prompt_ids = tokenizer.encode(args.prompt)
+    model, tokenizer = load_for_generation(args, "generate", settings)
+    prompt = prompt_text(args)
+    prompt_ids = tokenizer.encode(prompt)
     stats: dict = {}
-    print(args.prompt, end="", flush=True)
-    stream_continuation(model, tokenizer, prompt_ids, settings, stats)
+    stream_continuation(model, tokenizer, prompt_ids, settings, stats, echo=prompt)
     print(speed_report(stats, len(prompt_ids)), file=sys.stderr)
     return EXIT_OK
 
@@ -159,15 +279,34 @@ def run_generate(args) -> int:
 CHAT_EXIT_WORDS = ("exit", "quit")
 
 
+def warn_without_chat_template(tokenizer, name_or_path) -> None:
+    """Warn when a model with no chat_template gets the Llama 2 format without being a Llama 2
+    chat model (judged by its name or path, e.g. meta-llama/Llama-2-7b-chat-hf)."""
+    if tokenizer.chat_template is not None:
+        return
+    names = f"{name_or_path} {resolve_model_path(name_or_path)}".lower()
+    if re.search(r"llama-?2[^/]*chat", names):
+        return
+    warnings.warn(f"{name_or_path} has no chat_template in its tokenizer_config.json and is not a "
+                  "Llama 2 chat model; the conversation is written in Llama 2's [INST] format, "
+                  "which this model may not have been trained on")
+
+
 def run_chat(args) -> int:
     """Read one user turn per line from stdin; answer each with the whole dialog as context.
 
-    The dialog is written in Meta's Llama 2 format by the tokenizer's ``apply_chat_template``
-    (``<s>[INST] <<SYS>>…<</SYS>> user [/INST] answer </s><s>[INST] …``). The session ends at
-    end of input, an empty line, or "exit" / "quit".
+    The dialog is written by the tokenizer's ``apply_chat_template``: in the model's own
+    ``chat_template`` from tokenizer_config.json when it has one, else in Meta's Llama 2 format
+    (``<s>[INST] <<SYS>>…<</SYS>> user [/INST] answer </s><s>[INST] …``), with one warning when
+    the model is not a Llama 2 chat model. The session ends at end of input, an empty line, or
+    "exit" / "quit".
     """
     settings = sampling_settings(args)
-    model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
+    if sys.stdin is None:
+        raise InputError("chat reads one message per line from stdin, and stdin is closed; run it in a "
+                         "terminal or give it input (a pipe or a file)")
+    model, tokenizer = load_for_generation(args, "chat", settings)
+    warn_without_chat_template(tokenizer, args.model)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; an empty line, 'exit' or Ctrl-D ends the chat.", file=sys.stderr)
@@ -175,7 +314,7 @@ def run_chat(args) -> int:
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        line = read_stdin("a message", one_line=True)
         text = line.strip()
         if not line or not text or text.lower() in CHAT_EXIT_WORDS:
             return EXIT_OK
@@ -228,6 +367,7 @@ def label_names(config) -> list[str]:
 
 
 def run_classify(args) -> int:
+    require_model_class(args.model, LlamaForSequenceClassification, "classify")
     model = LlamaForSequenceClassification.from_pretrained(args.model)
     tokenizer = LlamaTokenizer.from_pretrained(args.model)
     rows = [tokenizer.encode(text) for text in args.texts]
@@ -273,13 +413,15 @@ def run_logits(args) -> int:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     if args.out:
         check_output_path(Path(args.out))
+    require_model_class(args.model, LlamaForCausalLM, "logits")
+    prompt = prompt_text(args)
     model, tokenizer = LlamaForCausalLM.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
-    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
+    input_ids = np.array([tokenizer.encode(prompt)], dtype=np.int64)  # (1, T)
     logits = model(input_ids).logits  # (1, T, V)
     last = logits[0, -1].astype(np.float64)  # (V,)
     probabilities = softmax(last)
     top = np.argsort(-last, kind="stable")[: args.top]
-    print(f"next token after {input_ids.shape[1]} prompt tokens (top {len(top)} of {last.shape[0]}):")
+    print(f"next token after {plural(input_ids.shape[1], 'prompt token')} (top {len(top)} of {last.shape[0]}):")
     print(f"{'rank':>4}  {'id':>6}  {'probability':>11}  {'logit':>9}  token")
     for rank, token_id in enumerate(top, start=1):
         piece = tokenizer.convert_ids_to_tokens(int(token_id))
@@ -312,20 +454,88 @@ def save_npz(path: Path, **arrays) -> None:
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz file. Pickled object arrays are refused (allow_pickle=False):
-    loading one could run code."""
+    """Every array of an .npz file (a zip archive of NAME.npy members), each checked before it
+    is read.
+
+    An .npy header declares a shape and a dtype, and NumPy allocates that much before it reads
+    any data: a 200-byte file declaring (1, 3, 2**40) would ask for terabytes. So each member's
+    declared size must equal the bytes it holds (the zip's uncompressed size, ``file_size``),
+    and all the arrays together must fit in ``npz_size_limit()`` -- a member that inflates from
+    a few bytes to terabytes (a deflate bomb) is refused on its declared size, before reading.
+    Pickled object arrays are refused (allow_pickle=False): loading one could run code.
+    """
     if not path.is_file():
         raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):  # an .npy file: np.load returns the array
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            start = f.read(len(NPY_MAGIC))
+        if start == NPY_MAGIC:
             raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
-        with archive:
-            return {name: archive[name] for name in archive.files}
+        raise InputError(f"{path} is not an .npz file: an .npz is a zip archive of .npy arrays, and this "
+                         "file is not a zip archive")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sizes = {info.filename: npy_member_size(path, archive, info) for info in archive.infolist()}
+            total, limit = sum(sizes.values()), npz_size_limit()
+            if total > limit:
+                largest = max(sizes, key=sizes.get)
+                raise InputError(f"{path}: its arrays would take {human_bytes(total)} in memory (the largest, "
+                                 f"{largest.removesuffix('.npy')}, {human_bytes(sizes[largest])}), more than "
+                                 f"the {human_bytes(limit)} read from one file (half the memory available "
+                                 "now, at least 2 GiB)")
+            arrays = {}
+            for member in sizes:
+                with archive.open(member) as f:
+                    arrays[member.removesuffix(".npy")] = np.lib.format.read_array(f, allow_pickle=False)
+            return arrays
     except InputError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as error:
         raise InputError(f"{path} is not a readable .npz file: {error}") from None
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def npz_size_limit() -> int:
+    """The most bytes read_npz loads from one file: half the memory available now, at least
+    2 GiB -- the rule that decides whether widened weights are kept (``keep_widened_limit``)."""
+    return keep_widened_limit()
+
+
+def npy_member_size(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The bytes one .npz member's array takes, from its .npy header alone; InputError naming
+    the file and the array when the header is unreadable, asks for a pickle, or declares more
+    (or less) data than the member holds."""
+    name = info.filename.removesuffix(".npy")
+    if not info.filename.endswith(".npy"):
+        raise InputError(f"{path}: member {info.filename} is not an .npy array (an .npz holds NAME.npy members)")
+    if info.flag_bits & 0x1:
+        raise InputError(f"{path}: array {name} is encrypted")
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in readers:
+                raise InputError(f"{path}: array {name} is in .npy format version {version[0]}.{version[1]}; "
+                                 "only 1.0 and 2.0 are read (3.0 only adds Unicode field names)")
+            shape, _, dtype = readers[version](f)
+        except InputError:
+            raise
+        except ValueError as error:
+            raise InputError(f"{path}: array {name} has no readable .npy header: {error}") from None
+        header_bytes = f.tell()
+    if any(n < 0 for n in shape):
+        raise InputError(f"{path}: array {name} declares a negative size in its shape {shape}")
+    if dtype.hasobject:
+        raise InputError(f"{path}: array {name} holds Python objects, stored as a pickle; refused, since "
+                         "loading a pickle can run code (allow_pickle=False)")
+    declared = math.prod(shape) * dtype.itemsize
+    held = info.file_size - header_bytes
+    if declared != held:
+        raise InputError(f"{path}: array {name} declares shape {shape} {dtype} ({human_bytes(declared)}) but "
+                         f"holds {held:,} bytes of data; the file is damaged or was not written by NumPy")
+    return max(declared, math.prod(shape))  # a zero-size dtype still costs per element
 
 
 def read_reference(path: Path, prefix: str | None) -> dict[str, np.ndarray]:
@@ -396,6 +606,11 @@ def run_compare(args) -> int:
     model_class = LlamaForSequenceClassification if classifier else LlamaForCausalLM
     if args.model is None:  # a classifier reference (B, labels) defaults to the bundled classifier
         args.model = DEFAULT_CLASSIFIER if classifier else DEFAULT_MODEL
+    if model_class_for(args.model) is not model_class:
+        kind = "classifier logits (B, labels)" if classifier else "language-model logits (B, T, V)"
+        raise InputError(f"{path} holds {kind} of shape {ref_logits.shape}, but {args.model} is "
+                         f"{'not a sequence classifier' if classifier else 'not a causal language model'}; "
+                         "compare it with a checkpoint of the kind that wrote the reference")
     model = model_class.from_pretrained(args.model, dtype=dtype)
     width = model.config.num_labels if classifier else model.config.vocab_size
     if ref_logits.shape[-1] != width:
@@ -403,16 +618,19 @@ def run_compare(args) -> int:
         raise InputError(f"{path}: logits have {ref_logits.shape[-1]} {what} per position; the model "
                          f"{args.model} has {width}")
     ids = reference["input_ids"]
+    # (B, T) True where a position is compared. Logits at padding positions mean nothing
+    # (Transformers' and ours may differ there); a classifier has one pooled "position" per row.
+    mask = (np.ones((ids.shape[0], 1), dtype=bool) if classifier else
+            reference.get("attention_mask", np.ones(ids.shape, dtype=np.int64)).astype(bool))
+    if not mask.any():  # nothing to check is not a pass
+        print(f"FAIL: nothing was compared: attention_mask is 0 at every position of {path}")
+        return EXIT_FAILED
     out = model(ids, attention_mask=reference.get("attention_mask"),
                 **({"position_ids": reference["position_ids"]} if "position_ids" in reference else {}))
     ours = out.logits.astype(np.float64)
     ref = ref_logits.astype(np.float64)
-    if classifier:  # one pooled "position" per row
+    if classifier:
         ours, ref = ours[:, None, :], ref[:, None, :]
-        mask = np.ones(ours.shape[:2], dtype=bool)
-    else:
-        # Logits at padding positions mean nothing (Transformers' and ours may differ there).
-        mask = reference.get("attention_mask", np.ones(ids.shape, dtype=np.int64)).astype(bool)
     return report_comparison(ours, ref, mask, ids, args.atol, classifier)
 
 
@@ -440,8 +658,9 @@ def report_comparison(ours, ref, mask, ids, atol, classifier) -> int:
     b, t = np.unravel_index(np.argmax(np.where(mask, max_difference, -1.0)), mask.shape)
     passed = bool((worst_ratio[mask] <= 1).all())
     where = f"row {b}" if classifier else f"row {b}, position {t}"
-    print(f"max |Δlogit| {max_difference[b, t]:.3e} at {where}; argmax agrees at {agreeing}/{compared} "
-          f"{'rows' if classifier else 'positions'}")
+    unit = "row" if classifier else "position"
+    print(f"max |Δlogit| {max_difference[b, t]:.3e} at {where}; argmax agrees at {agreeing}/"
+          f"{plural(compared, unit)}")
     print(f"{'PASS' if passed else 'FAIL'}: tolerance |Δ| <= {atol:g} * max(1, |reference logit|)")
     return EXIT_OK if passed else EXIT_FAILED
 
@@ -510,8 +729,8 @@ def window_progress(total: int):
 
 
 def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
 
@@ -559,7 +778,7 @@ def print_architecture(config, classifier: bool) -> None:
     gqa = config.num_key_value_groups
     kind = ("multi-head attention" if gqa == 1 else
             "multi-query attention" if config.num_key_value_heads == 1 else "grouped-query attention")
-    print(f"GQA ratio        {gqa}:1 ({gqa} query head{'s' if gqa != 1 else ''} per key/value head; {kind})")
+    print(f"GQA ratio        {gqa}:1 ({plural(gqa, 'query head')} per key/value head; {kind})")
     print(f"vocabulary       {config.vocab_size}")
     print(f"max positions    {config.max_position_embeddings}")
     rope = dict(config.rope_parameters)
@@ -578,12 +797,12 @@ def print_storage(checkpoint) -> None:
     counts: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():
         counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
-    dtypes = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(counts.items()))
+    dtypes = ", ".join(f"{name} ({plural(n, 'tensor')})" for name, n in sorted(counts.items()))
     print(f"storage dtype    {dtypes}")
     file_bytes = sum(Path(f).stat().st_size for f in checkpoint.files)
     files = len(checkpoint.files)
-    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in {files} "
-          f"file{'s' if files != 1 else ''}; tensor data {checkpoint.nbytes:,})")
+    print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in "
+          f"{plural(files, 'file')}; tensor data {checkpoint.nbytes:,})")
 
 
 def print_memory(config, parameters: int, stored_bytes: int, length: int, classifier: bool) -> None:
@@ -592,7 +811,7 @@ def print_memory(config, parameters: int, stored_bytes: int, length: int, classi
     head_width = config.num_labels if classifier else config.vocab_size
     activations = activation_bytes(config, length, head_width)
     print(f"memory (float32) about {human_bytes(weights + sum(activations.values()))} for one sequence of "
-          f"{length} tokens, batch 1:")
+          f"{plural(length, 'token')}, batch 1:")
     print(f"  {'weights widened to float32':<40} {human_bytes(weights)}")
     for name, size in activations.items():
         print(f"  {name:<40} {human_bytes(size)}")
@@ -614,6 +833,32 @@ def print_memory(config, parameters: int, stored_bytes: int, length: int, classi
 # ============================================================================================
 
 DUMP_INPUTS = ("input_ids", "attention_mask")
+DUMP_ALWAYS = (*DUMP_INPUTS, "logits")
+
+
+def check_name_parts(parts: list[str], config) -> None:
+    """UsageError for a --names part that no hook name contains (it would select nothing),
+    with the closest hook names: a typo would otherwise save an empty dump and exit 0."""
+    names = hook_names(config)
+    for part in parts:
+        if any(part in name for name in (*names, *DUMP_ALWAYS)):
+            continue
+        # Close matches among the full names and their forms without "blocks.{l}.", the way
+        # the names are usually written ("hook_resid_post", "attn.hook_pattern").
+        candidates = sorted({form for name in names for form in (name, *name_suffixes(name))})
+        close = difflib.get_close_matches(part, candidates, n=3, cutoff=0.6)
+        if close:
+            listed = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+            hint = f"did you mean {listed}?"
+        else:
+            hint = "hook names look like hook_embed, blocks.0.attn.hook_q or hook_resid_post"
+        raise UsageError(f"--names {part} matches no hook name; {hint} (all names: docs/trace.md)")
+
+
+def name_suffixes(name: str) -> list[str]:
+    """blocks.0.attn.hook_q -> [attn.hook_q, hook_q]; the parts a --names filter is written with."""
+    pieces = name.split(".")
+    return [".".join(pieces[i:]) for i in range(1, len(pieces)) if not pieces[i].isdigit()]
 
 
 def run_dump(args) -> int:
@@ -621,8 +866,11 @@ def run_dump(args) -> int:
     out = Path(args.out)
     check_output_path(out)
     model_class = model_class_for(args.model)
+    if args.names:
+        check_name_parts(args.names, open_model_files(args.model)[0])
+    prompt = prompt_text(args)
     model, tokenizer = model_class.from_pretrained(args.model), LlamaTokenizer.from_pretrained(args.model)
-    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)  # (1, T)
+    input_ids = np.array([tokenizer.encode(prompt)], dtype=np.int64)  # (1, T)
     names_filter = (lambda name: any(part in name for part in args.names)) if args.names else None
     logits, cache = model.run_with_cache(input_ids, names_filter=names_filter)
     arrays = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
@@ -630,7 +878,7 @@ def run_dump(args) -> int:
     arrays.update((name, np.asarray(value, dtype=np.float32)) for name, value in cache.items())
     save_npz(out, **arrays)
     size = sum(a.nbytes for a in arrays.values())
-    print(f"saved {len(cache)} activations, logits {arrays['logits'].shape} and input_ids "
+    print(f"saved {plural(len(cache), 'activation')}, logits {arrays['logits'].shape} and input_ids "
           f"{input_ids.shape} ({human_bytes(size)}) to {out}")
     return EXIT_OK
 
@@ -681,7 +929,7 @@ def run_diff(args) -> int:
     if first_divergence is not None:
         print(f"FAIL: first divergence at {first_divergence} (tolerance {args.atol:g} x max(1, |value|))")
         return EXIT_FAILED
-    print(f"PASS: {len(common)} arrays within {args.atol:g} x max(1, |value|)")
+    print(f"PASS: {plural(len(common), 'array')} within {args.atol:g} x max(1, |value|)")
     return EXIT_OK
 
 
@@ -706,7 +954,7 @@ def run_attention(args) -> int:
         raise UsageError(f"--layer must be in [0, {config.num_hidden_layers}), got {args.layer}")
     if args.head is not None and not 0 <= args.head < config.num_attention_heads:
         raise UsageError(f"--head must be in [0, {config.num_attention_heads}), got {args.head}")
-    input_ids = np.array([tokenizer.encode(args.prompt)], dtype=np.int64)
+    input_ids = np.array([tokenizer.encode(prompt_text(args))], dtype=np.int64)
     _, cache = model.run_with_cache(input_ids, names_filter=f"blocks.{args.layer}.attn.hook_pattern")
     tokens = tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
     if args.head is None:
@@ -714,11 +962,21 @@ def run_attention(args) -> int:
     else:
         figure = plot_attention_head(cache, args.layer, args.head, tokens=tokens)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=out.suffix.lower()[1:], dpi=120)
+    figure.savefig(buffer, format=out.suffix.lower()[1:], dpi=figure_dpi(figure))
     atomic_write(out, [buffer.getvalue()])
     what = f"head {args.head}" if args.head is not None else "all heads"
-    print(f"saved layer {args.layer}, {what}, over {input_ids.shape[1]} tokens to {out}")
+    print(f"saved layer {args.layer}, {what}, over {plural(input_ids.shape[1], 'token')} to {out}")
     return EXIT_OK
+
+
+FIGURE_DPI = 120
+MAX_FIGURE_PIXELS = 1200
+
+
+def figure_dpi(figure) -> float:
+    """120 dpi, lowered for a wide figure so the image is at most 1200 pixels wide: shown
+    whole on a laptop screen, its text (plotting keeps figures narrow enough) stays readable."""
+    return min(FIGURE_DPI, MAX_FIGURE_PIXELS / figure.get_figwidth())
 
 
 def build_parser() -> ArgumentParser:
@@ -739,9 +997,10 @@ def build_parser() -> ArgumentParser:
         common = ArgumentParser(add_help=False)
         shown = default or f"{DEFAULT_MODEL}, or {DEFAULT_CLASSIFIER} for classifier logits (B, labels)"
         common.add_argument("--model", default=default, metavar="NAME_OR_PATH",
-                            help="a checkpoint directory (config.json, *.safetensors, tokenizer.model; "
-                                 "or Meta's params.json, consolidated.NN.pth, tokenizer.model) "
-                                 f"or a bundled model name (default: {shown})")
+                            help="a checkpoint directory (config.json, *.safetensors, tokenizer.model "
+                                 "or tokenizer.json; or Meta's params.json, consolidated.NN.pth, "
+                                 "tokenizer.model), a bundled model name, or a repo id in the "
+                                 f"local Hugging Face cache (default: {shown})")
         return common
 
     sampling = ArgumentParser(add_help=False)
@@ -750,13 +1009,15 @@ def build_parser() -> ArgumentParser:
                        help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS}); "
                             "generation stops earlier at end-of-sequence")
     group.add_argument("--temperature", type=float, metavar="T", help="sample with this temperature (> 0)")
-    group.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
+    group.add_argument("--top-k", type=int, metavar="K",
+                       help="sample from the K most likely tokens (0: no limit, as in Transformers)")
     group.add_argument("--top-p", type=float, metavar="P",
-                       help="sample from the smallest set of most likely tokens whose probabilities add up to >= P")
+                       help="sample from the smallest set of most likely tokens whose probabilities add up "
+                            "to >= P, in (0, 1]")
     group.add_argument("--repetition-penalty", type=float, metavar="R",
                        help="penalise tokens already in the text: their logits are divided by R when positive, "
-                            "multiplied by R when negative (> 1 repeats less)")
-    group.add_argument("--seed", type=int, help="seed for sampling, for reproducible output")
+                            "multiplied by R when negative (R > 0; > 1 repeats less, 1 is no penalty)")
+    group.add_argument("--seed", type=int, help="seed (>= 0) for sampling, for reproducible output")
     group.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
 
     def add_verb(name, help, example, parents=(), description=None):
@@ -771,7 +1032,8 @@ def build_parser() -> ArgumentParser:
         description="Continue PROMPT, printing the text as it is generated. Without sampling options "
                     "the checkpoint's generation_config.json decides between sampling and greedy. "
                     "The speed, counting only the new tokens, is printed on stderr at the end.")
-    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("prompt", metavar="PROMPT",
+                          help="the text to continue; - reads it from stdin (less one final newline)")
     generate.set_defaults(run=run_generate)
 
     chat = add_verb(
@@ -786,11 +1048,16 @@ def build_parser() -> ArgumentParser:
 
     classify = add_verb(
         "classify", "label texts with a sequence classifier",
-        'llama-np classify "Is this a dagger which I see before me," "If music be the food of love, play on"',
+        "llama-np classify " + " ".join(f"$'{text}'".replace("\n", "\\n") for text, _ in CLASSIFY_EXAMPLES),
         [model_option(DEFAULT_CLASSIFIER)],
         description="Print the predicted label and the probability of every label for each TEXT. "
                     "Texts are run as one right-padded batch when the config has a pad_token_id, "
-                    "else one at a time; the numbers are the same either way.")
+                    "else one at a time; the numbers are the same either way. The bundled "
+                    f"{DEFAULT_CLASSIFIER} names the genre of 69% of 128-token passages from six plays "
+                    "it never saw (from 25% on Macbeth to 90% on Julius Caesar; see its MODEL_CARD.md); "
+                    "on a single line it guesses, swayed by the speaker's name (a KING reads as history). "
+                    "The example's lines, written as in its training text (speaker, newline, speech), "
+                    "come from two of those plays, and it labels them right.")
     classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(run=run_classify)
 
@@ -801,7 +1068,7 @@ def build_parser() -> ArgumentParser:
         description="Print the most likely next tokens after PROMPT with their probabilities. "
                     "--out saves input_ids (1, T), attention_mask (1, T) and the logits of every "
                     "position (1, T, V) as float32, a reference file for 'llama-np compare'.")
-    logits.add_argument("prompt", metavar="PROMPT")
+    logits.add_argument("prompt", metavar="PROMPT", help="the text to run; - reads it from stdin")
     logits.add_argument("--top", type=int, default=10, metavar="N", help="how many tokens to show (default: 10)")
     logits.add_argument("--out", metavar="FILE.npz", help="save the full logits with the input ids")
     logits.set_defaults(run=run_logits)
@@ -871,7 +1138,7 @@ def build_parser() -> ArgumentParser:
                     "blocks.{l}.attn.hook_q, blocks.{l}.hook_resid_post, ...; see docs/trace.md), "
                     "as float32. Write the same names from your own implementation, on the same "
                     "input_ids, and 'llama-np diff' finds the first place the two part ways.")
-    dump.add_argument("prompt", metavar="PROMPT")
+    dump.add_argument("prompt", metavar="PROMPT", help="the text to run; - reads it from stdin")
     dump.add_argument("--out", required=True, metavar="FILE.npz", help="where to save the activations")
     dump.add_argument("--names", nargs="+", metavar="PART",
                       help="keep only hook names containing one of these parts (default: all)")
@@ -897,7 +1164,7 @@ def build_parser() -> ArgumentParser:
         description="Run PROMPT and save the attention weights of --layer as a figure: one head's "
                     "pattern with --head, else every head of the layer with the query heads that "
                     "share a key/value head grouped together.")
-    attention.add_argument("prompt", metavar="PROMPT")
+    attention.add_argument("prompt", metavar="PROMPT", help="the text to run; - reads it from stdin")
     attention.add_argument("--layer", type=int, required=True, metavar="L", help="layer index, from 0")
     attention.add_argument("--head", type=int, metavar="H", help="one query head (default: the whole layer)")
     attention.add_argument("--out", required=True, metavar="FILE.png", help="a .png, .svg or .pdf to write")
@@ -967,6 +1234,35 @@ def _warning_printer():
 
 def main(argv=None) -> int:
     """Run one ``llama-np`` command; returns the exit status."""
+    with escapes_for_unencodable_output():
+        return _run(argv)
+
+
+@contextlib.contextmanager
+def escapes_for_unencodable_output():
+    """Write what stdout's encoding cannot hold as Python escapes (é -> \\xe9), as Python
+    already does on stderr, instead of failing.
+
+    With an ASCII-only stdout (PYTHONIOENCODING=ascii, a C locale, some pipes) a prompt or a
+    generated word with an accent would otherwise end the command in UnicodeEncodeError half
+    way through its output. The stream's own setting is restored afterwards: ``main`` can be
+    called from Python.
+    """
+    stream = sys.stdout
+    if getattr(stream, "errors", None) != "strict" or not hasattr(stream, "reconfigure"):
+        yield
+        return
+    stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        try:
+            stream.reconfigure(errors="strict")
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to write anyway
+            pass
+
+
+def _run(argv) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer()

@@ -1,6 +1,6 @@
 """LlamaConfig: read and validate a Hugging Face ``config.json`` for the Llama family.
 
-Two spellings of the RoPE settings exist on disk (REFERENCE.md §1) and both load:
+Two spellings of the RoPE settings exist on disk (docs/reference.md §1.2) and both load:
 
 - 4.x, used by every Llama 2 checkpoint: top-level ``rope_theta`` and ``rope_scaling``
   (``null`` or a dict whose type is under ``rope_type`` or the older ``type``), ``torch_dtype``;
@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_np.checkpoint import atomic_write_text, read_json_object, resolve_model_path
+from llama_np import layers
+from llama_np.checkpoint import atomic_write_text, is_file, read_json_object, resolve_model_path
 from llama_np.errors import ConfigError
 from llama_np.inputs import is_integer
 
-# Defaults of Transformers' LlamaConfig when a key is absent (REFERENCE.md §1).
+# Defaults of Transformers' LlamaConfig when a key is absent (docs/reference.md §1.1).
 DEFAULTS = {
     "vocab_size": 32000,
     "hidden_size": 4096,
@@ -49,7 +50,7 @@ DEFAULTS = {
     "torch_dtype": None,
 }
 
-# The fields each RoPE type needs besides rope_theta (REFERENCE.md §3, "Scaling types").
+# The fields each RoPE type needs besides rope_theta (docs/reference.md §3.4).
 ROPE_REQUIRED_FIELDS = {
     "default": (),
     "linear": ("factor",),
@@ -58,7 +59,7 @@ ROPE_REQUIRED_FIELDS = {
     "yarn": ("factor", "original_max_position_embeddings"),
 }
 
-# Optional yarn fields: null (Transformers' default) or a positive number (REFERENCE.md §3).
+# Optional yarn fields: null (Transformers' default) or a positive number (docs/reference.md §3.4).
 YARN_OPTIONAL_FIELDS = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
 
 # The settings that switch a part of the model on or off; JSON true or false, nothing else.
@@ -66,6 +67,11 @@ BOOLEAN_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 
 # Every number the model computes with passes through float32: a larger one becomes inf.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# yarn multiplies cos and sin by an attention factor (1.1 to 1.5 in published models), so the
+# attention scores scale with its square. Outside these bounds attention is all but uniform
+# (below) or one-hot and soon inf in float32 (above, e.g. 1e28 from mscale=1e30): NaN logits.
+ATTENTION_FACTOR_RANGE = (1e-2, 1e2)
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
@@ -117,11 +123,12 @@ class LlamaConfig:
             raise ConfigError(f"{path}: {error}") from None
 
     @classmethod
-    def from_pretrained(cls, name_or_path) -> "LlamaConfig":
-        """Read ``config.json`` from a checkpoint directory or a bundled model name."""
-        directory = resolve_model_path(name_or_path)
+    def from_pretrained(cls, name_or_path, revision=None) -> "LlamaConfig":
+        """Read ``config.json`` from a checkpoint directory, a bundled model name or a repo id
+        in the Hugging Face cache (at ``revision``)."""
+        directory = resolve_model_path(name_or_path, revision=revision)
         path = directory / CONFIG_FILE
-        if not path.is_file():
+        if not is_file(path, ConfigError):
             raise ConfigError(f"{directory} has no {CONFIG_FILE}")
         return cls.from_json_file(path)
 
@@ -314,6 +321,38 @@ class LlamaConfig:
             raise ConfigError(
                 f"llama3 RoPE needs high_freq_factor > low_freq_factor, got "
                 f"{rope['high_freq_factor']!r} <= {rope['low_freq_factor']!r}"
+            )
+        if rope_type == "dynamic" and self.head_dim == 2:
+            # its base grows with the power hd / (hd - 2)
+            raise ConfigError("dynamic RoPE needs head_dim > 2, got head_dim=2")
+        self._validate_rope_result()
+
+    def _validate_rope_result(self):
+        """Each RoPE field can be a fine number on its own and the frequencies or the attention
+        factor they give still be inf, NaN or absurd: compute them once, as the model will."""
+        rope = self.rope_parameters
+        settings = ", ".join(f"{name}={value!r}" for name, value in rope.items())
+        try:
+            with np.errstate(all="ignore"):
+                inv_freq, attention_factor = layers.rope_frequencies(
+                    self.head_dim, rope, self.max_position_embeddings, self.max_position_embeddings)
+        except (ArithmeticError, ValueError) as error:  # e.g. a yarn beta so small its log is inf
+            raise ConfigError(
+                f"the RoPE settings ({settings}) cannot be computed: {error}") from None
+        if not np.isfinite(inv_freq).all():
+            raise ConfigError(
+                f"the RoPE settings ({settings}) give frequencies that are not finite")
+        low, high = ATTENTION_FACTOR_RANGE
+        if not low <= attention_factor <= high:  # also False for NaN
+            if rope.get("attention_factor") is not None:
+                source = f"attention_factor={rope['attention_factor']!r}"
+            else:
+                source = (f"mscale={rope.get('mscale')!r} and mscale_all_dim="
+                          f"{rope.get('mscale_all_dim')!r} (factor={rope.get('factor')!r})")
+            raise ConfigError(
+                f"RoPE field {source} gives an attention factor of {attention_factor:.4g}, outside "
+                f"[{low}, {high}]; cos and sin are multiplied by it, so attention scores by its "
+                "square, and published yarn models use about 1.1 to 1.5"
             )
 
 

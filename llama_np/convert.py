@@ -38,6 +38,7 @@ from llama_np.checkpoint import (
     atomic_write,
     atomic_write_text,
     float32_to_bf16_bits,
+    is_file,
 )
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, InputError
@@ -279,7 +280,7 @@ def _check_representable(name: str, before: np.ndarray, after: np.ndarray, what:
 def _write_tokenizer(meta_dir: Path, out_dir: Path) -> list[Path]:
     """tokenizer.model with tokenizer_config.json and special_tokens_map.json, if Meta's is there."""
     vocab_file = meta_dir / VOCAB_FILE_NAME
-    if not vocab_file.is_file():
+    if not is_file(vocab_file):
         return []
     return [Path(p) for p in LlamaTokenizer(vocab_file).save_pretrained(out_dir)]
 

@@ -1,4 +1,4 @@
-"""Text generation: the key/value cache, the logit processors, sampling and ``generate``.
+"""Text generation: the logit processors, sampling and ``generate``.
 
 One step of generation runs the model on the newest token only, with the keys and values of every
 earlier position read from the KV cache (``llama_np/cache.py``).
@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
-from llama_np.cache import KVCache  # noqa: F401  (generate's cache; also importable from here)
 from llama_np.checkpoint import read_json_object
 from llama_np.errors import CheckpointError, InputError
 from llama_np.inputs import check_attention_mask, check_input_ids, is_integer, is_number

@@ -102,7 +102,11 @@ def check_labels(labels, shape, name: str = "labels") -> np.ndarray:
 
 def check_class_labels(labels) -> np.ndarray:
     """Sequence-classification labels: class indices or float targets, as an array of numbers."""
-    labels = _as_2d(labels, "labels") if np.ndim(labels) else np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except ValueError:  # NumPy refuses rows of different lengths
+        raise InputError("labels rows have different lengths: give one label (or one row of "
+                         "targets) per sequence") from None
     if labels.dtype.kind not in "iuf":
         raise InputError(f"labels must be numbers (class indices or targets), got dtype {labels.dtype}")
     return labels

@@ -31,6 +31,7 @@ from llama_np.checkpoint import (
     SINGLE_FILE_NAME,
     Checkpoint,
     StoredTensor,
+    is_file,
     read_json_object,
     resolve_model_path,
 )
@@ -186,7 +187,7 @@ def meta_config(params: MetaParams, vocab_size: int, llama_version: str = DEFAUL
 def tokenizer_vocab_size(directory: Path, params_path: Path) -> int:
     """vocab_size -1 in params.json: the number of pieces of the directory's tokenizer.model."""
     vocab_file = directory / VOCAB_FILE_NAME
-    if not vocab_file.is_file():
+    if not is_file(vocab_file):
         raise ConfigError(
             f"{params_path} has vocab_size -1 (as many as the tokenizer has), but {directory} has "
             f"no {VOCAB_FILE_NAME}; Meta's download keeps it in the folder above the model's: copy "
@@ -398,7 +399,9 @@ def _warn_unused(shards, files, used) -> None:
 def is_meta_checkpoint(directory) -> bool:
     """Meta's layout: params.json beside consolidated.NN.pth, and no Hugging Face config.json."""
     directory = Path(directory)
-    return (directory / PARAMS_FILE).is_file() and not (directory / CONFIG_FILE).is_file()
+    # config.json first, as LlamaConfig.from_pretrained looks for it: an unsearchable directory
+    # is then the same ConfigError naming config.json whichever layout it holds.
+    return not is_file(directory / CONFIG_FILE, ConfigError) and is_file(directory / PARAMS_FILE, ConfigError)
 
 
 def open_meta_checkpoint(directory, llama_version: str = DEFAULT_LLAMA_VERSION
@@ -440,11 +443,11 @@ def open_model_files(name_or_path) -> tuple[LlamaConfig, Checkpoint]:
     directory = resolve_model_path(name_or_path)
     if is_meta_checkpoint(directory):
         return open_meta_checkpoint(directory)
-    if not (directory / CONFIG_FILE).is_file() and any(directory.glob("consolidated.*.pth")):
+    if not is_file(directory / CONFIG_FILE) and any(directory.glob("consolidated.*.pth")):
         raise CheckpointError(f"{directory} holds consolidated.NN.pth files but no {PARAMS_FILE}; "
                               "Meta's layout needs params.json beside them")
     config = LlamaConfig.from_pretrained(directory)
-    has_safetensors = (directory / SINGLE_FILE_NAME).is_file() or (directory / INDEX_FILE_NAME).is_file()
+    has_safetensors = is_file(directory / SINGLE_FILE_NAME) or is_file(directory / INDEX_FILE_NAME)
     if not has_safetensors and has_pickled_weights(directory):
         return config, open_pickled_checkpoint(directory)
     return config, Checkpoint.open(directory)

@@ -218,6 +218,7 @@ class LlamaStack(LlamaPreTrainedModel):
                 tap: Tap = no_tap) -> BaseModelOutput:
         """Embedding, every decoder layer and the final norm.  input_ids (B, T)."""
         config = self.config
+        self.weights.check_unchanged()  # memory-mapped weights of a file that shrank would crash
         run = inputs.check_forward(config, self.dtype, input_ids, attention_mask, position_ids,
                                    past_key_values, use_cache)
         batch, length = run.input_ids.shape

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from llama_np import layers
 from llama_np.errors import InputError
@@ -25,6 +27,10 @@ from llama_np.trace import logit_lens
 SPACE_MARK = "␣"  # shown for sentencepiece's "▁" (a word start) and for real spaces
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 MAX_TICK_LABELS = 48  # beyond this many positions, label every n-th one
+TICK_FONT_SIZE = 8  # points
+# A token label needs a line of 1.25 times its font size, or neighbours run into each other.
+LABEL_LINE_HEIGHT = 1.25
+POINTS_PER_INCH = 72
 MAX_ANNOTATED_CELLS = 600  # the logit lens writes a token into each cell up to this many
 
 
@@ -48,17 +54,34 @@ def _tick_label(piece: str) -> str:
     return display_token(piece).replace("$", r"\$")
 
 
-def _set_token_ticks(ax, tokens: Sequence[str] | None, axis: str, rotate: bool = False) -> None:
-    """Token labels on one axis, thinned to at most MAX_TICK_LABELS."""
+def labels_that_fit(inches: float, font_size: float = TICK_FONT_SIZE) -> int:
+    """How many token labels of ``font_size`` points can stand side by side along ``inches``."""
+    return int(inches * POINTS_PER_INCH / (font_size * LABEL_LINE_HEIGHT))
+
+
+def _inches_for_labels(count: int, font_size: float = TICK_FONT_SIZE) -> float:
+    return count * font_size * LABEL_LINE_HEIGHT / POINTS_PER_INCH
+
+
+def _ordinal(n: int) -> str:
+    """2 -> '2nd', 3 -> '3rd', 11 -> '11th'."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _set_token_ticks(ax, tokens: Sequence[str] | None, axis: str, rotate: bool = False,
+                     max_labels: int = MAX_TICK_LABELS) -> int:
+    """Token labels on one axis, thinned to at most ``max_labels``; returns the step (1: all)."""
     if tokens is None:
-        return
-    step = max(1, math.ceil(len(tokens) / MAX_TICK_LABELS))
+        return 1
+    step = max(1, math.ceil(len(tokens) / max(1, max_labels)))
     positions = np.arange(0, len(tokens), step)
     labels = [_tick_label(tokens[i]) for i in positions]
     if axis == "x":
-        ax.set_xticks(positions, labels, rotation=90 if rotate else 0, fontsize=8)
+        ax.set_xticks(positions, labels, rotation=90 if rotate else 0, fontsize=TICK_FONT_SIZE)
     else:
-        ax.set_yticks(positions, labels, fontsize=8)
+        ax.set_yticks(positions, labels, fontsize=TICK_FONT_SIZE)
+    return step
 
 
 def _token_lookup(id_to_token) -> Callable[[int], str]:
@@ -70,7 +93,13 @@ def _token_lookup(id_to_token) -> Callable[[int], str]:
 
 # ---------------------------------------------------------------------------- attention
 
-MAX_FIGURE_INCHES = 14
+# The widest an attention figure gets. Saved 1200 pixels wide (96 dpi), its smallest text (8 pt
+# tick labels) is then still 10.7 pixels high.
+MAX_FIGURE_WIDTH_INCHES = 12.5
+HEAD_FIGURE_MARGIN_INCHES = 1.6  # colour bar and token labels beside the pattern
+LAYER_PANEL_INCHES = 2.4
+# The share of a panel of the layer figure left for the pattern itself by its title and labels.
+PANEL_IMAGE_SHARE = 0.8
 
 
 def _layer_pattern(attentions, layer: int) -> np.ndarray:
@@ -103,14 +132,21 @@ def plot_attention_head(attentions, layer: int, head: int, tokens: Sequence[str]
     weights = pattern[head]  # (T, S)
     queries, keys = weights.shape
     # 0.3 inch a token, up to a page's width: long passages shrink instead of growing without end
-    scale = min(0.3, MAX_FIGURE_INCHES / max(keys, queries))
-    fig = Figure(figsize=(1.6 + scale * keys, 1.2 + scale * queries), layout="constrained")
+    scale = min(0.3, (MAX_FIGURE_WIDTH_INCHES - HEAD_FIGURE_MARGIN_INCHES) / max(keys, queries))
+    fig = Figure(figsize=(HEAD_FIGURE_MARGIN_INCHES + scale * keys, 1.2 + scale * queries), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8).set_label("attention weight")
     if tokens is not None:
-        _set_token_ticks(ax, tokens, "x", rotate=True)
-        _set_token_ticks(ax, list(tokens)[keys - queries:], "y")
+        length = scale * max(keys, queries)  # inches along the longer side of the pattern
+        fit = labels_that_fit(length)
+        step = _set_token_ticks(ax, tokens, "x", rotate=True, max_labels=fit)
+        _set_token_ticks(ax, list(tokens)[keys - queries:], "y", max_labels=fit)
+        if step > 1:
+            warnings.warn(f"attention figure: labelled every {_ordinal(step)} token, since "
+                          f"{max(keys, queries)} labels at {TICK_FONT_SIZE} pt need "
+                          f"{_inches_for_labels(max(keys, queries)):.1f} inches and the pattern is "
+                          f"{length:.1f} inches across", stacklevel=2)
     ax.set_xlabel("key position (token attended to)")
     ax.set_ylabel("query position (token attending)")
     ax.set_title(f"Attention pattern, layer {layer}, head {head}")
@@ -133,10 +169,17 @@ def plot_attention_layer(attentions, layer: int, num_key_value_heads: int,
     group_size = num_heads // num_key_value_heads
     columns = group_size * max(1, 4 // group_size)
     rows = math.ceil(num_heads / columns)
-    fig = Figure(figsize=(2.4 * columns + 1, 2.4 * rows + 1), layout="constrained")
+    panel = min(LAYER_PANEL_INCHES, (MAX_FIGURE_WIDTH_INCHES - 1) / columns)
+    fig = Figure(figsize=(panel * columns + 1, panel * rows + 1), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True)
     colours = [f"C{g % 10}" for g in range(num_key_value_heads)]
-    show_tokens = tokens is not None and keys <= 16
+    fit = labels_that_fit(PANEL_IMAGE_SHARE * panel)
+    show_tokens = tokens is not None and keys <= fit
+    if tokens is not None and not show_tokens:
+        warnings.warn(f"attention figure: token labels left out, since {keys} labels at {TICK_FONT_SIZE} pt "
+                      f"need {_inches_for_labels(keys):.1f} inches and each head's panel is about "
+                      f"{PANEL_IMAGE_SHARE * panel:.1f} inches across (room for {fit}); plot one head "
+                      "(plot_attention_head, or llama-np attention --head) to see them", stacklevel=2)
     for index, ax in enumerate(axes.flat):
         if index >= num_heads:
             ax.set_axis_off()
@@ -290,6 +333,7 @@ def plot_activation_norms(cache, attention_mask=None, points: Sequence[str] = DE
         line, = ax.plot(layer_index, norms.mean(axis=-1), marker="o", label=point)
         ax.fill_between(layer_index, norms.min(axis=-1), norms.max(axis=-1), color=line.get_color(), alpha=0.15)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel("layer")
     ax.set_ylabel("L2 norm per token (mean, band = min to max)")
     ax.set_title("Activation norms through the layers")

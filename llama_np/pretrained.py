@@ -107,13 +107,25 @@ class Weights:
     Values are memory-mapped checkpoint tensors (``checkpoint.StoredTensor``) or arrays. With
     ``keep_widened`` the widened copy is kept after first use; without it, every use widens
     again (slower, but the float32 copy of a layer lives only while that layer runs).
+    ``checkpoint`` is the ``Checkpoint`` the tensors come from, if any (see ``check_unchanged``).
     """
 
-    def __init__(self, tensors: dict, dtype=np.float32, keep_widened: bool = True):
+    def __init__(self, tensors: dict, dtype=np.float32, keep_widened: bool = True, checkpoint=None):
         self.tensors = dict(tensors)
         self.dtype = np.dtype(dtype)
         self.keep_widened = keep_widened
+        self.checkpoint = checkpoint
         self._widened: dict[str, np.ndarray] = {}
+
+    def check_unchanged(self) -> None:
+        """CheckpointError if a checkpoint file changed since it was opened (one stat per file).
+
+        Kept F32 weights are views of the file's memory mapping: reading them after the file
+        shrank (a re-download in place, a full disk) would kill the process with SIGBUS, so a
+        forward pass asks first.
+        """
+        if self.checkpoint is not None:
+            self.checkpoint.check_unchanged()
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -197,7 +209,8 @@ class LlamaPreTrainedModel:
         return 0
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None):
+    def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None,
+                        revision: str | None = None):
         """Open a checkpoint directory or a bundled model by name. Memory-mapped and lazy.
 
         The directory may be in Hugging Face's layout (safetensors, or pickled
@@ -210,7 +223,7 @@ class LlamaPreTrainedModel:
         available memory, at least 2 GiB).
         """
         dtype = check_compute_dtype(dtype)
-        directory = resolve_model_path(name_or_path)
+        directory = resolve_model_path(name_or_path, revision=revision)
         config, checkpoint = open_model_files(directory)  # safetensors, pytorch_model*.bin or Meta's
         prefix = cls.base_prefix
         if cls.prefix_optional and f"{prefix}embed_tokens.weight" not in checkpoint:
@@ -225,7 +238,7 @@ class LlamaPreTrainedModel:
         if keep_widened is None:
             keep_widened = widened_bytes <= keep_widened_limit()
         generation_config = GenerationConfig.from_pretrained(directory, config)
-        model = cls(config, Weights(tensors, dtype, keep_widened), generation_config)
+        model = cls(config, Weights(tensors, dtype, keep_widened, checkpoint), generation_config)
         model.name_or_path = str(name_or_path)
         model.checkpoint = checkpoint
         return model

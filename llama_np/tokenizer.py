@@ -1,7 +1,7 @@
 """LlamaTokenizer: Llama 2's sentencepiece tokenizer, token for token equal to Transformers 4.45.2's
-slow ``LlamaTokenizer``, plus the Llama 2 chat format and an incremental decoder for streaming.
+slow ``LlamaTokenizer``, plus chat formatting and an incremental decoder for streaming.
 
-The pieces, and what REFERENCE.md section 5 says about each:
+The pieces, and what docs/reference.md §5 says about each:
 
 - **Encoding.** Special-token strings written in the text (``<s>``, ``</s>``, ``<unk>``, an added
   ``<pad>``) are split out first; every other chunk goes through the sentencepiece BPE model
@@ -13,15 +13,17 @@ The pieces, and what REFERENCE.md section 5 says about each:
   character becomes U+FFFD, never an exception), and the one space the dummy prefix added in
   front of the text is removed. Because of that last rule a word decoded alone loses its space,
   so streaming decodes the growing sequence and emits only the new suffix (``IncrementalDecoder``).
-- **Chat.** ``apply_chat_template`` writes Meta's Llama 2 dialog format.
+- **Chat.** ``apply_chat_template`` renders the checkpoint's ``chat_template``, or writes Meta's
+  Llama 2 dialog format when it has none (``llama_np.tokenizer_base``).
 
-The tokenizer runs on the ``sentencepiece`` package; ``llama_np.bpe`` re-implements the encoder
+What the slow and the fast tokenizer (``llama_np.tokenizer_fast``, for a checkpoint's
+``tokenizer.json``) share lives in ``llama_np.tokenizer_base``. The tokenizer runs on the
+``sentencepiece`` package; ``llama_np.bpe`` re-implements the encoder
 in pure Python for reading.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -31,24 +33,27 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from llama_np.checkpoint import atomic_write, atomic_write_text, read_json_object, resolve_model_path
+from llama_np.checkpoint import atomic_write, is_file, read_bytes, resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
+from llama_np.tokenizer_base import (
+    SPECIAL_TOKEN_NAMES,
+    TOKENIZER_CONFIG_NAME,
+    VERY_LARGE_INTEGER,
+    TokenizerBase,
+    _check_ids,
+    _check_settings,
+    _check_side,
+    _check_text,
+    _check_token_string,
+    _is_integer,
+    check_added_tokens,
+    clean_up_tokenization,
+    read_pretrained_settings,
+)
+from llama_np.tokenizer_fast import TOKENIZER_FILE_NAME, LlamaTokenizerFast
 
 SPIECE_UNDERLINE = "▁"  # sentencepiece's visible space, U+2581
 VOCAB_FILE_NAME = "tokenizer.model"
-TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
-
-# Transformers' "no limit" value for model_max_length (int(1e30), as written in Llama 2's
-# tokenizer_config.json); a limit at least this large means "do not truncate or pad to it".
-VERY_LARGE_INTEGER = int(1e30)
-
-# Meta's Llama 2 chat markers (llama/generation.py).
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-
-# The named special tokens, in the order Transformers lists them in all_special_tokens.
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 # Appended to a serialized ModelProto, this sets normalizer_spec.add_dummy_prefix = false:
 # protobuf merges a message that appears twice, so the later field wins. Bytes: field 3
@@ -63,11 +68,11 @@ def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
     Raises TokenizerError naming the file if it is missing or not a sentencepiece model.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path, TokenizerError):
         raise TokenizerError(
             f"{path} does not exist: a Llama tokenizer needs its sentencepiece model file"
         )
-    model_bytes = path.read_bytes()
+    model_bytes = read_bytes(path, TokenizerError)
     proto = model_bytes if add_dummy_prefix else model_bytes + _NO_DUMMY_PREFIX
     processor = spm.SentencePieceProcessor()
     try:
@@ -87,7 +92,7 @@ def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
     return processor, model_bytes
 
 
-class LlamaTokenizer:
+class LlamaTokenizer(TokenizerBase):
     """Llama 2's tokenizer on sentencepiece, matching Transformers 4.45.2's slow LlamaTokenizer.
 
     Args:
@@ -103,9 +108,11 @@ class LlamaTokenizer:
         padding_side, truncation_side: "right" or "left".
         model_max_length: the default limit for truncation and padding="max_length".
         additional_special_tokens: further strings to treat as special tokens.
+        clean_up_tokenization_spaces: whether decode removes the space before punctuation
+            ("a ." -> "a."), as Transformers' option of that name does; off for Llama.
+        chat_template: a Jinja chat template (as in tokenizer_config.json) for
+            ``apply_chat_template``; None writes the Llama 2 chat format.
     """
-
-    model_input_names = ("input_ids", "attention_mask")
 
     def __init__(
         self,
@@ -122,13 +129,16 @@ class LlamaTokenizer:
         truncation_side="right",
         model_max_length=VERY_LARGE_INTEGER,
         additional_special_tokens=None,
+        clean_up_tokenization_spaces=False,
+        chat_template=None,
     ):
         _check_settings(dict(add_bos_token=add_bos_token, add_eos_token=add_eos_token, legacy=legacy,
-                             add_prefix_space=add_prefix_space, model_max_length=model_max_length))
+                             add_prefix_space=add_prefix_space, model_max_length=model_max_length,
+                             clean_up_tokenization_spaces=clean_up_tokenization_spaces))
         self.legacy = True if legacy is None else legacy
         self.vocab_file = str(vocab_file)
         # legacy=False loads the model without its dummy prefix; the prefix is then added by
-        # hand at the start of the text only (REFERENCE §5).
+        # hand at the start of the text only (docs/reference.md §5.2).
         self.sp_model, self._model_bytes = load_sentencepiece(
             vocab_file, add_dummy_prefix=self.legacy
         )
@@ -138,6 +148,8 @@ class LlamaTokenizer:
         self.padding_side = _check_side("padding_side", padding_side)
         self.truncation_side = _check_side("truncation_side", truncation_side)
         self.model_max_length = model_max_length
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.chat_template = chat_template
 
         self.unk_token, self.bos_token, self.eos_token, self.pad_token = (
             unk_token,
@@ -149,6 +161,7 @@ class LlamaTokenizer:
         # Tokens matched as whole strings before sentencepiece sees the text: the special tokens
         # (found in the vocabulary or given new ids from vocab_size on).
         self.added_tokens_encoder: dict[str, int] = {}
+        self._new_token_count = 0  # added tokens whose ids come after the sentencepiece pieces
         self._register_special_tokens()
 
     # ----------------------------------------------------------------------------------------
@@ -161,9 +174,7 @@ class LlamaTokenizer:
 
     def __len__(self) -> int:
         """Vocabulary size including added tokens: the embedding matrix needs this many rows."""
-        return self.vocab_size + sum(
-            1 for i in self.added_tokens_encoder.values() if i >= self.vocab_size
-        )
+        return self.vocab_size + self._new_token_count
 
     def get_vocab(self) -> dict[str, int]:
         """{token: id} for every sentencepiece piece and every added token."""
@@ -171,31 +182,12 @@ class LlamaTokenizer:
         vocab.update(self.added_tokens_encoder)
         return vocab
 
-    @property
-    def all_special_tokens(self) -> list[str]:
-        """bos, eos, unk, pad (those set), then the additional special tokens, without repeats."""
-        named = [getattr(self, name) for name in SPECIAL_TOKEN_NAMES]
-        tokens = [token for token in named + self.additional_special_tokens if token is not None]
-        return list(dict.fromkeys(tokens))
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return [self._token_to_id(token) for token in self.all_special_tokens]
-
-    bos_token_id = property(lambda self: self._special_id(self.bos_token))
-    eos_token_id = property(lambda self: self._special_id(self.eos_token))
-    unk_token_id = property(lambda self: self._special_id(self.unk_token))
-    pad_token_id = property(lambda self: self._special_id(self.pad_token))
-
-    def _special_id(self, token):
-        return None if token is None else self._token_to_id(token)
-
     def add_special_tokens(self, special_tokens: dict) -> int:
         """Set special tokens, e.g. ``{"pad_token": "<pad>"}``; returns how many new ids were made.
 
         A token not in the vocabulary gets the next free id (vocab size for the first one), so
         ``len(tokenizer)`` grows and the model's embedding must grow with it (the model's
-        ``resize_token_embeddings(len(tokenizer))``; REFERENCE §5).
+        ``resize_token_embeddings(len(tokenizer))``; docs/reference.md §5.5).
         """
         if not isinstance(special_tokens, dict):
             raise TokenizerError(
@@ -208,9 +200,8 @@ class LlamaTokenizer:
                 values = list(value)
                 for token in values:
                     _check_token_string(name, token)
-                self.additional_special_tokens += [
-                    t for t in values if t not in self.additional_special_tokens
-                ]
+                known = set(self.additional_special_tokens)
+                self.additional_special_tokens += [t for t in values if t not in known]
             elif name in SPECIAL_TOKEN_NAMES:
                 _check_token_string(name, value)
                 setattr(self, name, value)
@@ -223,7 +214,11 @@ class LlamaTokenizer:
         return len(self) - before
 
     def _register_special_tokens(self):
-        """Give every special token an id: its piece id if sentencepiece has it, else a new one."""
+        """Give every special token an id: its piece id if sentencepiece has it, else a new one.
+
+        New ids are handed out in order from ``len(self)``. Every step here is linear in the
+        number of special tokens, so a tokenizer with 100,000 of them loads in moments.
+        """
         for token in self.all_special_tokens:
             if token in self.added_tokens_encoder:
                 continue
@@ -232,11 +227,17 @@ class LlamaTokenizer:
                 self.added_tokens_encoder[token] = piece_id
             else:
                 self.added_tokens_encoder[token] = len(self)
+                self._new_token_count += 1
         self._added_tokens_decoder = {i: token for token, i in self.added_tokens_encoder.items()}
-        # Longest first, so that a token that is a prefix of another never wins.
-        by_length = sorted(self.added_tokens_encoder, key=len, reverse=True)
-        self._added_tokens_pattern = (
-            re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+        # Where a special token may start (its first letter), and how long the tokens are.
+        first_letters = sorted({token[0] for token in self.added_tokens_encoder})
+        self._special_token_starts = (
+            re.compile("[" + "".join(map(re.escape, first_letters)) + "]")
+            if first_letters
+            else None
+        )
+        self._special_token_lengths = sorted(
+            {len(token) for token in self.added_tokens_encoder}, reverse=True
         )
 
     # ----------------------------------------------------------------------------------------
@@ -265,10 +266,27 @@ class LlamaTokenizer:
         return tokens
 
     def _split_on_special_tokens(self, text: str) -> list[str]:
-        """ "Hello <s>." -> ["Hello ", "<s>", "."]; empty chunks dropped."""
-        if self._added_tokens_pattern is None:
+        """ "Hello <s>." -> ["Hello ", "<s>", "."]; empty chunks dropped.
+
+        From the left, at each place where a special token starts, the longest one that does is
+        split out, so a token that is a prefix of another never wins. Only places holding the
+        first letter of some special token are tried.
+        """
+        if self._special_token_starts is None:
             return [text] if text else []
-        return [chunk for chunk in self._added_tokens_pattern.split(text) if chunk]
+        chunks, done = [], 0
+        for start in self._special_token_starts.finditer(text):
+            position = start.start()
+            if position < done:  # inside the special token just split out
+                continue
+            for length in self._special_token_lengths:
+                token = text[position : position + length]
+                if token in self.added_tokens_encoder:
+                    chunks += [text[done:position], token]
+                    done = position + len(token)
+                    break
+        chunks.append(text[done:])
+        return [chunk for chunk in chunks if chunk]
 
     def _encode_chunk(self, chunk: str) -> list[str]:
         """Pieces for one chunk: an added token is itself; other text goes through sentencepiece.
@@ -300,16 +318,7 @@ class LlamaTokenizer:
         return [self._token_to_id(_check_token_string("token", token)) for token in tokens]
 
     # ----------------------------------------------------------------------------------------
-    # the four methods of the Transformers API (REFERENCE §5)
-
-    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None) -> list[int]:
-        """[bos] + A + [eos], and for a pair + [bos] + B + [eos]; bos/eos as the flags say."""
-        bos = [self.bos_token_id] if self.add_bos_token else []
-        eos = [self.eos_token_id] if self.add_eos_token else []
-        output = bos + list(token_ids_0) + eos
-        if token_ids_1 is not None:
-            output += bos + list(token_ids_1) + eos
-        return output
+    # the four methods of the Transformers API (docs/reference.md §5.4)
 
     def get_special_tokens_mask(
         self, token_ids_0, token_ids_1=None, already_has_special_tokens=False
@@ -348,21 +357,6 @@ class LlamaTokenizer:
     # ----------------------------------------------------------------------------------------
     # encoding a batch: __call__ and encode
 
-    def encode(
-        self, text, text_pair=None, add_special_tokens=True, truncation=None, max_length=None
-    ) -> list[int]:
-        """The ids of one text (and an optional second segment), with bos/eos as configured."""
-        _check_text(text)  # one text; a batch goes through __call__
-        encoding = self(
-            text,
-            text_pair,
-            add_special_tokens=add_special_tokens,
-            truncation=truncation,
-            max_length=max_length,
-            return_attention_mask=False,
-        )
-        return encoding["input_ids"]
-
     def __call__(
         self,
         text,
@@ -395,29 +389,7 @@ class LlamaTokenizer:
             dict with "input_ids" and, as asked, "attention_mask", "token_type_ids",
             "special_tokens_mask"; each a list (one text), a list of lists (a batch) or an array.
         """
-        is_batch = isinstance(text, (list, tuple))
-        texts = list(text) if is_batch else [text]
-        if not texts:
-            raise TokenizerError("text is an empty list: there is nothing to encode")
-        for item in texts:
-            _check_text(item)
-        if text_pair is None:
-            pairs = [None] * len(texts)
-        else:
-            pairs = list(text_pair) if is_batch else [text_pair]
-            if is_batch != isinstance(text_pair, (list, tuple)) or len(pairs) != len(texts):
-                raise TokenizerError(
-                    f"text_pair must match text: {len(texts)} text(s) but text_pair is "
-                    f"{text_pair!r:.80}"
-                )
-            for item in pairs:
-                _check_text(item)
-        if return_tensors not in (None, "np"):
-            raise TokenizerError(
-                f"return_tensors={return_tensors!r}: llama_np returns lists (None) or NumPy "
-                "arrays ('np')"
-            )
-
+        is_batch, texts, pairs = self._batch_inputs(text, text_pair, return_tensors)
         padding, truncation, max_length = self._padding_truncation_strategies(
             padding, truncation, max_length
         )
@@ -453,62 +425,7 @@ class LlamaTokenizer:
             if target is not None:
                 self._pad(row, target, side)
 
-        encoding = {key: [row[key] for row in rows] for key in rows[0]}
-        if return_tensors == "np":
-            lengths = {len(ids) for ids in encoding["input_ids"]}
-            if len(lengths) > 1:
-                raise TokenizerError(
-                    f"return_tensors='np' needs sequences of one length; got lengths "
-                    f"{sorted(lengths)}: pass padding=True (after adding a pad token)"
-                )
-            return {key: np.array(value, dtype=np.int64) for key, value in encoding.items()}
-        if not is_batch:
-            encoding = {key: value[0] for key, value in encoding.items()}
-        return encoding
-
-    def _padding_truncation_strategies(self, padding, truncation, max_length):
-        """Normalise the padding / truncation arguments the way Transformers does."""
-        if max_length is not None and padding is False and truncation is None:
-            truncation = "longest_first"
-        padding = {
-            False: None,
-            "do_not_pad": None,
-            True: "longest",
-            "longest": "longest",
-            "max_length": "max_length",
-        }.get(padding, padding)
-        truncation = {
-            None: None,
-            False: None,
-            "do_not_truncate": None,
-            True: "longest_first",
-            "longest_first": "longest_first",
-            "only_first": "only_first",
-            "only_second": "only_second",
-        }.get(truncation, truncation)
-        if padding not in (None, "longest", "max_length"):
-            raise TokenizerError(
-                f"padding={padding!r}: expected False, True, 'longest' or 'max_length'"
-            )
-        if truncation not in (None, "longest_first", "only_first", "only_second"):
-            raise TokenizerError(
-                f"truncation={truncation!r}: expected False, True, 'longest_first', 'only_first' "
-                "or 'only_second'"
-            )
-        if max_length is None and (padding == "max_length" or truncation is not None):
-            if self.model_max_length >= VERY_LARGE_INTEGER:
-                raise TokenizerError(
-                    f"padding={padding!r} / truncation={truncation!r} need max_length: this "
-                    "tokenizer has no model_max_length to fall back on"
-                )
-            max_length = self.model_max_length
-        if padding is not None and self.pad_token is None:
-            raise TokenizerError(
-                "asked to pad, but this tokenizer has no pad token (Llama 2 has none): call "
-                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and grow the model's "
-                "embedding with model.resize_token_embeddings(len(tokenizer))"
-            )
-        return padding, truncation, max_length
+        return self._batch_output(rows, is_batch, return_tensors)
 
     def _prepare_for_model(
         self,
@@ -616,7 +533,7 @@ class LlamaTokenizer:
     def convert_tokens_to_string(self, tokens) -> str:
         """Join tokens into text: special tokens as written, other runs decoded by sentencepiece.
 
-        The "▁" that the prefix put before the first token is dropped first (REFERENCE §5). With
+        The "▁" that the prefix put before the first token is dropped first (docs/reference.md §5.3). With
         legacy=True a space is written before a special token that follows text, and the model's
         own decoder also drops the first "▁" of each run; these quirks are kept so decoded text
         matches Transformers.
@@ -646,144 +563,50 @@ class LlamaTokenizer:
                 prev_is_special = False
         return out + self.sp_model.decode(run)
 
-    def decode(self, token_ids, skip_special_tokens=False) -> str:
+    def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None) -> str:
         """Text of a sequence of ids (or of one id). Out-of-vocabulary ids raise TokenizerError.
 
         An incomplete UTF-8 character at the end (a cut-off run of byte pieces) becomes U+FFFD.
+        ``clean_up_tokenization_spaces`` (default: the tokenizer's setting) removes the space
+        before punctuation, as Transformers' option of that name does.
         """
         if _is_integer(token_ids):
             token_ids = [int(token_ids)]
         tokens = self.convert_ids_to_tokens(token_ids, skip_special_tokens=skip_special_tokens)
-        return self.convert_tokens_to_string(tokens)
-
-    def batch_decode(self, sequences, skip_special_tokens=False) -> list[str]:
-        """decode() for every row of a batch (a list of lists or a 2-D array)."""
-        if isinstance(sequences, np.ndarray) and sequences.ndim != 2:
-            raise TokenizerError(
-                f"batch_decode takes a (B, T) batch of ids, got an array of shape {sequences.shape}"
-            )
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
-
-    # ----------------------------------------------------------------------------------------
-    # the Llama 2 chat format
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        """Write a dialog in Meta's Llama 2 chat format; return ids (tokenize=True) or the text.
-
-        ``messages`` is ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``: an
-        optional system message first, then user and assistant turns alternating, starting with
-        the user. Following Meta's ``chat_completion`` (REFERENCE §5):
-
-            system  -> put inside the first user turn: "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}"
-            each finished exchange -> <s>[INST] {user} [/INST] {answer} </s>
-            the open user turn     -> <s>[INST] {user} [/INST]
-
-        with user and answer texts stripped. The text is then encoded with special tokens
-        split out, which with legacy=True gives exactly Meta's ids (each segment encoded with its
-        own dummy prefix). With ``add_generation_prompt=True`` (the default) the dialog must end
-        with a user turn, as Meta's code requires; with False it may also end with an answer,
-        which is written as a finished exchange (for scoring or training on whole dialogs).
-        """
-        dialog = _llama2_dialog(messages)
-        if add_generation_prompt and dialog[-1]["role"] != "user":
-            raise TokenizerError(
-                f"the dialog ends with a {dialog[-1]['role']!r} turn; the Llama 2 chat format "
-                "ends with the user turn the model answers (pass add_generation_prompt=False to "
-                "write a finished dialog)"
-            )
-        parts = []
-        for i in range(0, len(dialog), 2):
-            user = dialog[i]["content"].strip()
-            if i + 1 < len(dialog):
-                answer = dialog[i + 1]["content"].strip()
-                parts.append(f"{self.bos_token}{B_INST} {user} {E_INST} {answer} {self.eos_token}")
-            else:
-                parts.append(f"{self.bos_token}{B_INST} {user} {E_INST}")
-        text = "".join(parts)
-        if not tokenize:
-            return text
-        return self.encode(text, add_special_tokens=False)
+        text = self.convert_tokens_to_string(tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
 
     # ----------------------------------------------------------------------------------------
     # files
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs) -> "LlamaTokenizer":
-        """Load from a directory (or a bundled model name) holding ``tokenizer.model``.
+    def from_pretrained(cls, name_or_path, revision=None, **kwargs):
+        """Load from a directory, a bundled model name or a repo id in the Hugging Face cache.
 
-        ``tokenizer_config.json`` and ``special_tokens_map.json`` are read when present (the
-        Transformers layout); keyword arguments override them.
+        The directory holds ``tokenizer.model``; ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` are read when present (the Transformers layout), and keyword
+        arguments override them. A directory with ``tokenizer.json`` but no ``tokenizer.model``
+        gets a ``LlamaTokenizerFast``, as Transformers' AutoTokenizer would give it.
+        ``revision`` picks a branch, tag or commit of a cached repo id.
         """
         try:
-            directory = resolve_model_path(name_or_path)
+            directory = resolve_model_path(name_or_path, revision=revision)
         except CheckpointError as error:
             raise TokenizerError(str(error)) from None
         vocab_file = directory / VOCAB_FILE_NAME
-        if not vocab_file.is_file():
+        if not is_file(vocab_file, TokenizerError):
+            if is_file(directory / TOKENIZER_FILE_NAME, TokenizerError):
+                return LlamaTokenizerFast.from_pretrained(directory, **kwargs)
             raise TokenizerError(
                 f"{directory} has no {VOCAB_FILE_NAME} (the sentencepiece model a Llama "
-                "tokenizer needs)"
+                f"tokenizer needs) and no {TOKENIZER_FILE_NAME} (the tokenizers library's file)"
             )
-
-        config = _read_json(directory / TOKENIZER_CONFIG_NAME)
-        special_map = _read_json(directory / SPECIAL_TOKENS_MAP_NAME)
-        settings = {}
-        for key in (
-            "add_bos_token",
-            "add_eos_token",
-            "legacy",
-            "add_prefix_space",
-            "padding_side",
-            "truncation_side",
-            "model_max_length",
-        ):
-            if config.get(key) is not None:
-                settings[key] = config[key]
-        config_path = directory / TOKENIZER_CONFIG_NAME
-        _check_settings(settings, config_path)
-        for name in SPECIAL_TOKEN_NAMES:
-            # As in Transformers, special_tokens_map.json wins over tokenizer_config.json.
-            value = special_map.get(name, config.get(name, "absent"))
-            if value != "absent":
-                settings[name] = _token_content(value, directory / TOKENIZER_CONFIG_NAME, name)
-        extra_path = directory / (
-            SPECIAL_TOKENS_MAP_NAME if special_map.get("additional_special_tokens") else TOKENIZER_CONFIG_NAME
-        )
-        extra = special_map.get("additional_special_tokens") or config.get(
-            "additional_special_tokens"
-        )
-        if extra:
-            if not isinstance(extra, list):  # a string would become one special token per letter
-                raise TokenizerError(
-                    f"{extra_path}: additional_special_tokens must be a list of tokens, got {extra!r:.80}"
-                )
-            settings["additional_special_tokens"] = [
-                _token_content(t, extra_path, "additional_special_tokens") for t in extra
-            ]
+        settings, added_tokens = read_pretrained_settings(directory)
         settings.update(kwargs)
         tokenizer = cls(vocab_file, **settings)
-
-        # Tokens saved with ids beyond the sentencepiece vocabulary must come back at those ids.
-        added = config.get("added_tokens_decoder") or {}
-        if not isinstance(added, dict):
-            raise TokenizerError(
-                f"{config_path}: added_tokens_decoder must map token ids to tokens, got {added!r:.80}"
-            )
-        for index, token in added.items():
-            if not (index.isascii() and index.isdigit()):
-                raise TokenizerError(
-                    f"{config_path}: added_tokens_decoder has the key {index!r}; expected a token id"
-                )
-            content = _token_content(token, config_path, "added_tokens_decoder")
-            loaded = tokenizer.added_tokens_encoder.get(content)
-            if loaded is None and int(index) < tokenizer.vocab_size:
-                continue  # a sentencepiece piece; nothing to restore
-            if loaded != int(index):
-                raise TokenizerError(
-                    f"{config_path}: added token {content!r} is saved with id {index} but loads as "
-                    f"{'no token' if loaded is None else f'id {loaded}'}; llama_np supports added "
-                    "special tokens only, numbered in order from the vocabulary size"
-                )
+        check_added_tokens(tokenizer, added_tokens, directory / TOKENIZER_CONFIG_NAME)
         return tokenizer
 
     def save_vocabulary(self, save_directory, filename_prefix=None) -> tuple[str]:
@@ -802,41 +625,9 @@ class LlamaTokenizer:
         """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        special = {
-            name: getattr(self, name)
-            for name in SPECIAL_TOKEN_NAMES
-            if getattr(self, name) is not None
-        }
-        if self.additional_special_tokens:
-            special["additional_special_tokens"] = list(self.additional_special_tokens)
-        config = {
-            "tokenizer_class": "LlamaTokenizer",
-            "add_bos_token": self.add_bos_token,
-            "add_eos_token": self.add_eos_token,
-            "add_prefix_space": self.add_prefix_space,
-            "legacy": self.legacy,
-            "padding_side": self.padding_side,
-            "truncation_side": self.truncation_side,
-            "model_max_length": self.model_max_length,
-            "clean_up_tokenization_spaces": False,
-            "pad_token": None,
-            **special,
-            "added_tokens_decoder": {
-                str(i): {
-                    "content": token,
-                    "lstrip": False,
-                    "normalized": False,
-                    "rstrip": False,
-                    "single_word": False,
-                    "special": True,
-                }
-                for token, i in sorted(self.added_tokens_encoder.items(), key=lambda item: item[1])
-            },
-        }
-        paths = [directory / TOKENIZER_CONFIG_NAME, directory / SPECIAL_TOKENS_MAP_NAME]
-        atomic_write_text(paths[0], json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(paths[1], json.dumps(special, indent=2, ensure_ascii=False) + "\n")
-        return tuple(map(str, paths)) + self.save_vocabulary(directory)
+        settings = {"add_prefix_space": self.add_prefix_space, "legacy": self.legacy}
+        paths = self._save_side_files(directory, "LlamaTokenizer", settings)
+        return paths + self.save_vocabulary(directory)
 
     def __repr__(self):
         return (
@@ -857,7 +648,7 @@ class IncrementalDecoder:
     Decoding each new id on its own loses the space in front of a word ("▁Banana" alone decodes
     to "Banana"), and a character spelled as several byte pieces cannot be decoded until its last
     byte arrives. So this decodes the whole sequence so far and returns only what is new, holding
-    back a trailing incomplete character (U+FFFD) until it is complete (REFERENCE §5).
+    back a trailing incomplete character (U+FFFD) until it is complete (docs/reference.md §5.3).
 
     The joined output equals ``tokenizer.decode(all_ids)`` with one exception: with legacy=True
     and special tokens kept, Transformers' decode writes a space in front of the text that
@@ -938,83 +729,6 @@ class TextStreamer(IncrementalDecoder):
 # helpers
 
 
-def _check_text(text):
-    if not isinstance(text, str):
-        raise TokenizerError(
-            "text must be a string (or a list of strings for a batch), "
-            f"got {type(text).__name__} {text!r:.80}"
-        )
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:  # e.g. undecodable bytes of a command-line argument
-        raise TokenizerError(
-            f"text holds {text[error.start:error.end]!r}, which is not a character UTF-8 can "
-            f"encode (a lone surrogate), at position {error.start}"
-        ) from None
-    return text
-
-
-def _check_settings(settings: dict, path=None) -> None:
-    """TokenizerError naming the setting (and the file it was read from) that has a wrong type:
-    a string such as "false" would otherwise switch a flag on."""
-    where = f"{path}: " if path else ""
-    for name in ("add_bos_token", "add_eos_token", "legacy", "add_prefix_space"):
-        value = settings.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise TokenizerError(f"{where}{name} must be true or false, got {value!r:.80}")
-    limit = settings.get("model_max_length")
-    if limit is not None and not (_is_integer(limit) and limit > 0):
-        raise TokenizerError(f"{where}model_max_length must be a positive integer, got {limit!r:.80}")
-
-
-def _check_token_string(name, token):
-    if not isinstance(token, str) or not token:
-        raise TokenizerError(
-            f"{name} must be a non-empty string, got {type(token).__name__} {token!r:.80}"
-        )
-    return token
-
-
-def _check_side(name, side):
-    if side not in ("right", "left"):
-        raise TokenizerError(f"{name}={side!r}: expected 'right' or 'left'")
-    return side
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_ids(ids, vocabulary_length) -> list[int]:
-    """A 1-D sequence of ints in [0, vocabulary_length), as plain ints; else TokenizerError."""
-    if isinstance(ids, np.ndarray):
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise TokenizerError(
-                f"token ids must be a 1-D integer array, got shape {ids.shape} and dtype "
-                f"{ids.dtype} "
-                "(use batch_decode for a (B, T) batch)"
-            )
-        ids = ids.tolist()
-    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-        raise TokenizerError(
-            f"token ids must be a list of ints, got {type(ids).__name__} {ids!r:.80}"
-        )
-    checked = []
-    for position, value in enumerate(ids):
-        if not _is_integer(value):
-            raise TokenizerError(
-                f"token id at position {position} is {type(value).__name__} {value!r:.40}, "
-                "not an int"
-            )
-        if not 0 <= int(value) < vocabulary_length:
-            raise TokenizerError(
-                f"token id {int(value)} at position {position} is outside the vocabulary "
-                f"(ids 0..{vocabulary_length - 1})"
-            )
-        checked.append(int(value))
-    return checked
-
-
 def _flat_ids(token_ids) -> list[int]:
     if _is_integer(token_ids):
         return [int(token_ids)]
@@ -1028,57 +742,3 @@ def _flat_ids(token_ids) -> list[int]:
     return [int(i) for i in array]
 
 
-def _llama2_dialog(messages) -> list[dict]:
-    """Validate a chat and fold a leading system message into the first user turn (Meta's rule)."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise TokenizerError(
-            "messages must be a non-empty list of {'role', 'content'} dicts, "
-            f"got {messages!r:.80}"
-        )
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise TokenizerError(
-                f"message {i} must be a dict with a string 'content', got {message!r:.80}"
-            )
-        if message.get("role") not in ("system", "user", "assistant"):
-            raise TokenizerError(
-                f"message {i} has role {message.get('role')!r}; expected 'system', 'user' or "
-                "'assistant'"
-            )
-    dialog = [dict(role=m["role"], content=m["content"]) for m in messages]
-    if dialog[0]["role"] == "system":
-        if len(dialog) < 2:
-            raise TokenizerError("a system message must be followed by a user message")
-        first = dialog[1]
-        dialog = [
-            dict(
-                role=first["role"], content=B_SYS + dialog[0]["content"] + E_SYS + first["content"]
-            )
-        ] + dialog[2:]
-    for i, message in enumerate(dialog):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise TokenizerError(
-                f"roles must alternate user/assistant/user/... (after an optional first system "
-                f"message); turn {i} is {message['role']!r} where {expected!r} was expected"
-            )
-    return dialog
-
-
-def _read_json(path: Path) -> dict:
-    """A tokenizer side file (tokenizer_config.json, ...) as a dict; {} when it is absent."""
-    if not path.is_file():
-        return {}
-    return read_json_object(path, TokenizerError)
-
-
-def _token_content(value, path, field):
-    """A token as saved by Transformers: a string, null, or an AddedToken dict with "content"."""
-    content = value.get("content") if isinstance(value, dict) else value
-    if content is None and not isinstance(value, dict):
-        return None
-    if isinstance(content, str) and content:
-        return content
-    raise TokenizerError(
-        f"{path}: {field} is {value!r:.80}; expected a non-empty string or a dict with 'content'"
-    )

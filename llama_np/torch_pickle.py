@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickletools
 import struct
 import zipfile
@@ -33,9 +34,11 @@ from pathlib import Path
 from llama_np.checkpoint import (
     STORAGE_DTYPES,
     Checkpoint,
+    FileIdentity,
     StoredTensor,
     _MappedFile,
     _read_index,
+    is_file,
 )
 from llama_np.errors import CheckpointError
 
@@ -352,7 +355,7 @@ def read_torch_file(path) -> dict[str, StoredTensor]:
             with archive:
                 prefix, state = _read_state_dict(path, archive)
                 entries = {info.filename: info for info in archive.infolist()}
-                mapped = _MappedFile(path, size)
+                mapped = _MappedFile(path, FileIdentity.of(os.fstat(f.fileno())))
                 return {
                     name: _stored_tensor(path, f, size, entries, prefix, name, reference, mapped)
                     for name, reference in state.items()
@@ -500,14 +503,14 @@ def _storage_entry(path: Path, f, file_size: int, entries: dict, entry_name: str
 
 def has_pickled_weights(directory) -> bool:
     directory = Path(directory)
-    return ((directory / PICKLED_SINGLE_FILE_NAME).is_file()
-            or (directory / PICKLED_INDEX_FILE_NAME).is_file())
+    return (is_file(directory / PICKLED_SINGLE_FILE_NAME)
+            or is_file(directory / PICKLED_INDEX_FILE_NAME))
 
 
 def open_pickled_checkpoint(directory) -> Checkpoint:
     """``pytorch_model.bin``, or the shards of ``pytorch_model.bin.index.json``, as a Checkpoint."""
     directory = Path(directory)
-    if (directory / PICKLED_SINGLE_FILE_NAME).is_file():
+    if is_file(directory / PICKLED_SINGLE_FILE_NAME):
         files = {directory / PICKLED_SINGLE_FILE_NAME: None}
     else:
         files = _read_index(directory / PICKLED_INDEX_FILE_NAME)  # the safetensors index's format

@@ -5,8 +5,13 @@ Broken files are crafted byte by byte so that each header check is exercised on 
 
 import json
 import mmap
+import os
 import re
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
 import time
 import warnings
 
@@ -14,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from llama_np import checkpoint
+from llama_np import LlamaConfig, LlamaForCausalLM, checkpoint
 from llama_np.checkpoint import (
     Checkpoint,
     bundled_model_names,
@@ -23,7 +28,7 @@ from llama_np.checkpoint import (
     resolve_model_path,
     save_safetensors,
 )
-from llama_np.errors import CheckpointError
+from llama_np.errors import CheckpointError, ConfigError
 
 
 def write_raw(path, header, data=b"", header_length=None):
@@ -37,6 +42,11 @@ def write_raw(path, header, data=b"", header_length=None):
 def entry(shape, begin, end, dtype="F32"):
     """One header entry: {"dtype", "shape", "data_offsets"}."""
     return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+HAS_FLOCK = sys.platform != "win32"
+if HAS_FLOCK:
+    import fcntl
 
 
 def random_float32(rng, shape):
@@ -416,7 +426,7 @@ def test_range_inside_another_is_an_overlap(tmp_path):
 
 def test_shape_times_itemsize_must_equal_the_byte_range(tmp_path):
     header = {"w": entry((2, 3), 0, 12, dtype="F16")}  # 2*3*2 = 12 bytes: valid
-    path = write_raw(tmp_path / "ok.safetensors", header, data=b"\0" * 16)
+    path = write_raw(tmp_path / "ok.safetensors", header, data=b"\0" * 12)
     assert read_safetensors_header(path)[0]["w"].shape == (2, 3)
 
     header = {"w": entry((2, 3), 0, 16, dtype="F16")}
@@ -451,8 +461,156 @@ def test_file_that_changed_after_opening_is_not_mapped(tmp_path):
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 32)
 
-    with pytest.raises(CheckpointError, match="changed size"):
+    with pytest.raises(CheckpointError, match="changed since it was opened: its size went from"):
         loaded["w"].numpy()
+
+
+def run_python(code: str, *args) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter: a SIGBUS there fails the test instead of killing pytest."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_reading_an_f32_tensor_of_a_file_that_shrank_after_mapping_is_an_error_not_sigbus(tmp_path):
+    save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(1 << 16, dtype=np.float32)})
+    result = run_python("""
+        import os, sys
+        from llama_np import CheckpointError
+        from llama_np.checkpoint import Checkpoint
+        loaded = Checkpoint.open(sys.argv[1])
+        assert loaded["w"].numpy().sum() == 1 << 16          # mapped, and every page read once
+        os.truncate(loaded.files[0], 4096)                   # shrinks under the mapping
+        for check in (lambda: loaded["w"].numpy().sum(), lambda: loaded["w"].stored().sum(),
+                      loaded.check_unchanged):
+            try:
+                check()
+            except CheckpointError as error:
+                print(error)
+            else:
+                print("no error")
+        """, tmp_path)
+
+    assert result.returncode == 0, f"exit {result.returncode} (-7 is SIGBUS): {result.stderr}"
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and all("changed since it was opened: its size went from" in line
+                                   and str(tmp_path / "model.safetensors") in line
+                                   for line in lines), result.stdout
+
+
+def test_model_without_kept_weights_refuses_a_checkpoint_that_shrank_between_calls(tmp_path):
+    result = run_python("""
+        import os, sys
+        import numpy as np
+        from llama_np import CheckpointError, LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4)
+        LlamaForCausalLM.from_config(config).save_pretrained(sys.argv[1])
+        model = LlamaForCausalLM.from_pretrained(sys.argv[1], keep_widened=False)
+        model(np.arange(5)[None])
+        path = os.path.join(sys.argv[1], "model.safetensors")
+        os.truncate(path, os.path.getsize(path) // 2)
+        try:
+            model(np.arange(5)[None])
+        except CheckpointError as error:
+            print(error)
+        """, tmp_path)
+
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr}"
+    assert "model.safetensors changed since it was opened" in result.stdout
+
+
+def test_model_keeping_its_f32_weights_refuses_a_checkpoint_that_shrank_between_calls(tmp_path):
+    result = run_python("""
+        import os, sys
+        import numpy as np
+        from llama_np import CheckpointError, LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4)
+        LlamaForCausalLM.from_config(config).save_pretrained(sys.argv[1])
+        model = LlamaForCausalLM.from_pretrained(sys.argv[1], keep_widened=True)
+        model(np.arange(5)[None])
+        path = os.path.join(sys.argv[1], "model.safetensors")
+        os.truncate(path, os.path.getsize(path) // 2)
+        try:
+            model(np.arange(5)[None])
+        except CheckpointError as error:
+            print(error)
+        """, tmp_path)
+
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr}"
+    assert "model.safetensors changed since it was opened" in result.stdout
+
+
+def test_check_unchanged_notices_a_file_replaced_or_rewritten_in_place(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_safetensors(path, {"w": np.ones(4, dtype=np.float32)})
+    loaded = Checkpoint.open(tmp_path)
+    loaded.check_unchanged()  # nothing changed: no error
+    view = loaded["w"].numpy()
+
+    # Same size, new bytes (a modification time one second later, as any real rewrite has).
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(np.float32(2).tobytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(CheckpointError, match="changed since it was opened: it was rewritten"):
+        loaded.check_unchanged()
+
+    save_safetensors(path, {"w": np.ones(4, dtype=np.float32)})  # a new file renamed over it
+    with pytest.raises(CheckpointError, match="another file has replaced it"):
+        loaded["w"].numpy()
+    path.unlink()
+    with pytest.raises(CheckpointError, match="cannot be found any more"):
+        loaded.check_unchanged()
+    assert view.shape == (4,)  # the old mapping itself stays valid; only new reads are refused
+
+
+@pytest.mark.parametrize("stored_dtype, bad_value", [
+    (np.float32, np.nan), (np.float16, np.inf), ("bf16", -np.inf), (np.float64, 1e300)])
+def test_widening_a_tensor_holding_nan_or_inf_names_the_tensor_and_file(tmp_path, stored_dtype,
+                                                                       bad_value):
+    values = np.ones((3, 4), dtype=np.float64)
+    values[2, 1] = bad_value
+    array = values.astype(np.float32 if stored_dtype == "bf16" else stored_dtype)
+    save_safetensors(tmp_path / "model.safetensors", {"model.norm.weight": array,
+                                                       "ok": np.ones(2, np.float32)},
+                     bf16=stored_dtype == "bf16")
+    loaded = Checkpoint.open(tmp_path)
+
+    with pytest.raises(CheckpointError) as error:
+        loaded["model.norm.weight"].numpy(np.float32)
+
+    message = str(error.value)
+    assert "'model.norm.weight'" in message and str(tmp_path / "model.safetensors") in message
+    assert "(the first at index (2, 1))" in message
+    np.testing.assert_array_equal(loaded["ok"].numpy(), [1, 1])  # other tensors still read
+
+
+def test_finite_weights_whose_sum_overflows_are_accepted(tmp_path):
+    big = np.full(8, np.finfo(np.float32).max, dtype=np.float32)  # sum is inf, values are not
+    save_safetensors(tmp_path / "model.safetensors", {"w": big})
+    np.testing.assert_array_equal(Checkpoint.open(tmp_path)["w"].numpy(), big)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**70], [0, 2**62, 2**62], [2**41, 0], [1] * 33])
+def test_absurd_declared_dimensions_are_refused_even_for_an_empty_tensor(tmp_path, shape):
+    # safetensors itself accepts (0, 2**62, 2**62): 0 bytes; NumPy cannot make such an array.
+    nbytes = 4 if shape == [1] * 33 else 0
+    path = write_raw(tmp_path / "model.safetensors", {"w": entry(shape, 0, nbytes)},
+                     data=b"\0" * nbytes)
+    with pytest.raises(CheckpointError, match=r"'w'.*at most 32 dimensions and \d+ elements"):
+        Checkpoint.open(tmp_path)
+
+
+def test_a_header_only_the_safetensors_library_refuses_is_an_error_naming_the_file(tmp_path):
+    # A hole between two tensors: the format forbids it (no room for a second file inside),
+    # and it is the safetensors library's check that catches it.
+    header = {"a": entry((1,), 0, 4), "b": entry((1,), 8, 12)}
+    path = write_raw(tmp_path / "model.safetensors", header, data=b"\0" * 12)
+    with pytest.raises(CheckpointError, match="is not a valid safetensors file: .*") as error:
+        Checkpoint.open(tmp_path)
+    assert str(path) in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -612,6 +770,68 @@ def test_save_that_fails_on_a_new_path_creates_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_next_save_removes_the_temporary_file_a_killed_writer_left_and_nothing_else(tmp_path):
+    path = tmp_path / "model.safetensors"
+    result = run_python("""
+        import os, signal, sys
+        import numpy as np
+        from llama_np import checkpoint
+        real_stored_bytes = checkpoint._stored_bytes
+        def killed_after_the_first_tensor(array, dtype):
+            if array.shape == (3,):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_stored_bytes(array, dtype)
+        checkpoint._stored_bytes = killed_after_the_first_tensor
+        checkpoint.save_safetensors(sys.argv[1], {"a": np.ones(4, np.float64),
+                                                  "b": np.ones(3, np.float32)})
+        """, path)
+    assert result.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and re.fullmatch(r"\.model\.safetensors\.[a-z0-9_]{8}\.tmp", left[0])
+    others = [".model.safetensors.notours.tmp", ".config.json.abcdefgh.tmp",
+              "model.safetensors.abcdefgh.tmp"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"not our temporary file for model.safetensors")
+
+    save_safetensors(path, {"w": np.ones(2, np.float32)})
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["model.safetensors"])
+    np.testing.assert_array_equal(Checkpoint.open(path)["w"].numpy(), [1, 1])
+
+
+@pytest.mark.skipif(not HAS_FLOCK, reason="needs flock to tell live writers apart")
+def test_a_temporary_file_a_live_writer_holds_is_left_alone(tmp_path):
+    live = tmp_path / ".model.safetensors.abcd1234.tmp"
+    live.write_bytes(b"half written")
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})
+        assert live.exists()
+    save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})
+    assert not live.exists()
+
+
+@pytest.mark.skipif(not HAS_FLOCK, reason="needs flock to tell live writers apart")
+def test_a_write_whose_new_temporary_file_is_taken_by_a_cleanup_makes_another(tmp_path,
+                                                                            monkeypatch):
+    real_mkstemp = checkpoint.tempfile.mkstemp
+    made = []
+
+    def mkstemp_then_another_writer_cleans_up(**kwargs):
+        handle, name = real_mkstemp(**kwargs)
+        made.append(name)
+        if len(made) == 1:
+            os.unlink(name)  # what another writer's cleanup does between mkstemp and our lock
+        return handle, name
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp_then_another_writer_cleans_up)
+    save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})
+
+    assert len(made) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    np.testing.assert_array_equal(Checkpoint.open(tmp_path)["w"].numpy(), [1, 1])
+
+
 @pytest.mark.parametrize("array", [np.arange(3), np.ones(2, dtype=np.complex64),
                                    np.array([True])])
 def test_save_rejects_dtypes_llama_np_cannot_read(tmp_path, array):
@@ -639,7 +859,7 @@ def test_saved_header_is_padded_to_eight_bytes_and_tensors_are_aligned(tmp_path)
 # --------------------------------------------------------------------------------------------
 
 
-def test_opening_a_2_gb_sparse_checkpoint_is_fast_and_reads_no_tensor_bytes(tmp_path):
+def test_opening_and_mapping_a_2_gb_sparse_checkpoint_is_fast_and_reads_no_tensor_bytes(tmp_path):
     elements = 2**29  # 2 GiB of float32, never written: the file is sparse
     header = json.dumps({"big": entry((elements,), 0, elements * 4),
                          "small": entry((2,), elements * 4, elements * 4 + 8)}).encode()
@@ -650,7 +870,9 @@ def test_opening_a_2_gb_sparse_checkpoint_is_fast_and_reads_no_tensor_bytes(tmp_
 
     start = time.perf_counter()
     loaded = Checkpoint.open(tmp_path)
-    last = loaded["big"].numpy()[-1]  # faults in one page, not two gigabytes
+    # stored() faults in one page, not two gigabytes (numpy() reads them all once: the check
+    # for NaN and inf)
+    last = loaded["big"].stored()[-1]
     elapsed = time.perf_counter() - start
 
     assert loaded.nbytes == elements * 4 + 8
@@ -722,3 +944,47 @@ def test_saved_files_get_the_usual_permissions_not_private_temp_ones(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+# --------------------------------------------------------------------------------------------
+# Files that may not be read
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_directory(tmp_path):
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2)
+    LlamaForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "generation_config.json").write_text('{"max_length": 20}')
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("file_name, error_type", [
+    ("config.json", ConfigError), ("model.safetensors", CheckpointError),
+    ("generation_config.json", CheckpointError)])
+def test_an_unreadable_file_of_a_model_is_an_error_naming_it(model_directory, deny_access,
+                                                            file_name, error_type):
+    deny_access(model_directory / file_name)
+    with pytest.raises(error_type, match="Permission denied") as error:
+        LlamaForCausalLM.from_pretrained(model_directory)
+    assert str(model_directory / file_name) in str(error.value)
+
+
+def test_a_model_directory_that_may_not_be_searched_is_an_error_naming_it(model_directory,
+                                                                         deny_access):
+    deny_access(model_directory)
+    with pytest.raises(ConfigError, match="cannot look for .*config.json: Permission denied"):
+        LlamaForCausalLM.from_pretrained(model_directory)
+    with pytest.raises(CheckpointError, match="cannot look for .*model.safetensors: Permission"):
+        Checkpoint.open(model_directory)
+
+
+@pytest.mark.parametrize("denied", ["model.safetensors.index.json", "a.safetensors"])
+def test_an_unreadable_index_or_shard_is_an_error_naming_it(tmp_path, deny_access, denied):
+    write_sharded(tmp_path, {"a.safetensors": {"x": np.ones(2, np.float32)},
+                             "b.safetensors": {"y": np.ones(2, np.float32)}})
+    deny_access(tmp_path / denied)
+    with pytest.raises(CheckpointError, match=f"cannot read {re.escape(str(tmp_path / denied))}: "
+                                              "Permission denied"):
+        Checkpoint.open(tmp_path)

@@ -5,15 +5,22 @@ directory beside a copy of the tokenizer test model, so these tests do not depen
 models.
 """
 
+import io
 import shutil
 import subprocess
 import sys
+import tomllib
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.text import Text
 
 import llama_np
+from llama_np import cli, plotting
+from llama_np.checkpoint import bundled_model_names
 from llama_np.cli import main
 from llama_np.config import LlamaConfig
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification
@@ -171,6 +178,86 @@ def test_chat_stops_at_end_of_input(capsys, monkeypatch, lm_dir):
     assert err.count("tokens/s") == 2
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "0", "--temperature must be a finite number > 0, got 0; for greedy decoding use --greedy"),
+    ("--temperature", "nan", "--temperature must be a finite number > 0, got nan"),
+    ("--top-p", "2", "--top-p must be in (0, 1]"),
+    ("--top-p", "0", "--top-p must be in (0, 1]"),
+    ("--top-k", "-1", "--top-k must be >= 0"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be a finite number > 0"),
+    ("--repetition-penalty", "inf", "--repetition-penalty must be a finite number > 0"),
+    ("--seed", "-1", "--seed must be a non-negative integer"),
+])
+def test_generate_refuses_a_bad_sampling_flag_by_its_name_before_printing_anything(capsys, lm_dir, flag, value,
+                                                                                    message):
+    status, out, err = run(capsys, "generate", "ROMEO.", "--model", lm_dir, flag, value)
+    assert_one_line_error(status, err)
+    assert out == ""  # not even the prompt
+    assert message in err
+    assert "do_sample" not in err and "top_p " not in err
+
+
+def test_a_checkpoint_temperature_of_0_with_top_k_names_the_file_and_the_flag_before_any_output(
+        capsys, lm_dir, tmp_path):
+    greedy_zero = tmp_path / "greedy-zero"
+    shutil.copytree(lm_dir, greedy_zero)
+    (greedy_zero / "generation_config.json").write_text('{"do_sample": false, "temperature": 0}')
+    status, out, err = run(capsys, "generate", "ROMEO.", "--model", greedy_zero, "--top-k", 5)
+    assert_one_line_error(status, err)
+    assert out == ""
+    assert "generation_config.json" in err and "--temperature" in err
+    assert run(capsys, "generate", "ROMEO.", "--model", greedy_zero, "--max-new-tokens", 2)[0] == 0
+
+
+def test_generate_dash_reads_the_prompt_from_stdin_less_the_final_newline(capsys, monkeypatch, lm_dir):
+    argv = ("--model", lm_dir, "--greedy", "--max-new-tokens", 6)
+    status, from_argument, err = run(capsys, "generate", PROMPT, *argv)
+    assert status == 0, err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT + "\n"))
+    status, from_stdin, err = run(capsys, "generate", "-", *argv)
+    assert status == 0, err
+    assert from_stdin == from_argument and from_stdin.startswith(PROMPT)
+
+
+def test_generate_dash_with_stdin_closed_is_one_line_error(capsys, monkeypatch, lm_dir):
+    monkeypatch.setattr(sys, "stdin", None)
+    status, out, err = run(capsys, "generate", "-", "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "stdin is closed" in err and out == ""
+
+
+def test_a_prompt_on_stdin_that_is_not_in_stdins_encoding_is_one_line_error(capsys, monkeypatch, lm_dir):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("café\n".encode()), encoding="ascii"))
+    status, _, err = run(capsys, "generate", "-", "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "not ascii text" in err and "PYTHONIOENCODING=utf-8" in err
+
+
+def test_a_one_token_prompt_and_one_new_token_are_counted_in_the_singular(capsys, lm_dir):
+    status, _, err = run(capsys, "generate", "", "--model", lm_dir, "--greedy", "--max-new-tokens", 1)
+    assert status == 0, err
+    assert err.startswith("1 new token; - tokens/s over the 0 steps after the first (prompt of 1 token read")
+
+
+def test_output_to_an_ascii_only_stdout_escapes_what_it_cannot_encode(monkeypatch, lm_dir):
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="ascii")  # as with PYTHONIOENCODING=ascii
+    monkeypatch.setattr(sys, "stdout", stdout)
+    status = main(["generate", "café", "--model", str(lm_dir), "--greedy", "--max-new-tokens", "2"])
+    stdout.flush()
+    assert status == 0
+    assert raw.getvalue().startswith(b"caf\\xe9")
+    assert stdout.errors == "strict"  # the caller's stream is left as it was
+
+
+def test_chat_with_stdin_closed_is_one_line_error(lm_dir):
+    # `llama-np chat <&-`: Python starts with sys.stdin = None.
+    result = subprocess.run(["sh", "-c", 'exec "$0" -m llama_np chat --model "$1" <&-', sys.executable, str(lm_dir)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert_one_line_error(result.returncode, result.stderr)
+    assert "stdin is closed" in result.stderr
+
+
 class _Lines:
     """A non-interactive stdin holding ``text``."""
 
@@ -201,6 +288,35 @@ def test_classify_prints_a_label_and_probabilities_per_text(capsys, classifier_d
         probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         for index, name in LABELS.items():
             assert f"{name} {probabilities[index]:.3f}" in line
+
+
+@pytest.mark.parametrize("verb, other", [("generate", "classify"), ("logits", "classify"), ("chat", "classify")])
+def test_a_language_model_verb_on_a_classifier_names_the_verb_for_it(capsys, classifier_dir, verb, other):
+    argv = (verb, "--model", classifier_dir) if verb == "chat" else (verb, PROMPT, "--model", classifier_dir)
+    status, out, err = run(capsys, *argv)
+    assert_one_line_error(status, err)
+    assert "is a sequence classifier" in err and f"'llama-np {other}'" in err
+    assert "lm_head.weight is missing" not in err and "missing: lm_head.weight" not in err
+    assert out == ""
+
+
+def test_classify_on_a_causal_language_model_names_generate_and_logits(capsys, lm_dir):
+    status, _, err = run(capsys, "classify", PROMPT, "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "is a causal language model" in err and "'llama-np generate' or 'llama-np logits'" in err
+
+
+@pytest.mark.skipif(cli.DEFAULT_CLASSIFIER not in bundled_model_names(), reason="bundled classifier not installed")
+def test_the_classify_example_in_help_is_labelled_right_by_the_bundled_classifier(capsys):
+    _, help_text, _ = run(capsys, "classify", "--help")
+    assert "69%" in help_text  # the help says how often the model is right
+    texts = [text for text, _ in cli.CLASSIFY_EXAMPLES]
+    for text in texts:
+        assert text.replace("\n", "\\n") in help_text
+    status, out, err = run(capsys, "classify", *texts)
+    assert status == 0, err
+    predicted = [line.split("\t")[0] for line in out.strip().splitlines()]
+    assert predicted == [genre for _, genre in cli.CLASSIFY_EXAMPLES]
 
 
 def test_classify_batched_equals_one_at_a_time(classifier_dir):
@@ -339,6 +455,80 @@ def test_compare_rejects_files_that_are_not_npz_or_hold_pickles(capsys, lm_dir, 
     assert "does not exist" in err
 
 
+def test_compare_says_a_text_file_renamed_npz_is_not_a_zip_archive(capsys, lm_dir, tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("input_ids: 1 2 3\n")
+    status, _, err = run(capsys, "compare", text, "--model", lm_dir)
+    assert_one_line_error(status, err)
+    assert "is not an .npz file" in err and "not a zip archive" in err
+    assert "allow_pickle" not in err
+
+
+def test_compare_fails_when_every_position_is_masked_as_nothing_was_compared(capsys, lm_dir, reference_file,
+                                                                              tmp_path):
+    with np.load(reference_file) as reference:
+        arrays = dict(reference)
+    arrays["attention_mask"] = np.zeros_like(arrays["attention_mask"])
+    masked = _write_npz(tmp_path / "masked.npz", **arrays)
+    status, out, _ = run(capsys, "compare", masked, "--model", lm_dir)
+    assert status == 1
+    assert "FAIL: nothing was compared" in out and "PASS" not in out
+
+
+def test_compare_reads_a_compressed_reference(capsys, lm_dir, reference_file, tmp_path):
+    with np.load(reference_file) as reference:
+        arrays = dict(reference)
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, **arrays)
+    status, out, err = run(capsys, "compare", compressed, "--model", lm_dir)
+    assert status == 0, err
+    assert "PASS" in out
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+TERABYTES_SHAPE = (1, 3, 2**40)  # 12 TiB of float32
+
+
+def test_compare_refuses_an_npz_whose_header_declares_terabytes_it_does_not_hold(capsys, lm_dir, tmp_path):
+    forged = tmp_path / "forged.npz"
+    with zipfile.ZipFile(forged, "w") as archive:
+        archive.writestr("input_ids.npy", _npy_header((1, 3), "<i8") + np.array([[1, 2, 3]]).tobytes())
+        archive.writestr("logits.npy", _npy_header(TERABYTES_SHAPE) + bytes(12))
+    assert forged.stat().st_size < 1000
+    status, _, err = run(capsys, "compare", forged, "--model", lm_dir)  # NumPy alone allocates 12 TiB
+    assert_one_line_error(status, err)
+    assert "forged.npz: array logits declares shape (1, 3, 1099511627776) float32 (12.0 TiB)" in err
+    assert "holds 12 bytes" in err
+
+
+@pytest.mark.parametrize("verb", ["compare", "diff"])
+def test_an_npz_member_that_would_inflate_to_terabytes_is_refused_before_reading(capsys, lm_dir, tmp_path, verb):
+    # A deflate bomb: the zip declares 12 TiB uncompressed for a member of a few compressed bytes.
+    bomb = tmp_path / "bomb.npz"
+    header = _npy_header(TERABYTES_SHAPE)
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("input_ids.npy", _npy_header((1, 3), "<i8") + np.array([[1, 2, 3]]).tobytes())
+        archive.writestr("logits.npy", header + bytes(64))
+        archive.filelist[-1].file_size = len(header) + 3 * 2**40 * 4
+    assert bomb.stat().st_size < 1000
+    argv = ("compare", bomb, "--model", lm_dir) if verb == "compare" else ("diff", bomb, bomb)
+    status, _, err = run(capsys, *argv)
+    assert_one_line_error(status, err)
+    assert "bomb.npz: its arrays would take 12.0 TiB in memory (the largest, logits, 12.0 TiB)" in err
+
+
+def test_compare_on_a_classifier_with_language_model_logits_says_which_kind_it_needs(capsys, classifier_dir,
+                                                                                      reference_file):
+    status, _, err = run(capsys, "compare", reference_file, "--model", classifier_dir)
+    assert_one_line_error(status, err)
+    assert "language-model logits (B, T, V)" in err and "not a causal language model" in err
+
+
 # -------------------------------------------------------------------------------- inspect
 
 
@@ -415,6 +605,18 @@ def test_diff_refuses_dumps_of_different_inputs(capsys, lm_dir, tmp_path):
     assert "different input_ids" in err
 
 
+@pytest.mark.parametrize("part, hint", [("nosuchhook", "hook names look like hook_embed"),
+                                        ("hook_patern", "did you mean hook_pattern"),
+                                        ("resid_pst", "did you mean hook_resid_post")])
+def test_dump_refuses_a_names_part_that_matches_no_hook_and_suggests_close_ones(capsys, lm_dir, tmp_path, part,
+                                                                                 hint):
+    out_file = tmp_path / "dump.npz"
+    status, _, err = run(capsys, "dump", PROMPT, "--model", lm_dir, "--out", out_file, "--names", "hook_embed", part)
+    assert_one_line_error(status, err)
+    assert f"--names {part} matches no hook name" in err and hint in err
+    assert not out_file.exists()
+
+
 def test_attention_writes_a_png_and_checks_the_layer(capsys, lm_dir, tmp_path):
     figure = tmp_path / "layer.png"
     status, out, err = run(capsys, "attention", PROMPT, "--model", lm_dir, "--layer", 1, "--out", figure)
@@ -476,3 +678,86 @@ def test_a_negative_seed_is_one_line_error(capsys, lm_dir):
     status, _, err = run(capsys, "generate", PROMPT, "--model", lm_dir, "--seed", -1, "--max-new-tokens", 2)
     assert_one_line_error(status, err)
     assert "seed must be a non-negative integer" in err
+
+
+def test_attention_on_a_long_prompt_says_why_the_token_labels_were_left_out(capsys, lm_dir, tmp_path):
+    long_prompt = " ".join(["To be, or not to be"] * 5)  # more tokens than a head's panel can label
+    status, _, err = run(capsys, "attention", long_prompt, "--model", lm_dir, "--layer", 0, "--out",
+                         tmp_path / "layer.png")
+    assert status == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("llama-np: warning: ")]
+    assert len(warnings) == 1 and "token labels left out" in warnings[0] and "--head" in warnings[0]
+
+
+def _uniform_pattern(heads: int, length: int) -> dict:
+    """A trace-cache-like dict holding layer 0's attention pattern (1, H, T, T)."""
+    return {"blocks.0.attn.hook_pattern": np.full((1, heads, length, length), 1.0 / length)}
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (8, 1), (16, 2)])
+def test_the_layer_figure_labels_tokens_up_to_what_fits_and_warns_beyond(heads, kv_heads):
+    figure = plotting.plot_attention_layer(_uniform_pattern(heads, 4), 0, kv_heads)
+    panel_inches = (figure.get_figwidth() - 1) / figure.axes[0].get_gridspec().ncols
+    fit = plotting.labels_that_fit(plotting.PANEL_IMAGE_SHARE * panel_inches)
+    assert fit >= 8
+    tokens = [f"t{i}" for i in range(fit)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = plotting.plot_attention_layer(_uniform_pattern(heads, fit), 0, kv_heads, tokens=tokens)
+    assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == tokens  # the left column
+    with pytest.warns(UserWarning, match=f"token labels left out, since {fit + 1} labels"):
+        figure = plotting.plot_attention_layer(_uniform_pattern(heads, fit + 1), 0, kv_heads,
+                                               tokens=[f"t{i}" for i in range(fit + 1)])
+    assert not figure.axes[0].get_yticklabels()
+
+
+def test_the_head_figure_thins_labels_it_cannot_fit_and_says_so():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plotting.plot_attention_head(_uniform_pattern(1, 30), 0, 0, tokens=[f"t{i}" for i in range(30)])
+    with pytest.warns(UserWarning, match="labelled every 2nd token"):
+        figure = plotting.plot_attention_head(_uniform_pattern(1, 100), 0, 0, tokens=[f"t{i}" for i in range(100)])
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()][:3] == ["t0", "t2", "t4"]
+
+
+SMALLEST_READABLE_PIXELS = 10
+
+
+@pytest.mark.parametrize("layer_figure, heads, kv_heads, length", [
+    (False, 1, 1, 5), (False, 1, 1, 60), (False, 1, 1, 200),
+    (True, 4, 2, 8), (True, 8, 8, 8), (True, 16, 2, 8), (True, 16, 2, 40),
+])
+def test_attention_figures_saved_by_the_cli_are_at_most_1200_pixels_wide_with_text_10_pixels_high(
+        layer_figure, heads, kv_heads, length):
+    tokens = [f"t{i}" for i in range(length)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # labels left out or thinned: tested above
+        if layer_figure:
+            figure = plotting.plot_attention_layer(_uniform_pattern(heads, length), 0, kv_heads, tokens=tokens)
+        else:
+            figure = plotting.plot_attention_head(_uniform_pattern(heads, length), 0, 0, tokens=tokens)
+    dpi = cli.figure_dpi(figure)
+    assert figure.get_figwidth() * dpi <= cli.MAX_FIGURE_PIXELS + 0.5
+    figure.canvas.draw()
+    texts = [text for text in figure.findobj(Text) if text.get_visible() and text.get_text()]
+    assert texts
+    smallest = min(text.get_fontsize() for text in texts)
+    assert smallest * dpi / 72 >= SMALLEST_READABLE_PIXELS, (smallest, dpi)
+
+
+def test_the_activation_norms_plot_has_whole_layer_numbers_on_its_axis(lm_dir):
+    model = LlamaForCausalLM.from_pretrained(lm_dir)
+    _, cache = model.run_with_cache(np.array([[1, 50, 60, 70]]))
+    figure = plotting.plot_activation_norms(cache)
+    axis = figure.axes[0]
+    low, high = axis.get_xlim()
+    assert [tick for tick in axis.get_xticks() if low <= tick <= high] == [0, 1]  # not 0.2, 0.4, ...
+
+
+# -------------------------------------------------------------------------------- packaging
+
+
+def test_the_package_ships_a_py_typed_marker_for_type_checkers():
+    assert (REPO / "llama_np" / "py.typed").is_file()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["llama_np"]

@@ -113,6 +113,23 @@ def test_yarn_original_max_positions_defaults_to_max_position_embeddings():
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "attention_factor": []}), "attention_factor"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": float("nan")}), "mscale"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "truncate": "no"}), "truncate"),
+    # Each a valid number alone, absurd together: the attention factor of 1.2e29 gave NaN logits.
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1e30, "mscale_all_dim": 1.0}),
+     r"mscale=1e\+30 and mscale_all_dim=1.0 \(factor=4.0\) gives an attention factor of 1.218e\+29"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1e30}),
+     "mscale=1.0 and mscale_all_dim=1e\\+30"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "attention_factor": 1e6}),
+     r"attention_factor=1000000.0 gives an attention factor of 1e\+06, outside \[0.01, 100.0\]"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "attention_factor": 1e-30}),
+     "attention_factor=1e-30"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 1e-300,
+                        "original_max_position_embeddings": 1e30}),
+     r"RoPE settings \(.*beta_fast=1e-300.*\) cannot be computed"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 1e-300, "truncate": False,
+                        "original_max_position_embeddings": 1e30}),
+     r"RoPE settings \(.*beta_fast=1e-300.*\) give frequencies that are not finite"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, head_dim=2),
+     "dynamic RoPE needs head_dim > 2"),
 ])
 def test_bad_field_raises_config_error_naming_it(overrides, field):
     with pytest.raises(ConfigError, match=field):
@@ -124,6 +141,13 @@ def test_yarn_optional_fields_may_be_null_or_positive():
         "rope_type": "yarn", "factor": 4.0, "beta_fast": None, "beta_slow": 2.0, "attention_factor": 1.2,
         "mscale": None, "mscale_all_dim": None, "truncate": False}))
     assert config.rope_parameters["beta_slow"] == 2.0 and config.rope_parameters["truncate"] is False
+
+
+def test_yarn_with_deepseek_style_mscale_settings_is_accepted():
+    config = LlamaConfig.from_dict(small(rope_scaling={
+        "rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096}))
+    assert config.rope_parameters["mscale"] == 0.707
 
 
 def test_config_json_nested_thousands_deep_is_a_config_error_naming_the_file(tmp_path):

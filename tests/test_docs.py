@@ -16,6 +16,7 @@ installed, the page runs up to that block and is then skipped, with the reason.
 import importlib
 import inspect
 import re
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -134,3 +135,25 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
         # Leading newlines make the line numbers in a traceback those of the Markdown file.
         code = compile("\n" * (line - 1) + body, str(page), "exec")
         exec(code, namespace)
+
+
+def test_citations_point_inside_the_repository_at_sections_that_exist():
+    """Code, docs, notebooks and tests cite docs/reference.md by section ("docs/reference.md §3.9");
+    each cited section must be a heading of that page, and no file may cite design notes that
+    are not in the repository."""
+    root = Path(__file__).resolve().parent.parent
+    reference = (root / "docs" / "reference.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", reference, flags=re.MULTILINE))
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    problems = []
+    for name in tracked:
+        path = root / name
+        if name.startswith("tests/data/") or path.suffix not in (".py", ".md", ".ipynb", ".toml", ".txt"):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for outside in re.findall(r"\b(?:REFERENCE|DESIGN|STYLE)\.md\b", text):
+            problems.append(f"{name} cites {outside}, which is not in the repository")
+        for cited in re.findall(r"reference\.md §(\d+(?:\.\d+)?)", text):
+            if cited not in sections:
+                problems.append(f"{name} cites docs/reference.md §{cited}, which has no such section")
+    assert not problems, "\n".join(problems)

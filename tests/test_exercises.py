@@ -13,6 +13,7 @@ from llama_np.checkpoint import bundled_model_names
 from llama_np.exercises import (
     check_apply_rope,
     check_attention,
+    check_head_ablation,
     check_pooling,
     check_repeat_kv,
     check_rms_norm,
@@ -182,6 +183,78 @@ def test_top_p_dropping_the_crossing_token_is_named():
                       "dropping the crossing token", "crosses the threshold")
 
 
+def without_head_by_zeroing_z(z, o_proj, head):
+    batch, length, heads, head_dim = z.shape
+    z = z.copy()
+    z[:, :, head] = 0
+    return z.reshape(batch, length, heads * head_dim) @ o_proj.T
+
+
+def without_head_by_per_head_results(z, o_proj, head):
+    # Each head's own output o_proj[:, h·hd:(h+1)·hd] · z_h, then the sum of all but one.
+    batch, length, heads, head_dim = z.shape
+    per_head = np.einsum("btkd,ekd->btke", z, o_proj.reshape(o_proj.shape[0], heads, head_dim))  # (B, T, H, D)
+    return per_head.sum(axis=2) - per_head[:, :, head]
+
+
+@pytest.mark.parametrize("prefer_bundled", [True, False], ids=["bundled-if-installed", "random-stand-in"])
+@pytest.mark.parametrize("function", [without_head_by_zeroing_z, without_head_by_per_head_results],
+                         ids=lambda f: f.__name__)
+def test_head_ablation_checker_passes_two_independent_correct_versions(function, prefer_bundled):
+    result = check_head_ablation(function, verbose=False, prefer_bundled=prefer_bundled)
+    assert result.passed, result.report
+    assert result.fraction_correct == 1.0 and result.hint is None and result.mistake is None
+    assert len(result.cases) >= 4
+
+
+def ablate_whole_layer(z, o_proj, head):
+    z = z * 0
+    return z.reshape(z.shape[0], z.shape[1], -1) @ o_proj.T
+
+
+def ablate_rows_of_o_proj(z, o_proj, head):
+    head_dim = z.shape[-1]
+    o_proj = o_proj.copy()
+    o_proj[head * head_dim:(head + 1) * head_dim] = 0
+    return z.reshape(z.shape[0], z.shape[1], -1) @ o_proj.T
+
+
+def ablate_after_o_proj(z, o_proj, head):
+    head_dim = z.shape[-1]
+    out = z.reshape(z.shape[0], z.shape[1], -1) @ o_proj.T
+    out[:, :, head * head_dim:(head + 1) * head_dim] = 0
+    return out
+
+
+def ablate_a_position(z, o_proj, head):
+    z = z.copy()
+    z[:, head, :, :] = 0
+    return z.reshape(z.shape[0], z.shape[1], -1) @ o_proj.T
+
+
+@pytest.mark.parametrize("function, mistake, phrase", [
+    (ablate_whole_layer, "whole layer", "You ablated the whole layer"),
+    (ablate_rows_of_o_proj, "rows instead of columns, or after o_proj", "You zeroed rows instead of columns of o_proj"),
+    (ablate_after_o_proj, "rows instead of columns, or after o_proj", "you ablated after o_proj"),
+    (ablate_a_position, "zeroed a position", "you zeroed position `head` (axis 1)"),
+], ids=["whole-layer", "rows", "after-o_proj", "position"])
+def test_head_ablation_mistakes_are_named(function, mistake, phrase):
+    assert_fails_with(check_head_ablation(function, verbose=False), mistake, phrase)
+
+
+def test_head_ablation_that_takes_head_dim_from_the_hidden_size_gets_the_shape_hint():
+    def head_dim_from_hidden_size(z, o_proj, head):
+        batch, length, heads, _ = z.shape
+        head_dim = o_proj.shape[0] // heads  # wrong unless D = H·hd
+        columns = o_proj.copy()
+        columns[:, head * head_dim:(head + 1) * head_dim] = 0
+        return z.reshape(batch, length, -1) @ columns.T
+
+    result = check_head_ablation(head_dim_from_hidden_size, verbose=False)
+    assert not result.passed and result.mistake is None
+    assert "D differs from H·hd" in result.hint, result.report
+
+
 # ---------------------------------------------------------------------------- more named mistakes
 
 
@@ -344,3 +417,6 @@ def test_checkers_run_on_a_bundled_style_checkpoint(bundled_style_model):
                       "dropping the crossing token", "crosses the threshold")
     assert_fails_with(check_pooling(pool_last_position, verbose=False), "pooling the pad position",
                       "pooling the pad position")
+    assert check_head_ablation(without_head_by_zeroing_z, verbose=False).passed
+    assert_fails_with(check_head_ablation(ablate_rows_of_o_proj, verbose=False),
+                      "rows instead of columns, or after o_proj", "columns of o_proj")

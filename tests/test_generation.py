@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llama_np import CheckpointError, InputError, LlamaConfig, LlamaForCausalLM
-from llama_np.generation import (KVCache, apply_repetition_penalty, next_token_logits, sample,
+from llama_np.cache import KVCache
+from llama_np.generation import (apply_repetition_penalty, next_token_logits, sample,
                                  top_k_filter, top_p_filter)
 
 CONFIG = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

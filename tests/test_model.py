@@ -13,7 +13,7 @@ from llama_np import (InputError, LlamaConfig, LlamaForCausalLM, LlamaForSequenc
                       LlamaModel)
 from llama_np import layers
 from llama_np.errors import CheckpointError
-from llama_np.generation import KVCache
+from llama_np.cache import KVCache
 from llama_np.model import last_non_pad_index
 from tolerance import FLOAT32_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
@@ -283,3 +283,9 @@ def test_integers_follow_one_rule_numpy_integers_yes_bools_no(lm, ids):
         model.resize_token_embeddings(True)
     with pytest.raises(InputError, match="top_k"):
         model.generate(ids[:1], max_new_tokens=1, do_sample=True, top_k=True)
+
+
+def test_ragged_classification_labels_are_an_input_error():
+    model = LlamaForSequenceClassification.from_config(LlamaConfig(**CONFIG, num_labels=2, pad_token_id=0))
+    with pytest.raises(InputError, match="labels rows have different lengths"):
+        model(np.array([[5, 6], [7, 8]]), labels=[[1.0, 0.0], [1.0]])

@@ -9,6 +9,10 @@ exactly.
 import io
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +111,7 @@ def test_legacy_none_behaves_as_legacy_true():
 
 
 def test_legacy_true_adds_a_space_after_a_special_token_and_false_does_not():
-    # REFERENCE §5: "Hello <s>." gets an extra "▁" before "." only with legacy=True.
+    # docs/reference.md §5.2: "Hello <s>." gets an extra "▁" before "." only with legacy=True.
     assert LlamaTokenizer(MODEL, legacy=True).tokenize("Hello <s>.") == [
         "▁Hello",
         "▁",
@@ -360,7 +364,7 @@ def test_incremental_decoder_with_legacy_special_tokens_moves_only_the_space_tra
 
 
 def test_decoding_token_by_token_loses_spaces_but_the_incremental_decoder_does_not():
-    # REFERENCE §5, the "Banana" note.
+    # docs/reference.md §5.3, the "Banana" note.
     tokenizer = LlamaTokenizer(MODEL)
     ids = tokenizer.encode("Banana bread is the best bread.", add_special_tokens=False)
     assert "".join(tokenizer.decode([i]) for i in ids) == "Bananabreadisthebestbread."
@@ -465,7 +469,7 @@ def test_chat_template_text_form():
 
 
 def test_chat_template_with_legacy_false_differs_from_meta_after_each_bos():
-    # The text after "<s>" gets no "▁" with legacy=False: "[" instead of "▁[" (REFERENCE §5).
+    # The text after "<s>" gets no "▁" with legacy=False: "[" instead of "▁[" (docs/reference.md §5.2).
     dialog = DIALOGS["one_user_turn"]
     tokenizer = LlamaTokenizer(MODEL, legacy=False)
     ids = tokenizer.apply_chat_template(dialog)
@@ -770,3 +774,108 @@ def test_bad_tokenizer_config_values_are_errors_naming_the_file(tmp_path, settin
 def test_bad_settings_passed_in_python_are_tokenizer_errors():
     with pytest.raises(TokenizerError, match="add_eos_token must be true or false, got 'yes'"):
         LlamaTokenizer(MODEL, add_eos_token="yes")
+
+
+def test_add_bos_token_with_a_null_bos_token_is_an_error_naming_both_fields(tmp_path):
+    # Transformers' slow tokenizer puts None among the ids here ([self.bos_token_id]).
+    shutil.copyfile(MODEL, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": True, "bos_token": None}))
+    tokenizer = LlamaTokenizer.from_pretrained(tmp_path)
+
+    with pytest.raises(TokenizerError, match="add_bos_token is true but bos_token is null"):
+        tokenizer.encode("Hello")
+    with pytest.raises(TokenizerError, match="add_bos_token is true but bos_token is null"):
+        tokenizer(["Hello", "world"])
+    with pytest.raises(TokenizerError, match="chat format needs a bos_token"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert None not in tokenizer.encode("Hello", add_special_tokens=False)
+    tokenizer.add_bos_token = False
+    assert tokenizer.encode("Hello") == tokenizer.encode("Hello", add_special_tokens=False)
+
+
+def test_add_eos_token_with_a_null_eos_token_is_an_error():
+    tokenizer = LlamaTokenizer(MODEL, eos_token=None, add_eos_token=True)
+    with pytest.raises(TokenizerError, match="add_eos_token is true but eos_token is null"):
+        tokenizer.encode("Hello")
+
+
+@pytest.mark.parametrize("max_length", [0, -1, 2.5, "8", True])
+def test_max_length_that_is_not_a_positive_integer_is_refused_not_ignored(max_length):
+    # Transformers leaves the text untruncated for 0 and -1; that is never what was meant.
+    tokenizer = padded_tokenizer()
+    with pytest.raises(TokenizerError, match="max_length must be a positive integer or None"):
+        tokenizer("Hello world, hello world", truncation=True, max_length=max_length)
+    with pytest.raises(TokenizerError, match="max_length must be a positive integer or None"):
+        tokenizer.encode("Hello world", max_length=max_length)
+
+
+def test_one_hundred_thousand_additional_special_tokens_load_and_encode_in_linear_time(tmp_path):
+    # Loading was quadratic: 6,000 tokens took 3.3 s and 100,000 never finished.
+    extra = [f"<extra_{i}>" for i in range(100_000)]
+    shutil.copyfile(MODEL, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"additional_special_tokens": extra}))
+
+    start = time.perf_counter()
+    tokenizer = LlamaTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer.encode("a<extra_7><extra_99999>b", add_special_tokens=False)
+    elapsed = time.perf_counter() - start
+
+    assert elapsed < 30  # about 0.4 s; the quadratic version needs hours
+    assert len(tokenizer) == 1000 + 100_000
+    assert tokenizer.convert_tokens_to_ids(["<extra_0>", "<extra_99999>"]) == [1000, 100_999]
+    assert ids[-3:-1] == [1007, 100_999]
+    assert tokenizer.convert_ids_to_tokens(ids[-3:-1]) == ["<extra_7>", "<extra_99999>"]
+
+
+def test_the_longest_special_token_starting_at_a_place_wins():
+    tokenizer = LlamaTokenizer(MODEL, additional_special_tokens=["<x>", "<x>>", "x>"])
+    assert tokenizer.tokenize("<x>>x>") == ["<x>>", "x>"]
+    assert tokenizer.tokenize("a<x>")[-1] == "<x>"
+
+
+def test_importing_the_tokenizer_without_sentencepiece_names_the_missing_package():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["sentencepiece"] = None  # what an environment without it looks like
+        import llama_np
+        assert llama_np.LlamaForCausalLM  # the model does not need sentencepiece
+        try:
+            from llama_np import LlamaTokenizer
+        except ImportError as error:
+            print(error)
+        try:
+            from llama_np import NoSuchName
+        except ImportError as error:
+            print(error)
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    tokenizer_line, other_line = result.stdout.splitlines()
+    assert "LlamaTokenizer needs the 'sentencepiece' package" in tokenizer_line
+    assert "pip install sentencepiece" in tokenizer_line
+    assert "cannot import name 'NoSuchName'" in other_line
+
+
+@pytest.mark.parametrize("denied", ["tokenizer.model", "tokenizer_config.json",
+                                    "special_tokens_map.json", "."])
+def test_an_unreadable_tokenizer_file_is_a_tokenizer_error_naming_it(tmp_path, deny_access,
+                                                                    denied):
+    LlamaTokenizer(MODEL).save_pretrained(tmp_path)
+    deny_access(tmp_path / denied)
+    with pytest.raises(TokenizerError, match="Permission denied") as error:
+        LlamaTokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path / ("tokenizer.model" if denied == "." else denied)) in str(error.value)
+
+
+def test_an_unreadable_tokenizer_model_is_named_by_both_readers(tmp_path, deny_access):
+    path = tmp_path / "tokenizer.model"
+    shutil.copyfile(MODEL, path)
+    deny_access(path)
+    with pytest.raises(TokenizerError, match=f"cannot read {path}: Permission denied"):
+        LlamaTokenizer(path)
+    with pytest.raises(TokenizerError, match=f"cannot read {path}: Permission denied"):
+        read_model(path)

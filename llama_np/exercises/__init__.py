@@ -26,8 +26,10 @@ The result has ``.passed``, ``.fraction_correct``, ``.hint`` (None when passed),
     check_swiglu(fn)              fn(x, gate_proj, up_proj, down_proj)     layers.swiglu
     check_pooling(fn)             fn(input_ids, pad_token_id) -> (B,)      model.last_non_pad_index
     check_top_p(fn)               fn(logits, top_p) -> logits              generation.top_p_filter
+    check_head_ablation(fn)       fn(z, o_proj, head) -> (B, T, D)         model.self_attention (per-head o_proj)
 """
 
+from llama_np.exercises.ablation import check_head_ablation
 from llama_np.exercises.checking import CaseOutcome, CheckResult
 from llama_np.exercises.components import (
     check_apply_rope,
@@ -41,5 +43,6 @@ from llama_np.exercises.heads import check_pooling, check_top_p
 
 __all__ = [
     "check_rms_norm", "check_rope_frequencies", "check_apply_rope", "check_repeat_kv",
-    "check_attention", "check_swiglu", "check_pooling", "check_top_p", "CheckResult", "CaseOutcome",
+    "check_attention", "check_swiglu", "check_pooling", "check_top_p", "check_head_ablation", "CheckResult",
+    "CaseOutcome",
 ]
