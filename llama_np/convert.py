@@ -42,8 +42,13 @@ from llama_np.checkpoint import (
 )
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, InputError
-from llama_np.meta import TORCH_DTYPE_NAMES, MetaTensor, is_meta_checkpoint, open_meta_checkpoint
-from llama_np.tokenizer import VOCAB_FILE_NAME, LlamaTokenizer
+from llama_np.meta import (
+    TORCH_DTYPE_NAMES,
+    VOCAB_FILE_NAME,
+    MetaTensor,
+    is_meta_checkpoint,
+    open_meta_checkpoint,
+)
 
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_SHARD_BYTES = 5 * 10**9  # Transformers' save_pretrained default, max_shard_size="5GB"
@@ -95,6 +100,7 @@ def convert_meta_checkpoint(meta_dir, out_dir, dtype: str | None = None, *,
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        result.files.extend(_write_tokenizer(meta_dir, out_dir))  # first: small, and fails fast
         done = 0
         for file_name, names in shards.items():
             path = out_dir / file_name
@@ -108,7 +114,6 @@ def convert_meta_checkpoint(meta_dir, out_dir, dtype: str | None = None, *,
                      "weight_map": {name: file for file, names in shards.items() for name in names}}
             result.files.append(out_dir / INDEX_FILE_NAME)
             atomic_write_text(result.files[-1], json.dumps(index, indent=2) + "\n")
-        result.files.extend(_write_tokenizer(meta_dir, out_dir))
         result.files.append(out_dir / "generation_config.json")
         atomic_write_text(result.files[-1], json.dumps(
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, indent=2) + "\n")
@@ -282,6 +287,7 @@ def _write_tokenizer(meta_dir: Path, out_dir: Path) -> list[Path]:
     vocab_file = meta_dir / VOCAB_FILE_NAME
     if not is_file(vocab_file):
         return []
+    from llama_np.tokenizer import LlamaTokenizer  # needs sentencepiece, which importing llama_np does not
     return [Path(p) for p in LlamaTokenizer(vocab_file).save_pretrained(out_dir)]
 
 
