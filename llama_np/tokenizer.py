@@ -83,6 +83,10 @@ def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
         ) from None
     if processor.get_piece_size() == 0:
         raise TokenizerError(f"{path} is a sentencepiece model with no pieces")
+    if not 0 <= processor.unk_id() < processor.get_piece_size():
+        # sentencepiece maps every unknown text to this id; without it a lookup fails later
+        raise TokenizerError(f"{path} is a sentencepiece model with no unknown piece (unk_id "
+                             f"{processor.unk_id()}); the file is corrupt")
     # sentencepiece loads pieces that are not UTF-8 but fails on each later use of them.
     try:
         processor.id_to_piece(list(range(processor.get_piece_size())))

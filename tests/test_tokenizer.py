@@ -879,3 +879,13 @@ def test_an_unreadable_tokenizer_model_is_named_by_both_readers(tmp_path, deny_a
         LlamaTokenizer(path)
     with pytest.raises(TokenizerError, match=f"cannot read {path}: Permission denied"):
         read_model(path)
+
+
+def test_a_tokenizer_model_without_its_unknown_piece_is_a_tokenizer_error(tmp_path):
+    # One flipped byte (found by tests/test_fuzz.py) turns the first piece, <unk>, into another
+    # field: sentencepiece loads the rest and fails on the first lookup of an unknown text.
+    data = bytearray((Path(__file__).parent / "data" / "tokenizer" / "tokenizer.model").read_bytes())
+    data[0] = 17
+    (tmp_path / "tokenizer.model").write_bytes(bytes(data))
+    with pytest.raises(TokenizerError, match="no unknown piece"):
+        LlamaTokenizer.from_pretrained(tmp_path)
