@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from llama_np.errors import CheckpointError
+from llama_np.storage import widen
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
@@ -298,8 +299,8 @@ class StoredTensor:
                 f"cannot read {self.name!r} as {compute}; the compute dtype is float32 or float64"
             )
         stored = self.stored()
-        if self.dtype == "BF16":
-            return _widen_bf16(stored).astype(compute, copy=False)
+        if self.dtype in ("F16", "BF16"):
+            return widen(stored, self.dtype, compute)  # exact, tile by tile on every core
         return stored.astype(compute, copy=False)
 
 
