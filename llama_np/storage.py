@@ -171,7 +171,8 @@ def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32) -> np.ndarra
             stop = min(start + TILE_ELEMENTS, part.stop)
             widen_into(flat_in[start:stop], storage_dtype, flat_out[start:stop])
 
-    run_parallel([lambda part=part: widen_part(part) for part in split(flat_in.size, cpu_count())])
+    parts = min(cpu_count(), -(-flat_in.size // TILE_ELEMENTS))  # a norm's few numbers: one part
+    run_parallel([lambda part=part: widen_part(part) for part in split(flat_in.size, parts)])
     return out
 
 

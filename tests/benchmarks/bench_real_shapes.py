@@ -242,11 +242,11 @@ def machine_limits(threads: int) -> dict:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((2048, 2048), dtype=np.float32)
     a @ a
-    gemm = statistics.median(timed(lambda: a @ a) for _ in range(5))
+    gemm = min(timed(lambda: a @ a) for _ in range(5))  # a limit: the best of the runs
     big = np.ones((2**28 // 4096, 4096), dtype=np.float32)  # 1 GiB
     x = np.ones(4096, dtype=np.float32)
     big @ x
-    read = statistics.median(timed(lambda: big @ x) for _ in range(5))
+    read = min(timed(lambda: big @ x) for _ in range(5))
     return {"gemm_gflops": 2 * 2048**3 / gemm / 1e9, "read_gb_per_s": big.nbytes / read / 1e9}
 
 
@@ -306,7 +306,7 @@ def report(results: list, limits: dict) -> None:
               f"({r['bytes_per_token'] / 1e9:.1f} GB a step); the first forward of a process, "
               f"over 128 tokens, takes {r['first128'] / r['warm128']:.2f}x a warm one, over 8 tokens "
               f"{r['first8'] / r['warm8']:.2f}x")
-    print("\nratios, llama_np / Transformers (time; for decoding, Transformers' rate / ours):")
+    print("\nratios: llama_np's time / Transformers' for a warm forward; for decoding, our tokens/s / theirs:")
     by = {(r["shape"], r["implementation"]): r for r in results if "load" in r}
     for shape in dict.fromkeys(r["shape"] for r in results):
         ours = by.get((shape, "llama_np"))
