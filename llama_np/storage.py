@@ -41,13 +41,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-# Elements of W widened per tile for a matrix-vector product: 128 KiB of float16 in and
-# 256 KiB of float32 out, which stay in a core's L2 cache (1 MiB here) between widening and use.
-TILE_ELEMENTS = 64 * 1024
-# With many rows of x (a prefill), the product and not the widening is the cost, and BLAS is
-# faster on wider tiles: the tile grows to this many elements (4 MiB of float32).
+# Elements of W widened per tile for a matrix-vector product: 512 KiB of float16 in and 1 MiB
+# of float32 out, still in the core's L2 or the shared L3 when BLAS reads it. Measured here, a
+# tile of 64 K elements ran at two thirds of this one's speed: every tile costs a few NumPy
+# calls of fixed overhead, during which the Python threads take turns.
+TILE_ELEMENTS = 256 * 1024
+# With several rows of x (a prefill), BLAS gains from wider tiles still: 1 M elements (4 MiB).
 PREFILL_TILE_ELEMENTS = 1024 * 1024
-PREFILL_ROWS = 16  # from this many rows of x on, use the prefill tile
+PREFILL_ROWS = 2  # from this many rows of x on, use the prefill tile
 
 # float16 -> float32 by bits, for a sign-extended int32 copy of the float16 bits shifted left 13:
 # keep the sign (bit 31), the 5 exponent bits (now 23..27) and the 10 mantissa bits (13..22).
@@ -58,6 +59,7 @@ F16_EXPONENT_SCALE = np.float32(2.0**112)
 # Exponent 31 (inf, NaN) comes out as a finite 65536 <= |v| < 131072, beyond float16's largest
 # finite 65504; a tile holding such values is widened by NumPy's cast instead.
 F16_LARGEST_FINITE = np.float32(65504.0)
+F16_SCALED_INPUT_LIMIT = 2.0**15  # see StreamedMatrix.product
 
 
 # ---------------------------------------------------------------------------- threads
@@ -129,15 +131,17 @@ def split(count: int, parts: int) -> list[range]:
 # ---------------------------------------------------------------------------- widening
 
 
-def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_special: bool = True) -> bool:
+def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_special: bool = True,
+               scaled: bool = False) -> bool:
     """Widen float16 (``"F16"``) or bfloat16 bits (``"BF16"``, uint16) into the float32 ``out``, exactly.
 
     stored and out have the same shape. bfloat16 is the top half of a float32, so it is shifted
     16 bits up. float16 is rebuilt from its bits: shift the exponent and mantissa into float32's
-    places, keep the sign, and scale by 2**112 for the difference of the exponent biases; that
-    turns inf and NaN into large finite numbers, so unless the caller knows these rows hold
-    none (``check_special=False``), a tile with any is widened again by NumPy's own cast.
-    Returns whether the tile held inf or NaN (always False for BF16, whose shift keeps them).
+    places and keep the sign, which gives the value times 2**-112 (the exponent biases differ by
+    112), then scale by 2**112 — or, with ``scaled=True``, leave out the scaling, which a streamed
+    product puts on x instead. The shift turns inf and NaN into large finite numbers, so unless
+    the caller knows these rows hold none (``check_special=False``), a tile with any is widened
+    again by NumPy's own cast. Returns whether the tile held inf or NaN (never for BF16).
     """
     bits = out.view(np.int32)
     if storage_dtype == "BF16":
@@ -145,9 +149,14 @@ def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_sp
         return False
     np.left_shift(stored.view(np.int16), 13, out=bits, dtype=np.int32)  # sign-extended
     np.bitwise_and(bits, F16_KEPT_BITS, out=bits)
-    np.multiply(out, F16_EXPONENT_SCALE, out=out)
-    if check_special and out.size and (out.max() > F16_LARGEST_FINITE or out.min() < -F16_LARGEST_FINITE):
+    largest = F16_LARGEST_FINITE / F16_EXPONENT_SCALE
+    if not scaled:
+        np.multiply(out, F16_EXPONENT_SCALE, out=out)
+        largest = F16_LARGEST_FINITE
+    if check_special and out.size and (out.max() > largest or out.min() < -largest):
         np.copyto(out, stored, casting="unsafe")  # NumPy's cast keeps inf and NaN
+        if scaled:
+            np.divide(out, F16_EXPONENT_SCALE, out=out)  # exact: a power of two, no underflow
         return True
     return False
 
@@ -263,6 +272,13 @@ class StreamedMatrix:
                              f"expects {in_features} (W is {self.shape})")
         dtype = np.result_type(x.dtype, self.dtype)
         x2 = np.ascontiguousarray(x.reshape(-1, in_features), dtype=dtype)  # (M, in)
+        # float16 tiles skip their last pass (times 2**112) when x can take it instead: then
+        # (x · 2**112) · (w · 2**-112) is the same product x · w, rounded the same, as long as
+        # x · 2**112 stays finite (|x| < 2**16) — so only below 2**15, to leave a margin.
+        scaled = (self.storage_dtype == "F16" and dtype == np.float32 and x2.size > 0
+                  and float(np.abs(x2).max()) < F16_SCALED_INPUT_LIMIT)
+        if scaled:
+            x2 = x2 * F16_EXPONENT_SCALE
         # W_tile @ xᵀ fills whole rows of yᵀ: one BLAS call per tile with a contiguous output,
         # several times faster here than x @ W_tileᵀ into a column block of y.
         y_t = np.empty((out_features, x2.shape[0]), dtype=dtype)  # (out, M)
@@ -277,7 +293,7 @@ class StreamedMatrix:
             for start in range(share.start, share.stop, rows):
                 stop = min(start + rows, share.stop)
                 tile = buffer[: (stop - start) * in_features].reshape(stop - start, in_features)
-                self.widen_rows(start, stop, tile)
+                self.widen_rows(start, stop, tile, scaled)
                 if dtype == np.float32:
                     np.matmul(tile, x2.T, out=y_t[start:stop])
                 else:
@@ -292,16 +308,21 @@ class StreamedMatrix:
                 run_parallel(tasks)
         return np.ascontiguousarray(y_t.T).reshape(*x.shape[:-1], out_features)
 
-    def widen_rows(self, start: int, stop: int, tile: np.ndarray) -> None:
-        """Rows start..stop of W into ``tile``. Which rows hold inf/NaN is learnt on first use."""
+    def widen_rows(self, start: int, stop: int, tile: np.ndarray, scaled: bool = False) -> None:
+        """Rows start..stop of W into ``tile`` (float16 times 2**-112 if ``scaled``).
+
+        Which float16 rows hold inf or NaN is learnt on their first use.
+        """
         if self.storage_dtype == "BF16":
             widen_into(self.stored[start:stop], "BF16", tile)
             return
         checked = self._all_checked or bool(self._checked[start:stop].all())
         if checked and self._any_special and self._special[start:stop].any():
             np.copyto(tile, self.stored[start:stop], casting="unsafe")
+            if scaled:
+                np.divide(tile, F16_EXPONENT_SCALE, out=tile)
             return
-        special = widen_into(self.stored[start:stop], "F16", tile, check_special=not checked)
+        special = widen_into(self.stored[start:stop], "F16", tile, check_special=not checked, scaled=scaled)
         if not checked:
             self._special[start:stop] = special
             self._checked[start:stop] = True

@@ -56,10 +56,13 @@ def test_f16_widening_of_a_tile_with_inf_or_nan_falls_back_to_numpys_cast():
 
 
 @pytest.mark.parametrize("storage_dtype", ["F16", "BF16"])
-@pytest.mark.parametrize("x_rows", [1, 3, storage.PREFILL_ROWS + 1])
-def test_streamed_product_equals_the_kept_product(storage_dtype, x_rows):
+@pytest.mark.parametrize("x_rows", [1, storage.PREFILL_ROWS, 17])
+def test_streamed_product_equals_the_kept_product(monkeypatch, storage_dtype, x_rows):
+    # small tiles, so that 300 rows make many of them and a ragged last one on each worker
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 16 * 96)
+    monkeypatch.setattr(storage, "PREFILL_TILE_ELEMENTS", 40 * 96)
     rng = np.random.default_rng(x_rows)
-    stored = random_weight(rng, (300, 96), storage_dtype)  # 300 rows: tiles of 682 rows and of 16
+    stored = random_weight(rng, (300, 96), storage_dtype)
     matrix = storage.StreamedMatrix(stored, storage_dtype, "w")
     x = rng.standard_normal((1, x_rows, 96)).astype(np.float32)
     ours = x @ matrix.T
@@ -68,7 +71,8 @@ def test_streamed_product_equals_the_kept_product(storage_dtype, x_rows):
                  tolerance=REPEATED_TOLERANCE)
 
 
-def test_streamed_product_keeps_inf_and_nan_rows_as_numpy_would():
+def test_streamed_product_keeps_inf_and_nan_rows_as_numpy_would(monkeypatch):
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 8 * 8)  # 5 tiles of 8 rows
     rng = np.random.default_rng(0)
     stored = random_weight(rng, (40, 8), "F16")
     stored[5, 2], stored[30, 0] = np.inf, np.nan
@@ -175,3 +179,26 @@ def test_generate_with_a_streamer_never_prints_progress(monkeypatch):
     assert terminal.getvalue() == ""
     model.generate(np.array([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
     assert terminal.getvalue().count("layer 1/") == 1, "without a streamer only the prompt's pass shows"
+
+
+@pytest.mark.parametrize("x_rows", [1, 5])
+def test_f16_tiles_scaled_through_x_give_the_same_product_bit_for_bit(monkeypatch, x_rows):
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 16 * 40)
+    monkeypatch.setattr(storage, "PREFILL_TILE_ELEMENTS", 16 * 40)
+    rng = np.random.default_rng(5)
+    stored = random_weight(rng, (257, 40), "F16")
+    stored[0, :4] = [6e-8, -6e-8, 3e-5, 0.0]  # float16 subnormals and a zero
+    x = rng.standard_normal((x_rows, 40)).astype(np.float32)
+    scaled = x @ storage.StreamedMatrix(stored, "F16").T
+    monkeypatch.setattr(storage, "F16_SCALED_INPUT_LIMIT", 0.0)  # every x too large: scale the tiles
+    unscaled = x @ storage.StreamedMatrix(stored, "F16").T
+    np.testing.assert_array_equal(scaled.view(np.uint32), unscaled.view(np.uint32))
+
+
+def test_f16_product_with_an_input_too_large_to_scale_is_still_exact():
+    rng = np.random.default_rng(6)
+    stored = random_weight(rng, (64, 16), "F16")
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    x[0, 3] = 60000.0  # x · 2**112 would overflow float32
+    assert_close(x @ storage.StreamedMatrix(stored, "F16").T, x @ stored.astype(np.float32).T,
+                 "x with a large entry", tolerance=REPEATED_TOLERANCE)

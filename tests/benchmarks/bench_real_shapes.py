@@ -43,7 +43,7 @@ SHAPES = {
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
         rms_norm_eps=1e-5, rope_theta=10000.0)),
-    "llama2-70b-2l": dict(dtype="float16", new_tokens=6, repeats=1, config=dict(
+    "llama2-70b-2l": dict(dtype="float16", new_tokens=6, repeats=1, also_streamed=True, config=dict(
         vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=2,
         num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
         rms_norm_eps=1e-5, rope_theta=10000.0)),
@@ -172,14 +172,19 @@ def prompt_ids(length: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(length).integers(3, vocab, size=(1, length))
 
 
-def measure_llama_np(path: Path, threads: int, repeats: int, new_tokens: int, first_only: int = 0) -> dict:
-    """Every figure; with ``first_only`` = T, only the process's first forward over T tokens."""
+def measure_llama_np(path: Path, threads: int, repeats: int, new_tokens: int, first_only: int = 0,
+                     stream: bool = False) -> dict:
+    """Every figure; with ``first_only`` = T, only the process's first forward over T tokens.
+
+    ``stream`` opens the model with keep_widened=False, whatever would fit.
+    """
     import llama_np
     from llama_np import LlamaForCausalLM
 
     peak = PeakPrivate()
     result = {"library": str(Path(llama_np.__file__).parent)}
-    result["load"] = timed(lambda: result.setdefault("model", LlamaForCausalLM.from_pretrained(path)))
+    options = {"keep_widened": False} if stream else {}
+    result["load"] = timed(lambda: result.setdefault("model", LlamaForCausalLM.from_pretrained(path, **options)))
     model = result.pop("model")
     vocab = model.config.vocab_size
     if first_only:
@@ -295,7 +300,7 @@ def report(results: list, limits: dict) -> None:
     print("\nllama_np against the machine's limits (forward: 2·params·T FLOPs at the GEMM rate; "
           "decoding: the weight bytes one step reads at the read bandwidth):")
     for r in results:
-        if r["implementation"] != "llama_np" or "error" in r:
+        if not r["implementation"].startswith("llama_np") or "error" in r:
             continue
         flops = {T: 2 * r["matmul_parameters"] * T for T in LENGTHS}
         limit = {T: flops[T] / (limits["gemm_gflops"] * 1e9) for T in LENGTHS}
@@ -305,13 +310,13 @@ def report(results: list, limits: dict) -> None:
               f"{r['tokens_per_second'] / decode_limit:.0%} of {decode_limit:.2f} tokens/s "
               f"({r['bytes_per_token'] / 1e9:.1f} GB a step); the first forward of a process, "
               f"over 128 tokens, takes {r['first128'] / r['warm128']:.2f}x a warm one, over 8 tokens "
-              f"{r['first8'] / r['warm8']:.2f}x")
+              f"{r['first8'] / r['warm8']:.2f}x" + ("" if r["implementation"] == "llama_np" else " (streamed)"))
     print("\nratios: llama_np's time / Transformers' for a warm forward; for decoding, our tokens/s / theirs:")
     by = {(r["shape"], r["implementation"]): r for r in results if "load" in r}
     for shape in dict.fromkeys(r["shape"] for r in results):
         ours = by.get((shape, "llama_np"))
         for key, theirs in by.items():
-            if key[0] != shape or key[1] == "llama_np" or ours is None:
+            if key[0] != shape or key[1].startswith("llama_np") or ours is None:
                 continue
             print(f"  {shape} vs {key[1]}: fwd 8 {ours['warm8'] / theirs['warm8']:.2f}x, fwd 128 "
                   f"{ours['warm128'] / theirs['warm128']:.2f}x, decoding "
@@ -333,10 +338,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--new-tokens", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--first-only", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child == "llama_np":
-        print(json.dumps(measure_llama_np(args.path, args.threads, args.repeats, args.new_tokens, args.first_only)))
+        print(json.dumps(measure_llama_np(args.path, args.threads, args.repeats, args.new_tokens, args.first_only,
+                                          args.stream)))
         return
     if args.child == "transformers":
         print(json.dumps(measure_transformers(args.path, args.dtype, args.threads, args.repeats, args.new_tokens)))
@@ -368,6 +375,10 @@ def main():
             r.update(first128=first["first"], first128_then_warm=first["warm"])
         results.append(dict(r, shape=shape_name, implementation="llama_np"))
         print(f"  llama_np: {r}", file=sys.stderr)
+        if shape.get("also_streamed"):  # fits widened here, but what does streaming it cost?
+            r = child([sys.executable, __file__, "--child", "llama_np", "--stream"] + common, env)
+            results.append(dict(r, shape=shape_name, implementation="llama_np keep_widened=False"))
+            print(f"  llama_np keep_widened=False: {r}", file=sys.stderr)
         if torch_py is None:
             continue
         parameters = sum(int(np.prod(s)) for s in parameter_shapes(shape["config"]).values())
