@@ -28,7 +28,7 @@ def keep_widened_limit() -> int:
 
     Half the memory available right now (Linux's MemAvailable), and never less than 2 GiB: a
     1.1B TinyLlama (4.4 GB in float32) then runs at full speed on a 16 GB laptop, while a 7B
-    float16 checkpoint (27 GB in float32) is widened layer by layer on every use instead.
+    float16 checkpoint (27 GB in float32) streams its matrices from the file instead.
     """
     available = available_memory()
     return KEEP_WIDENED_FLOOR if available is None else max(KEEP_WIDENED_FLOOR, available // 2)
@@ -121,8 +121,8 @@ class Weights:
     tensor is used in one of two ways (``llama_np.storage``, docs/checkpoints.md):
 
     - kept: widened once, on first use, and kept — every tensor with ``keep_widened=True``;
-      with ``keep_widened=False``, the 1-D ones (norms, biases) and the first tensors used until
-      ``widened_budget`` bytes are spent;
+      with ``keep_widened=False``, the 1-D ones (norms, biases) and the first matrices used
+      (the embedding aside) until ``widened_budget`` bytes are spent;
     - streamed: a 2-D float16/bfloat16 tensor left in the memory map as a
       ``storage.StreamedMatrix``, which ``x @ W.T`` widens tile by tile in cache-sized buffers.
 
@@ -154,7 +154,7 @@ class Weights:
             if self.keep_widened:
                 self._widened[name] = value
             return value
-        if self._keeps(stored):
+        if self._keeps(name, stored):
             value = self._widened[name] = stored.numpy(self.dtype)
             if not self.keep_widened:
                 self.widened_bytes += value.nbytes
@@ -164,10 +164,15 @@ class Weights:
             return matrix
         return stored.numpy(self.dtype)
 
-    def _keeps(self, stored) -> bool:
-        """Whether this checkpoint tensor is widened once and kept."""
+    def _keeps(self, name: str, stored) -> bool:
+        """Whether this checkpoint tensor is widened once and kept.
+
+        The embedding is left out of the budget: a lookup widens only the rows it reads.
+        """
         if self.keep_widened or len(stored.shape) < 2:
             return True
+        if name.endswith("embed_tokens.weight"):
+            return False
         widened = int(np.prod(stored.shape)) * self.dtype.itemsize
         return self.widened_bytes + widened <= self.widened_budget
 
