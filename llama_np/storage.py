@@ -10,16 +10,16 @@ used in two ways, and ``pretrained.Weights`` picks one per tensor (docs/checkpoi
   and moves on; each core takes its own share of the rows. Nothing model-sized is allocated.
 
 Why tiles: widening is cheap on data in cache and expensive on fresh memory. Measured on a
-2-core machine with OpenBLAS, per core:
+2-core machine with OpenBLAS, per core (docs/checkpoints.md has the table):
 
-    NumPy's float16 -> float32 cast (astype)            ~0.4 G elements/s
-    shift / mask / scale on a tile in L2 (float16)        ~3 G elements/s
-    one shift on a tile in L2 (bfloat16)                  ~6 G elements/s
-    float32 matrix-vector product from a tile in L2      ~15 G elements/s
+    NumPy's float16 -> float32 cast (astype) into a new array     ~0.2-0.4 G elements/s
+    shift / mask on a float16 tile in cache                         ~2-3 G elements/s
+    one shift on a bfloat16 tile in cache                           ~3-6 G elements/s
+    float32 matrix-vector product from a tile in cache             ~10-15 G elements/s
 
-so a tile widened in cache and multiplied at once costs little more than reading the float16
-bytes, while widening a whole 7B model into fresh float32 arrays on every forward is most of
-its time. Both ways give the same numbers: float16 and bfloat16 are exactly representable in
+so a streamed matrix-vector product is bound by the widening, at a few G elements/s for both
+cores, while widening a whole 7B model into fresh float32 arrays on every forward took ten
+times longer. Both ways give the same numbers: float16 and bfloat16 are exactly representable in
 float32, and a product tiled over output rows computes each output's dot product from the same
 row of W and the same x (summed by the same BLAS kernel, at most in another order).
 
