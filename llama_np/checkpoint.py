@@ -41,6 +41,7 @@ import numpy as np
 from safetensors import safe_open
 
 from llama_np.errors import CheckpointError
+from llama_np.storage import widen
 
 try:  # POSIX: a writer holds a lock on its temporary file, so stale ones can be told apart
     import fcntl
@@ -403,8 +404,8 @@ class StoredTensor:
                 f"cannot read {self.name!r} as {compute}; the compute dtype is float32 or float64"
             )
         stored = self.stored()
-        if self.dtype == "BF16":
-            widened = _widen_bf16(stored).astype(compute, copy=False)
+        if self.dtype in ("F16", "BF16"):
+            widened = widen(stored, self.dtype, compute)  # exact, tile by tile on every core
         else:
             with np.errstate(over="ignore"):  # F64 beyond float32's range: inf, refused below
                 widened = stored.astype(compute, copy=False)

@@ -9,6 +9,7 @@ repetition penalty -> temperature -> top-k -> top-p -> softmax -> sample (or arg
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,7 @@ from llama_np import layers
 from llama_np.checkpoint import read_json_object
 from llama_np.errors import CheckpointError, InputError
 from llama_np.inputs import check_attention_mask, check_input_ids, is_integer, is_number
+from llama_np.storage import no_progress
 
 # ---------------------------------------------------------------------------- settings
 
@@ -231,35 +233,38 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     mask = check_attention_mask(attention_mask, *ids.shape)
     if (mask.sum(axis=-1) == 0).any():
         raise InputError("a row of attention_mask is all zeros: every prompt needs at least one token")
-    rng = np.random.default_rng(seed)
-    if streamer is not None and hasattr(streamer, "put"):
-        streamer.put(ids)
-
-    positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)
-    unfinished = np.ones(batch, dtype=bool)
-    started = time.perf_counter()
-    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    prompt_seconds = time.perf_counter() - started
-    cache, sequences = out.past_key_values, ids
-    logits = out.logits[:, -1]
-    steps = 0
-    for steps in range(1, max_new_tokens + 1):
-        scores = next_token_logits(logits.astype(np.float32), sequences, do_sample, temperature,
-                                   top_k, top_p, repetition_penalty, attention_mask=mask)
-        tokens = sample(scores, rng) if do_sample else np.argmax(scores, axis=-1)
-        if pad_token_id is not None:
-            tokens = np.where(unfinished, tokens, pad_token_id)
-        sequences = np.concatenate([sequences, tokens[:, None]], axis=-1)
-        _stream(streamer, tokens)
-        unfinished &= ~np.isin(tokens, eos_ids)
-        if not unfinished.any() or steps == max_new_tokens:
-            break
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=-1)
-        positions = positions[:, -1:] + 1
-        out = model(tokens[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
+    with contextlib.ExitStack() as quiet:  # progress lines (llama_np.storage) only where they cannot mix with text
+        rng = np.random.default_rng(seed)
+        if streamer is not None and hasattr(streamer, "put"):
+            streamer.put(ids)
+        if streamer is not None:  # the streamed text owns the terminal: no progress line at all
+            quiet.enter_context(no_progress())
+        positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)
+        unfinished = np.ones(batch, dtype=bool)
+        started = time.perf_counter()
+        out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+        prompt_seconds = time.perf_counter() - started
+        cache, sequences = out.past_key_values, ids
         logits = out.logits[:, -1]
+        steps = 0
+        quiet.enter_context(no_progress())  # decoding steps: never a progress line between tokens
+        for steps in range(1, max_new_tokens + 1):
+            scores = next_token_logits(logits.astype(np.float32), sequences, do_sample, temperature,
+                                       top_k, top_p, repetition_penalty, attention_mask=mask)
+            tokens = sample(scores, rng) if do_sample else np.argmax(scores, axis=-1)
+            if pad_token_id is not None:
+                tokens = np.where(unfinished, tokens, pad_token_id)
+            sequences = np.concatenate([sequences, tokens[:, None]], axis=-1)
+            _stream(streamer, tokens)
+            unfinished &= ~np.isin(tokens, eos_ids)
+            if not unfinished.any() or steps == max_new_tokens:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=-1)
+            positions = positions[:, -1:] + 1
+            out = model(tokens[:, None], attention_mask=mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
     if stats is not None:

@@ -8,12 +8,11 @@ model (``from_config``), writes one (``save_pretrained``), grows the vocabulary
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from llama_np import layers, trace
+from llama_np import layers, storage, trace
 from llama_np.checkpoint import resolve_model_path, save_safetensors
 from llama_np.config import LlamaConfig
 from llama_np.errors import CheckpointError, InputError
@@ -30,10 +29,25 @@ def keep_widened_limit() -> int:
 
     Half the memory available right now (Linux's MemAvailable), and never less than 2 GiB: a
     1.1B TinyLlama (4.4 GB in float32) then runs at full speed on a 16 GB laptop, while a 7B
-    float16 checkpoint (27 GB in float32) is widened layer by layer on every use instead.
+    float16 checkpoint (27 GB in float32) streams its matrices from the file instead.
     """
     available = available_memory()
     return KEEP_WIDENED_FLOOR if available is None else max(KEEP_WIDENED_FLOOR, available // 2)
+
+
+def streamed_widened_budget(stored_bytes: int) -> int:
+    """How many bytes of widened weights a model that streams the rest keeps by default.
+
+    Its streamed weights are read from the memory-mapped file on every forward, so the file
+    (``stored_bytes``) should stay in the page cache: the budget is what is left of the
+    available memory after the file and a 2 GiB margin for activations, and at most 2 GiB — a
+    kept float32 weight is read at memory speed, a streamed one at widening speed, but for a 7B
+    model every further GiB saves only a few percent of a token's time (docs/checkpoints.md).
+    """
+    available = available_memory()
+    if available is None:
+        return 0
+    return int(min(KEEP_WIDENED_FLOOR, max(0, available - stored_bytes - KEEP_WIDENED_FLOOR)))
 
 
 # ---------------------------------------------------------------------------- tensor names
@@ -102,20 +116,33 @@ def parameter_count(config: LlamaConfig, head_rows: int) -> int:
 
 
 class Weights:
-    """The named tensors of a model, widened to the compute dtype when they are used.
+    """The named tensors of a model, as the compute dtype when they are used.
 
-    Values are memory-mapped checkpoint tensors (``checkpoint.StoredTensor``) or arrays. With
-    ``keep_widened`` the widened copy is kept after first use; without it, every use widens
-    again (slower, but the float32 copy of a layer lives only while that layer runs).
-    ``checkpoint`` is the ``Checkpoint`` the tensors come from, if any (see ``check_unchanged``).
+    Values are memory-mapped checkpoint tensors (``checkpoint.StoredTensor``) or arrays. Each
+    tensor is used in one of two ways (``llama_np.storage``, docs/checkpoints.md):
+
+    - kept: widened once, on first use, and kept — every tensor with ``keep_widened=True``;
+      with ``keep_widened=False``, the 1-D ones (norms, biases) and the first matrices used
+      (the embedding aside) until ``widened_budget`` bytes are spent;
+    - streamed: a 2-D float16/bfloat16 tensor left in the memory map as a
+      ``storage.StreamedMatrix``, which ``x @ W.T`` widens tile by tile in cache-sized buffers.
+
+    Any other tensor (a float32 one, say) is used as the memory-mapped view itself when it
+    needs no widening, else widened on every use. ``checkpoint`` is the ``Checkpoint`` the
+    tensors come from, if any (see ``check_unchanged``).
     """
 
-    def __init__(self, tensors: dict, dtype=np.float32, keep_widened: bool = True, checkpoint=None):
+    def __init__(self, tensors: dict, dtype=np.float32, keep_widened: bool = True, widened_budget: int = 0,
+                 checkpoint=None):
         self.tensors = dict(tensors)
         self.dtype = np.dtype(dtype)
         self.keep_widened = keep_widened
+        self.widened_budget = int(widened_budget)  # bytes of widened tensors kept when not keep_widened
+        self.widened_bytes = 0  # of those, kept so far
         self.checkpoint = checkpoint
         self._widened: dict[str, np.ndarray] = {}
+        self._streamed: dict[str, storage.StreamedMatrix] = {}
+        self.progress = storage.LayerProgress()
 
     def check_unchanged(self) -> None:
         """CheckpointError if a checkpoint file changed since it was opened (one stat per file).
@@ -130,24 +157,52 @@ class Weights:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str):
         if name in self._widened:
             return self._widened[name]
+        if name in self._streamed:
+            return self._streamed[name]
         stored = self.tensors[name]
         if isinstance(stored, np.ndarray):
             value = stored.astype(self.dtype, copy=False)
-        else:
-            value = stored.numpy(self.dtype)
-        if self.keep_widened:
-            self._widened[name] = value
-        return value
+            if self.keep_widened:
+                self._widened[name] = value
+            return value
+        if self._keeps(name, stored):
+            value = self._widened[name] = stored.numpy(self.dtype)
+            if not self.keep_widened:
+                self.widened_bytes += value.nbytes
+            return value
+        if self._streams(stored):
+            matrix = self._streamed[name] = storage.StreamedMatrix(stored.stored(), stored.dtype, name, self.dtype)
+            return matrix
+        return stored.numpy(self.dtype)
+
+    def _keeps(self, name: str, stored) -> bool:
+        """Whether this checkpoint tensor is widened once and kept.
+
+        The embedding is left out of the budget: a lookup widens only the rows it reads.
+        """
+        if self.keep_widened or len(stored.shape) < 2:
+            return True
+        if name.endswith("embed_tokens.weight"):
+            return False
+        widened = int(np.prod(stored.shape)) * self.dtype.itemsize
+        return self.widened_bytes + widened <= self.widened_budget
+
+    def _streams(self, stored) -> bool:
+        """Whether a tensor that is not kept is streamed (else widened on every use)."""
+        return len(stored.shape) == 2 and stored.dtype in ("F16", "BF16") and self.dtype == np.float32
 
     def get(self, name: str):
         return self[name] if name in self.tensors else None
 
     def __setitem__(self, name: str, value: np.ndarray) -> None:
         self.tensors[name] = value
-        self._widened.pop(name, None)
+        kept = self._widened.pop(name, None)
+        if kept is not None and not self.keep_widened:
+            self.widened_bytes -= kept.nbytes
+        self._streamed.pop(name, None)
 
     def shape(self, name: str) -> tuple:
         return tuple(self.tensors[name].shape)
@@ -156,24 +211,17 @@ class Weights:
         return ((name, self[name]) for name in self.tensors)
 
     def layer(self, prefix: str, index: int, count: int, pretraining_tp: int = 1) -> dict:
-        """The widened tensors of decoder layer ``index``, by LAYER_TENSOR_NAMES field.
+        """The tensors of decoder layer ``index``, by LAYER_TENSOR_NAMES field.
 
         Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
         (docs/reference.md §3.11).
         """
-        self._show_progress(index, count)
+        self.progress.step(index, count)
         tensors = {field_name: self.get(f"{prefix}layers.{index}.{name}")
                    for field_name, name in LAYER_TENSOR_NAMES.items()}
         if pretraining_tp > 1:
             tensors = {name: (None if name.endswith("_bias") else value) for name, value in tensors.items()}
         return tensors
-
-    def _show_progress(self, index: int, count: int) -> None:
-        """On a terminal, weights widened on every use (a big model) show the layer they are on."""
-        if self.keep_widened or not sys.stderr.isatty():
-            return
-        end = "\n" if index == count - 1 else ""
-        print(f"\rlayer {index + 1}/{count}", end=end, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- loading and saving
@@ -210,7 +258,7 @@ class LlamaPreTrainedModel:
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None,
-                        revision: str | None = None):
+                        revision: str | None = None, widened_budget: int | None = None):
         """Open a checkpoint directory or a bundled model by name. Memory-mapped and lazy.
 
         The directory may be in Hugging Face's layout (safetensors, or pickled
@@ -218,9 +266,11 @@ class LlamaPreTrainedModel:
         (``params.json`` and ``consolidated.NN.pth``; see ``llama_np.meta``).
 
         Only headers are read here; tensors are widened to ``dtype`` (float32 or float64) when
-        first used. ``keep_widened`` keeps those widened copies instead of widening again on
-        every call; by default it is on when they fit in ``keep_widened_limit()`` (half the
-        available memory, at least 2 GiB).
+        first used. ``keep_widened`` keeps those widened copies; by default it is on when they
+        fit in ``keep_widened_limit()`` (half the available memory, at least 2 GiB). Without it,
+        float16/bfloat16 matrices are streamed from the file (``llama_np.storage``) except the
+        first ``widened_budget`` bytes of them, which are kept widened: by default
+        ``streamed_widened_budget`` when the model did not fit, 0 when ``keep_widened=False``.
         """
         dtype = check_compute_dtype(dtype)
         directory = resolve_model_path(name_or_path, revision=revision)
@@ -235,10 +285,14 @@ class LlamaPreTrainedModel:
         if prefix != cls.base_prefix:
             tensors = {cls.base_prefix + name: t for name, t in tensors.items()}
         widened_bytes = sum(int(np.prod(t.shape)) for t in tensors.values()) * np.dtype(dtype).itemsize
+        if widened_budget is None:
+            fits = widened_bytes <= keep_widened_limit() if keep_widened is None else keep_widened
+            widened_budget = 0 if fits or keep_widened is False else streamed_widened_budget(checkpoint.nbytes)
         if keep_widened is None:
             keep_widened = widened_bytes <= keep_widened_limit()
         generation_config = GenerationConfig.from_pretrained(directory, config)
-        model = cls(config, Weights(tensors, dtype, keep_widened, checkpoint), generation_config)
+        weights = Weights(tensors, dtype, keep_widened, widened_budget, checkpoint)
+        model = cls(config, weights, generation_config)
         model.name_or_path = str(name_or_path)
         model.checkpoint = checkpoint
         return model

@@ -1,0 +1,441 @@
+"""Where the weights are while the model runs: widened once and kept, or streamed from the file.
+
+A checkpoint stores its weights in float16 or bfloat16; the maths runs in float32. A weight can be
+used in two ways, and ``pretrained.Weights`` picks one per tensor (docs/checkpoints.md):
+
+- **kept** — widened to float32 once (``widen``, both cores, straight into one new array) and kept.
+  A product with it is one BLAS call, ``x @ W.T``.
+- **streamed** — left as stored in the memory-mapped file (``StreamedMatrix``). ``x @ W.T`` widens
+  a tile of W's rows at a time into a small buffer that stays in the core's cache, multiplies it,
+  and moves on; each core takes its own share of the rows. Nothing model-sized is allocated.
+
+Why tiles: widening is cheap on data in cache and expensive on fresh memory. Measured on a
+2-core machine with OpenBLAS, per core (docs/checkpoints.md has the table):
+
+    NumPy's float16 -> float32 cast (astype) into a new array     ~0.2-0.4 G elements/s
+    shift / mask on a float16 tile in cache                         ~2-3 G elements/s
+    one shift on a bfloat16 tile in cache                           ~3-6 G elements/s
+    float32 matrix-vector product from a tile in cache             ~10-15 G elements/s
+
+so a streamed matrix-vector product is bound by the widening, at a few G elements/s for both
+cores, while widening a whole 7B model into fresh float32 arrays on every forward took ten
+times longer. Both ways give the same numbers: float16 and bfloat16 are exactly representable in
+float32, and a product tiled over output rows computes each output's dot product from the same
+row of W and the same x (summed by the same BLAS kernel, at most in another order).
+
+Threads: NumPy's ufuncs and matrix products release the GIL, so the streamed product runs its
+row shares on a small pool of Python threads, each calling BLAS with one thread
+(threadpoolctl, ``pip install llama-np[fast]``) — a small matrix-vector product is several
+times slower on two OpenBLAS threads than on one. Without threadpoolctl the product runs on
+the caller's thread alone and BLAS keeps its own thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# Elements of W widened per tile for a matrix-vector product: 512 KiB of float16 in and 1 MiB
+# of float32 out, still in the core's L2 or the shared L3 when BLAS reads it. Measured here, a
+# tile of 64 K elements ran at two thirds of this one's speed: every tile costs a few NumPy
+# calls of fixed overhead, during which the Python threads take turns.
+TILE_ELEMENTS = 256 * 1024
+# With several rows of x (a prefill), BLAS gains from wider tiles still: 1 M elements (4 MiB).
+PREFILL_TILE_ELEMENTS = 1024 * 1024
+PREFILL_ROWS = 2  # from this many rows of x on, use the prefill tile
+
+# float16 -> float32 by bits, for a sign-extended int32 copy of the float16 bits shifted left 13:
+# keep the sign (bit 31), the 5 exponent bits (now 23..27) and the 10 mantissa bits (13..22).
+F16_KEPT_BITS = np.int32(np.uint32(0x8FFFE000).view(np.int32))
+# That float32 is the float16's value times 2**-112 (exponent biases 127 and 15): scale it back.
+# The scaling is exact, and turns float16 subnormals into the right normal float32s.
+F16_EXPONENT_SCALE = np.float32(2.0**112)
+# Exponent 31 (inf, NaN) comes out as a finite 65536 <= |v| < 131072, beyond float16's largest
+# finite 65504; a tile holding such values is widened by NumPy's cast instead.
+F16_LARGEST_FINITE = np.float32(65504.0)
+F16_SCALED_INPUT_LIMIT = 2.0**15  # see StreamedMatrix.product
+
+
+# ---------------------------------------------------------------------------- threads
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_blas = None  # threadpoolctl.ThreadpoolController, made on first use, or False without it
+
+
+def worker_pool() -> ThreadPoolExecutor:
+    """A thread per core, shared by every widening and streamed product of the process."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="llama_np")
+        return _pool
+
+
+def blas_controller():
+    """threadpoolctl's controller of the BLAS libraries NumPy loaded, or None without threadpoolctl."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController  # optional: llama-np[fast]
+        except ImportError:
+            _blas = False
+        else:
+            _blas = ThreadpoolController()
+    return _blas or None
+
+
+def product_workers() -> int:
+    """How many threads a streamed product uses: every core with threadpoolctl, else one.
+
+    Several Python threads each calling a multi-threaded BLAS would oversubscribe the cores, so
+    without threadpoolctl to hold BLAS at one thread a product stays on the caller's thread.
+    """
+    return cpu_count() if blas_controller() is not None else 1
+
+
+def one_blas_thread():
+    """A context in which BLAS runs single-threaded (the caller's threads share the cores)."""
+    return blas_controller().limit(limits=1, user_api="blas")
+
+
+def run_parallel(tasks: list) -> list:
+    """Call every task (a function of no arguments), one per worker thread; their results in order."""
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    futures = [worker_pool().submit(task) for task in tasks]
+    return [future.result() for future in futures]
+
+
+def split(count: int, parts: int) -> list[range]:
+    """0..count in ``parts`` contiguous ranges of nearly equal size (empty ones dropped)."""
+    bounds = [count * p // parts for p in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+# ---------------------------------------------------------------------------- widening
+
+
+def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_special: bool = True,
+               scaled: bool = False) -> bool:
+    """Widen float16 (``"F16"``) or bfloat16 bits (``"BF16"``, uint16) into the float32 ``out``, exactly.
+
+    stored and out have the same shape. bfloat16 is the top half of a float32, so it is shifted
+    16 bits up. float16 is rebuilt from its bits: shift the exponent and mantissa into float32's
+    places and keep the sign, which gives the value times 2**-112 (the exponent biases differ by
+    112), then scale by 2**112 — or, with ``scaled=True``, leave out the scaling, which a streamed
+    product puts on x instead. The shift turns inf and NaN into large finite numbers, so unless
+    the caller knows these rows hold none (``check_special=False``), a tile with any is widened
+    again by NumPy's own cast. Returns whether the tile held inf or NaN (never for BF16).
+    """
+    bits = out.view(np.int32)
+    if storage_dtype == "BF16":
+        np.left_shift(stored, 16, out=bits.view(np.uint32), dtype=np.uint32)
+        return False
+    np.left_shift(stored.view(np.int16), 13, out=bits, dtype=np.int32)  # sign-extended
+    np.bitwise_and(bits, F16_KEPT_BITS, out=bits)
+    largest = F16_LARGEST_FINITE / F16_EXPONENT_SCALE
+    if not scaled:
+        np.multiply(out, F16_EXPONENT_SCALE, out=out)
+        largest = F16_LARGEST_FINITE
+    if check_special and out.size and (out.max() > largest or out.min() < -largest):
+        np.copyto(out, stored, casting="unsafe")  # NumPy's cast keeps inf and NaN
+        if scaled:
+            np.divide(out, F16_EXPONENT_SCALE, out=out)  # exact: a power of two, no underflow
+        return True
+    return False
+
+
+def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32) -> np.ndarray:
+    """A new array of ``dtype`` (float32 or float64) with the values of a stored F16/BF16 array.
+
+    The first rows axis is split across the cores; each widens its part tile by tile, so the new
+    array's pages are touched once, in parallel, and no temporary the size of the tensor is made.
+    """
+    dtype = np.dtype(dtype)
+    if dtype != np.float32:  # float64 (a reference computation): via float32, which is exact
+        return widen(stored, storage_dtype, np.float32).astype(dtype)
+    out = np.empty(stored.shape, dtype=np.float32)
+    if stored.size == 0:
+        return out
+    flat_in, flat_out = stored.reshape(-1), out.reshape(-1)
+
+    def widen_part(part: range) -> None:
+        for start in range(part.start, part.stop, TILE_ELEMENTS):
+            stop = min(start + TILE_ELEMENTS, part.stop)
+            widen_into(flat_in[start:stop], storage_dtype, flat_out[start:stop])
+
+    parts = min(cpu_count(), -(-flat_in.size // TILE_ELEMENTS))  # a norm's few numbers: one part
+    run_parallel([lambda part=part: widen_part(part) for part in split(flat_in.size, parts)])
+    return out
+
+
+# ---------------------------------------------------------------------------- streamed weights
+
+
+_product_lock = threading.Lock()
+_tile_buffers: list = []  # one float32 buffer per worker of a streamed product, for every matrix
+tile_buffers_made = 0  # how many were ever allocated: one per worker, again only for a larger tile
+
+
+def tile_buffer(worker: int, elements: int) -> np.ndarray:
+    """The float32 tile buffer of a streamed product's ``worker``-th share, of at least ``elements``."""
+    global tile_buffers_made
+    while len(_tile_buffers) <= worker:
+        _tile_buffers.append(None)
+    buffer = _tile_buffers[worker]
+    if buffer is None or buffer.size < elements:
+        buffer = _tile_buffers[worker] = np.empty(elements, dtype=np.float32)
+        tile_buffers_made += 1
+    return buffer
+
+
+class StreamedMatrix:
+    """A (out, in) weight left as stored in the memory map and widened tile by tile where it is used.
+
+    ``x @ W.T`` (layers.linear) is computed by ``W.T.__rmatmul__``: each worker widens a tile of
+    W's rows into its own reused float32 buffer and writes those outputs. Anything else — an
+    index, ``np.asarray``, ``reshape`` — widens what it needs into a new array: rows looked up
+    from an embedding are the only rows widened.
+    """
+
+    ndim = 2
+
+    def __init__(self, stored: np.ndarray, storage_dtype: str, name: str = "", dtype=np.float32):
+        if storage_dtype not in ("F16", "BF16") or stored.ndim != 2:
+            raise ValueError(f"StreamedMatrix holds a 2-D F16 or BF16 tensor, not {storage_dtype} {stored.shape}")
+        self.stored = stored  # (out, in) float16, or uint16 bfloat16 bits
+        self.storage_dtype = storage_dtype
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(stored.shape)
+        self.T = TransposedStreamedMatrix(self)
+        self._checked = np.zeros(self.shape[0], dtype=bool)  # F16 rows whose inf/NaN check is done
+        self._special = np.zeros(self.shape[0], dtype=bool)  # ... and found some
+        self._all_checked = self._any_special = False
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the widened matrix (what keeping it widened would cost)."""
+        return self.size * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        value = widen(self.stored, self.storage_dtype, self.dtype)
+        return value if dtype is None else value.astype(dtype, copy=False)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return widen(np.ascontiguousarray(self.stored[index]), self.storage_dtype, self.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def reshape(self, *shape) -> np.ndarray:
+        return np.asarray(self).reshape(*shape)
+
+    def astype(self, dtype, copy=True) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def __repr__(self):
+        return f"StreamedMatrix({self.name!r}, {self.storage_dtype}, shape={self.shape})"
+
+    # -- the product
+
+    def rows_per_tile(self, x_rows: int) -> int:
+        elements = PREFILL_TILE_ELEMENTS if x_rows >= PREFILL_ROWS else TILE_ELEMENTS
+        return max(1, elements // self.shape[1])
+
+    def product(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T.  x (..., in)  ->  (..., out), computed tile by tile over W's rows."""
+        x = np.asarray(x)
+        out_features, in_features = self.shape
+        if x.shape[-1] != in_features:
+            raise ValueError(f"matmul: x has {x.shape[-1]} columns, {self.name or 'the weight'} "
+                             f"expects {in_features} (W is {self.shape})")
+        dtype = np.result_type(x.dtype, self.dtype)
+        x2 = np.ascontiguousarray(x.reshape(-1, in_features), dtype=dtype)  # (M, in)
+        # float16 tiles skip their last pass (times 2**112) when x can take it instead: then
+        # (x · 2**112) · (w · 2**-112) is the same product x · w, rounded the same, as long as
+        # x · 2**112 stays finite (|x| < 2**16) — so only below 2**15, to leave a margin.
+        scaled = (self.storage_dtype == "F16" and dtype == np.float32 and x2.size > 0
+                  and float(np.abs(x2).max()) < F16_SCALED_INPUT_LIMIT)
+        if scaled:
+            x2 = x2 * F16_EXPONENT_SCALE
+        # W_tile @ xᵀ fills whole rows of yᵀ: one BLAS call per tile with a contiguous output,
+        # several times faster here than x @ W_tileᵀ into a column block of y.
+        y_t = np.empty((out_features, x2.shape[0]), dtype=dtype)  # (out, M)
+        rows = self.rows_per_tile(x2.shape[0])
+        workers = product_workers()
+        # Each worker takes a contiguous share of whole tiles of W's rows.
+        shares = [range(t.start * rows, min(t.stop * rows, out_features))
+                  for t in split(-(-out_features // rows), workers)]
+
+        def multiply_share(index: int, share: range) -> None:
+            buffer = tile_buffer(index, rows * in_features)
+            for start in range(share.start, share.stop, rows):
+                stop = min(start + rows, share.stop)
+                tile = buffer[: (stop - start) * in_features].reshape(stop - start, in_features)
+                self.widen_rows(start, stop, tile, scaled)
+                if dtype == np.float32:
+                    np.matmul(tile, x2.T, out=y_t[start:stop])
+                else:
+                    y_t[start:stop] = tile.astype(dtype) @ x2.T
+
+        tasks = [lambda i=i, share=share: multiply_share(i, share) for i, share in enumerate(shares)]
+        with _product_lock:  # one streamed product at a time: they share the tile buffers
+            if workers > 1:
+                with one_blas_thread():
+                    run_parallel(tasks)
+            else:
+                run_parallel(tasks)
+        return np.ascontiguousarray(y_t.T).reshape(*x.shape[:-1], out_features)
+
+    def widen_rows(self, start: int, stop: int, tile: np.ndarray, scaled: bool = False) -> None:
+        """Rows start..stop of W into ``tile`` (float16 times 2**-112 if ``scaled``).
+
+        Which float16 rows hold inf or NaN is learnt on their first use.
+        """
+        if self.storage_dtype == "BF16":
+            widen_into(self.stored[start:stop], "BF16", tile)
+            return
+        checked = self._all_checked or bool(self._checked[start:stop].all())
+        if checked and self._any_special and self._special[start:stop].any():
+            np.copyto(tile, self.stored[start:stop], casting="unsafe")
+            if scaled:
+                np.divide(tile, F16_EXPONENT_SCALE, out=tile)
+            return
+        special = widen_into(self.stored[start:stop], "F16", tile, check_special=not checked, scaled=scaled)
+        if not checked:
+            self._special[start:stop] = special
+            self._checked[start:stop] = True
+            self._any_special = self._any_special or special
+            if stop == self.shape[0] or start == 0:  # cheap to ask at the ends of a pass only
+                self._all_checked = bool(self._checked.all())
+
+
+class TransposedStreamedMatrix:
+    """``W.T`` of a StreamedMatrix: something ``x @`` can take, as in ``layers.linear``.
+
+    ``__array_ufunc__ = None`` tells NumPy not to treat it as an array, so ``ndarray @ W.T``
+    hands over to ``__rmatmul__``.
+    """
+
+    __array_ufunc__ = None
+    ndim = 2
+
+    def __init__(self, matrix: StreamedMatrix):
+        self.matrix = matrix
+        self.shape = matrix.shape[::-1]
+        self.dtype = matrix.dtype
+
+    @property
+    def T(self) -> StreamedMatrix:
+        return self.matrix
+
+    def __rmatmul__(self, x) -> np.ndarray:
+        return self.matrix.product(x)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.matrix, dtype=dtype).T
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+PROGRESS_DELAY_SECONDS = 2.0  # a pass over the layers shows progress only once it has run this long
+_progress_paused = 0
+
+
+@contextlib.contextmanager
+def no_progress():
+    """No progress line inside this block: generate() decodes in one, between streamed tokens."""
+    global _progress_paused
+    _progress_paused += 1
+    try:
+        yield
+    finally:
+        _progress_paused -= 1
+
+
+class LayerProgress:
+    """``layer i/N`` on a terminal (stderr) for a pass over the layers that takes seconds.
+
+    A pass that ends within PROGRESS_DELAY_SECONDS — a decoding step, a forward of a small model
+    — prints nothing; a long one (the first widening of a big model, a long prefill of a
+    streamed one) shows a bar from then on, a tqdm bar when tqdm is installed, and erases it at
+    the last layer, so the line is clean before any text is printed after the pass. Nothing is
+    printed when stderr is not a terminal or inside ``no_progress()``.
+    """
+
+    def __init__(self):
+        self.started = 0.0
+        self.bar = None
+
+    def step(self, index: int, count: int) -> None:
+        """Decoder layer ``index`` of ``count`` is about to run."""
+        if index == 0:
+            self.close()
+            self.started = time.perf_counter()
+        if _progress_paused or not sys.stderr.isatty():
+            self.close()
+            return
+        if self.bar is None and time.perf_counter() - self.started >= PROGRESS_DELAY_SECONDS:
+            self.bar = progress_bar(count)
+        if self.bar is not None:
+            self.bar.update(index + 1)
+        if index == count - 1:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def progress_bar(total: int):
+    """A bar on stderr with ``update(done)`` and ``close()`` (erasing it): tqdm's, else a counter."""
+    try:
+        from tqdm import tqdm  # optional: a bar when installed, else the counter below
+    except ImportError:
+        return CounterLine(total)
+    return TqdmBar(tqdm(total=total, unit="layer", file=sys.stderr, leave=False))
+
+
+class TqdmBar:
+    def __init__(self, bar):
+        self.tqdm = bar
+
+    def update(self, done: int) -> None:
+        self.tqdm.update(done - self.tqdm.n)
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+class CounterLine:
+    def __init__(self, total: int):
+        self.total = total
+
+    def update(self, done: int) -> None:
+        print(f"\rlayer {done}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)  # back to the line start, erase it

@@ -1,0 +1,204 @@
+"""The storage layer: exact widening, streamed products equal to kept ones, reused buffers, progress.
+
+Streamed weights (llama_np/storage.py) must give the numbers kept-widened ones give: widening
+float16/bfloat16 is exact, and a product tiled over W's rows computes the same dot products, so
+the only freedom is BLAS's summation order (REPEATED_TOLERANCE in tests/tolerance.py).
+"""
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_np import LlamaForCausalLM, storage
+from llama_np.checkpoint import float32_to_bf16_bits
+from llama_np.tokenizer import TextStreamer  # noqa: F401  (the streamer generate is used with)
+from tolerance import REPEATED_TOLERANCE, assert_close, assert_same_token_ids
+
+FIXTURES = Path(__file__).resolve().parent / "data" / "fixtures"
+F16_FIXTURE = FIXTURES / "mqa_tied_f16"
+BF16_FIXTURE = FIXTURES / "mha_bf16_sharded_4x"
+EVERY_BIT_PATTERN = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+
+
+def random_weight(rng, shape, storage_dtype):
+    """A random (out, in) weight as stored: float16, or bfloat16 bits (uint16)."""
+    values = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+    if storage_dtype == "F16":
+        return values.astype(np.float16)
+    return float32_to_bf16_bits(values)
+
+
+def kept(stored, storage_dtype):
+    """The reference widening: NumPy's own float16 cast, bfloat16 bits shifted into a float32."""
+    if storage_dtype == "F16":
+        return stored.astype(np.float32)
+    return (stored.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("storage_dtype", ["F16", "BF16"])
+def test_widening_is_exact_for_every_bit_pattern(storage_dtype):
+    stored = EVERY_BIT_PATTERN.view(np.float16) if storage_dtype == "F16" else EVERY_BIT_PATTERN
+    widened = storage.widen(stored, storage_dtype)
+    expected = kept(stored, storage_dtype)
+    # bit for bit, so NaN payloads, signed zeros, subnormals and infinities all count
+    np.testing.assert_array_equal(widened.view(np.uint32), expected.view(np.uint32))
+
+
+def test_f16_widening_of_a_tile_with_inf_or_nan_falls_back_to_numpys_cast():
+    tile = np.array([[1.0, -2.0, np.inf], [np.nan, -np.inf, 6e-8]], dtype=np.float16)
+    out = np.empty(tile.shape, dtype=np.float32)
+    assert storage.widen_into(tile, "F16", out) is True
+    np.testing.assert_array_equal(out, tile.astype(np.float32))
+    assert storage.widen_into(tile[:1, :2], "F16", out[:1, :2]) is False
+
+
+@pytest.mark.parametrize("storage_dtype", ["F16", "BF16"])
+@pytest.mark.parametrize("x_rows", [1, storage.PREFILL_ROWS, 17])
+def test_streamed_product_equals_the_kept_product(monkeypatch, storage_dtype, x_rows):
+    # small tiles, so that 300 rows make many of them and a ragged last one on each worker
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 16 * 96)
+    monkeypatch.setattr(storage, "PREFILL_TILE_ELEMENTS", 40 * 96)
+    rng = np.random.default_rng(x_rows)
+    stored = random_weight(rng, (300, 96), storage_dtype)
+    matrix = storage.StreamedMatrix(stored, storage_dtype, "w")
+    x = rng.standard_normal((1, x_rows, 96)).astype(np.float32)
+    ours = x @ matrix.T
+    assert ours.shape == (1, x_rows, 300) and ours.dtype == np.float32
+    assert_close(ours, x @ kept(stored, storage_dtype).T, f"{storage_dtype} x ({x_rows} rows) @ W.T",
+                 tolerance=REPEATED_TOLERANCE)
+
+
+def test_streamed_product_keeps_inf_and_nan_rows_as_numpy_would(monkeypatch):
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 8 * 8)  # 5 tiles of 8 rows
+    rng = np.random.default_rng(0)
+    stored = random_weight(rng, (40, 8), "F16")
+    stored[5, 2], stored[30, 0] = np.inf, np.nan
+    matrix = storage.StreamedMatrix(stored, "F16", "w")
+    x = np.ones((1, 8), dtype=np.float32)
+    for _ in range(2):  # the second product uses what the first learnt about the rows
+        y = x @ matrix.T
+        assert np.isposinf(y[0, 5]) and np.isnan(y[0, 30])
+        finite = np.isfinite(stored.astype(np.float32)).all(axis=1)
+        assert_close(y[:, finite], (x @ stored.astype(np.float32).T)[:, finite], "finite rows",
+                     tolerance=REPEATED_TOLERANCE)
+
+
+def test_streamed_products_reuse_the_same_tile_buffers():
+    rng = np.random.default_rng(1)
+    first = storage.StreamedMatrix(random_weight(rng, (2048, 64), "F16"), "F16", "w1")
+    second = storage.StreamedMatrix(random_weight(rng, (1000, 64), "BF16"), "BF16", "w2")
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    x @ first.T, x @ second.T
+    made = storage.tile_buffers_made
+    for _ in range(3):
+        x @ first.T, x @ second.T
+    assert storage.tile_buffers_made == made, "every later product must reuse the buffers"
+    assert len(storage._tile_buffers) <= storage.cpu_count()
+
+
+def test_without_threadpoolctl_the_product_runs_on_one_thread(monkeypatch):
+    monkeypatch.setattr(storage, "blas_controller", lambda: None)
+    assert storage.product_workers() == 1
+    rng = np.random.default_rng(2)
+    stored = random_weight(rng, (100, 32), "BF16")
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    assert_close(x @ storage.StreamedMatrix(stored, "BF16").T, x @ kept(stored, "BF16").T,
+                 "one-thread product", tolerance=REPEATED_TOLERANCE)
+
+
+def test_indexing_a_streamed_matrix_widens_only_the_rows_asked_for():
+    rng = np.random.default_rng(3)
+    stored = random_weight(rng, (50, 6), "F16")
+    matrix = storage.StreamedMatrix(stored, "F16", "embed")
+    ids = np.array([[3, 7, 3]])
+    np.testing.assert_array_equal(matrix[ids], stored.astype(np.float32)[ids])
+    np.testing.assert_array_equal(np.asarray(matrix), stored.astype(np.float32))
+    np.testing.assert_array_equal(matrix.reshape(5, 10, 6), stored.astype(np.float32).reshape(5, 10, 6))
+
+
+@pytest.mark.parametrize("fixture", [F16_FIXTURE, BF16_FIXTURE], ids=["F16", "BF16"])
+def test_a_streamed_model_gives_the_kept_models_logits_and_tokens(fixture):
+    kept_model = LlamaForCausalLM.from_pretrained(fixture)
+    streamed = LlamaForCausalLM.from_pretrained(fixture, keep_widened=False)
+    assert kept_model.weights.keep_widened and not streamed.weights.keep_widened
+    q_proj = streamed.weights["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q_proj, storage.StreamedMatrix)
+    assert isinstance(streamed.weights["model.layers.0.input_layernorm.weight"], np.ndarray)
+    ids = np.random.default_rng(4).integers(1, kept_model.config.vocab_size, size=(2, 7))
+    assert_close(streamed(ids).logits, kept_model(ids).logits, f"{fixture.name} streamed logits",
+                 tolerance=REPEATED_TOLERANCE)
+    assert_same_token_ids(streamed.generate(ids, max_new_tokens=6, do_sample=False),
+                          kept_model.generate(ids, max_new_tokens=6, do_sample=False),
+                          f"{fixture.name} greedy tokens, streamed vs kept")
+
+
+def test_a_widened_budget_keeps_the_first_tensors_used_and_streams_the_rest():
+    name = "model.layers.0.self_attn.q_proj.weight"
+    probe = LlamaForCausalLM.from_pretrained(F16_FIXTURE, keep_widened=False)
+    one_tensor = int(np.prod(probe.weights.shape(name))) * 4
+    model = LlamaForCausalLM.from_pretrained(F16_FIXTURE, keep_widened=False, widened_budget=one_tensor)
+    assert isinstance(model.weights[name], np.ndarray)
+    assert model.weights.widened_bytes == one_tensor
+    assert isinstance(model.weights["model.layers.0.self_attn.k_proj.weight"], storage.StreamedMatrix)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_shows_only_for_long_passes_on_a_terminal_and_is_erased(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the counter, not a tqdm bar
+    progress = storage.LayerProgress()
+    for i in range(3):
+        progress.step(i, 3)
+    assert terminal.getvalue() == "", "a pass shorter than the delay prints nothing"
+    monkeypatch.setattr(storage, "PROGRESS_DELAY_SECONDS", 0.0)
+    for i in range(3):
+        progress.step(i, 3)
+    assert "layer 1/3" in terminal.getvalue() and terminal.getvalue().endswith("\r\033[K")
+    terminal.seek(0), terminal.truncate()
+    with storage.no_progress():
+        for i in range(3):
+            progress.step(i, 3)
+    assert terminal.getvalue() == ""
+
+
+def test_generate_with_a_streamer_never_prints_progress(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(storage, "PROGRESS_DELAY_SECONDS", 0.0)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    model = LlamaForCausalLM.from_pretrained(F16_FIXTURE, keep_widened=False)
+    model.generate(np.array([[1, 2, 3]]), max_new_tokens=3, do_sample=False, streamer=lambda tokens: None)
+    assert terminal.getvalue() == ""
+    model.generate(np.array([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert terminal.getvalue().count("layer 1/") == 1, "without a streamer only the prompt's pass shows"
+
+
+@pytest.mark.parametrize("x_rows", [1, 5])
+def test_f16_tiles_scaled_through_x_give_the_same_product_bit_for_bit(monkeypatch, x_rows):
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 16 * 40)
+    monkeypatch.setattr(storage, "PREFILL_TILE_ELEMENTS", 16 * 40)
+    rng = np.random.default_rng(5)
+    stored = random_weight(rng, (257, 40), "F16")
+    stored[0, :4] = [6e-8, -6e-8, 3e-5, 0.0]  # float16 subnormals and a zero
+    x = rng.standard_normal((x_rows, 40)).astype(np.float32)
+    scaled = x @ storage.StreamedMatrix(stored, "F16").T
+    monkeypatch.setattr(storage, "F16_SCALED_INPUT_LIMIT", 0.0)  # every x too large: scale the tiles
+    unscaled = x @ storage.StreamedMatrix(stored, "F16").T
+    np.testing.assert_array_equal(scaled.view(np.uint32), unscaled.view(np.uint32))
+
+
+def test_f16_product_with_an_input_too_large_to_scale_is_still_exact():
+    rng = np.random.default_rng(6)
+    stored = random_weight(rng, (64, 16), "F16")
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    x[0, 3] = 60000.0  # x · 2**112 would overflow float32
+    assert_close(x @ storage.StreamedMatrix(stored, "F16").T, x @ stored.astype(np.float32).T,
+                 "x with a large entry", tolerance=REPEATED_TOLERANCE)
