@@ -35,6 +35,7 @@ import sentencepiece as spm
 
 from llama_np.checkpoint import atomic_write, is_file, read_bytes, resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
+from llama_np.inputs import is_integer
 from llama_np.tokenizer_base import (
     SPECIAL_TOKEN_NAMES,
     TOKENIZER_CONFIG_NAME,
@@ -45,7 +46,6 @@ from llama_np.tokenizer_base import (
     _check_side,
     _check_text,
     _check_token_string,
-    _is_integer,
     check_added_tokens,
     clean_up_tokenization,
     read_pretrained_settings,
@@ -520,7 +520,7 @@ class LlamaTokenizer(TokenizerBase):
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
         """One id -> one token, a sequence of ids -> a list of tokens."""
-        if _is_integer(ids):
+        if is_integer(ids):
             return self._id_to_token(int(ids))
         special_ids = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._id_to_token(i) for i in _check_ids(ids, len(self)) if i not in special_ids]
@@ -574,7 +574,7 @@ class LlamaTokenizer(TokenizerBase):
         ``clean_up_tokenization_spaces`` (default: the tokenizer's setting) removes the space
         before punctuation, as Transformers' option of that name does.
         """
-        if _is_integer(token_ids):
+        if is_integer(token_ids):
             token_ids = [int(token_ids)]
         tokens = self.convert_ids_to_tokens(token_ids, skip_special_tokens=skip_special_tokens)
         text = self.convert_tokens_to_string(tokens)
@@ -734,7 +734,7 @@ class TextStreamer(IncrementalDecoder):
 
 
 def _flat_ids(token_ids) -> list[int]:
-    if _is_integer(token_ids):
+    if is_integer(token_ids):
         return [int(token_ids)]
     array = np.asarray(token_ids)
     if array.ndim == 2 and array.shape[0] == 1:

@@ -25,6 +25,7 @@ import numpy as np
 
 from llama_np.checkpoint import atomic_write_text, is_file, read_json_object
 from llama_np.errors import TokenizerError
+from llama_np.inputs import is_integer
 
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
@@ -168,7 +169,7 @@ class TokenizerBase:
         Except for max_length: Transformers ignores 0 (and logs, then ignores, a negative
         value), leaving the text whole; here either is an error.
         """
-        if max_length is not None and not (_is_integer(max_length) and max_length > 0):
+        if max_length is not None and not (is_integer(max_length) and max_length > 0):
             raise TokenizerError(
                 f"max_length must be a positive integer or None, got {max_length!r:.80}"
             )
@@ -531,7 +532,7 @@ def _check_settings(settings: dict, path=None) -> None:
         if value is not None and not isinstance(value, bool):
             raise TokenizerError(f"{where}{name} must be true or false, got {value!r:.80}")
     limit = settings.get("model_max_length")
-    if limit is not None and not (_is_integer(limit) and limit > 0):
+    if limit is not None and not (is_integer(limit) and limit > 0):
         raise TokenizerError(f"{where}model_max_length must be a positive integer, got {limit!r:.80}")
 
 
@@ -547,10 +548,6 @@ def _check_side(name, side):
     if side not in ("right", "left"):
         raise TokenizerError(f"{name}={side!r}: expected 'right' or 'left'")
     return side
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_ids(ids, vocabulary_length) -> list[int]:
@@ -569,7 +566,7 @@ def _check_ids(ids, vocabulary_length) -> list[int]:
         )
     checked = []
     for position, value in enumerate(ids):
-        if not _is_integer(value):
+        if not is_integer(value):
             raise TokenizerError(
                 f"token id at position {position} is {type(value).__name__} {value!r:.40}, "
                 "not an int"

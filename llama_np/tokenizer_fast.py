@@ -30,6 +30,7 @@ from pathlib import Path
 from llama_np.bpe import BPE_MODEL, CONTROL, USER_DEFINED, read_model
 from llama_np.checkpoint import atomic_write, atomic_write_text, is_file, read_bytes, resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
+from llama_np.inputs import is_integer
 from llama_np.tokenizer_base import (
     SPECIAL_TOKEN_NAMES,
     TOKENIZER_CONFIG_NAME,
@@ -40,7 +41,6 @@ from llama_np.tokenizer_base import (
     _check_side,
     _check_text,
     _check_token_string,
-    _is_integer,
     check_added_tokens,
     clean_up_tokenization,
     read_pretrained_settings,
@@ -445,7 +445,7 @@ class LlamaTokenizerFast(TokenizerBase):
 
     def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
         """One id -> one token, a sequence of ids -> a list of tokens."""
-        if _is_integer(ids):
+        if is_integer(ids):
             return self._tokenizer.id_to_token(_check_ids([ids], len(self))[0])
         special_ids = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._tokenizer.id_to_token(i) for i in _check_ids(ids, len(self))
@@ -462,7 +462,7 @@ class LlamaTokenizerFast(TokenizerBase):
         The backend decodes; a byte piece that does not complete a UTF-8 character becomes
         U+FFFD.
         """
-        if _is_integer(token_ids):
+        if is_integer(token_ids):
             token_ids = [token_ids]
         ids = _check_ids(token_ids, len(self))
         text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
