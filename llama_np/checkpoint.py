@@ -41,7 +41,7 @@ import numpy as np
 from safetensors import safe_open
 
 from llama_np.errors import CheckpointError
-from llama_np.storage import widen
+from llama_np.storage import check_finite, widen
 
 try:  # POSIX: a writer holds a lock on its temporary file, so stale ones can be told apart
     import fcntl
@@ -411,31 +411,9 @@ class StoredTensor:
                 widened = stored.astype(compute, copy=False)
         # Once per tensor and dtype: check_unchanged guarantees the bytes are the same later.
         if (self.name, compute) not in self._mapped.finite:
-            _check_finite(widened, f"tensor {self.name!r} in {self.file}", compute)
+            check_finite(widened, f"tensor {self.name!r} in {self.file}", compute)
             self._mapped.finite.add((self.name, compute))
         return widened
-
-
-def _check_finite(values: np.ndarray, what: str, compute: np.dtype) -> None:
-    """CheckpointError if ``values`` (any shape) holds a NaN or an infinity.
-
-    A sum is one fast pass with no temporary array as large as the tensor, and any NaN or inf
-    makes it NaN or inf; only when it is not finite are the values looked at one by one (a sum
-    of finite values can also overflow).
-    """
-    with np.errstate(over="ignore", invalid="ignore"):  # inf + (-inf) is NaN: looked at below
-        if values.size == 0 or np.isfinite(values.sum()):
-            return
-    bad = ~np.isfinite(values)
-    count = int(np.count_nonzero(bad))
-    if count == 0:
-        return
-    nans = int(np.count_nonzero(np.isnan(values)))
-    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape))
-    raise CheckpointError(
-        f"{what} holds {nans} NaN and {count - nans} infinite values as {compute} (the first at "
-        f"index {first}); a single one makes every logit NaN, so the checkpoint is corrupt"
-    )
 
 
 def _widen_bf16(bits: np.ndarray) -> np.ndarray:

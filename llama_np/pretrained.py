@@ -174,7 +174,9 @@ class Weights:
                 self.widened_bytes += value.nbytes
             return value
         if self._streams(stored):
-            matrix = self._streamed[name] = storage.StreamedMatrix(stored.stored(), stored.dtype, name, self.dtype)
+            source = f"tensor {name!r} in {stored.file}"  # named by a NaN or inf found when used
+            matrix = self._streamed[name] = storage.StreamedMatrix(stored.stored(), stored.dtype, name, self.dtype,
+                                                                    source)
             return matrix
         return stored.numpy(self.dtype)
 

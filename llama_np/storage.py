@@ -6,18 +6,18 @@ used in two ways, and ``pretrained.Weights`` picks one per tensor (docs/checkpoi
 - **kept** — widened to float32 once (``widen``, both cores, straight into one new array) and kept.
   A product with it is one BLAS call, ``x @ W.T``.
 - **streamed** — left as stored in the memory-mapped file (``StreamedMatrix``). ``x @ W.T`` widens
-  a tile of W's rows at a time into a small buffer that stays in the core's cache, multiplies it,
-  and moves on; each core takes its own share of the rows. Nothing model-sized is allocated.
+  a tile of W's rows at a time into a small buffer that stays in cache, multiplies it, and moves
+  on; each core takes its own share of the rows. Nothing model-sized is allocated.
 
 Why tiles: widening is cheap on data in cache and expensive on fresh memory. Measured on a
 2-core machine with OpenBLAS, per core (docs/checkpoints.md has the table):
 
-    NumPy's float16 -> float32 cast (astype) into a new array     ~0.2-0.4 G elements/s
-    shift / mask on a float16 tile in cache                         ~2-3 G elements/s
-    one shift on a bfloat16 tile in cache                           ~3-6 G elements/s
-    float32 matrix-vector product from a tile in cache             ~10-15 G elements/s
+    NumPy's float16 -> float32 cast (astype) into a new array     ~0.2-0.6 G elements/s
+    copy to int32, shift, mask: a float16 tile in cache             ~3.7 G elements/s
+    copy to uint32, shift: a bfloat16 tile in cache                 ~5 G elements/s
+    float32 matrix-vector product from a tile in cache             ~15 G elements/s
 
-so a streamed matrix-vector product is bound by the widening, at a few G elements/s for both
+so a streamed matrix-vector product is bound by the widening, at about 5 G elements/s for both
 cores, while widening a whole 7B model into fresh float32 arrays on every forward took ten
 times longer. Both ways give the same numbers: float16 and bfloat16 are exactly representable in
 float32, and a product tiled over output rows computes each output's dot product from the same
@@ -25,9 +25,10 @@ row of W and the same x (summed by the same BLAS kernel, at most in another orde
 
 Threads: NumPy's ufuncs and matrix products release the GIL, so the streamed product runs its
 row shares on a small pool of Python threads, each calling BLAS with one thread
-(threadpoolctl, ``pip install llama-np[fast]``) — a small matrix-vector product is several
-times slower on two OpenBLAS threads than on one. Without threadpoolctl the product runs on
-the caller's thread alone and BLAS keeps its own thread count.
+(threadpoolctl, ``pip install llama-np[fast]``), as two BLAS threads in each would oversubscribe
+the cores. Without threadpoolctl the product runs on the caller's thread alone and BLAS keeps
+its own thread count. Products with kept weights keep BLAS's own thread count, which OpenBLAS
+already chooses by size (docs/checkpoints.md, "Threads").
 """
 
 from __future__ import annotations
@@ -37,18 +38,19 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
-# Elements of W widened per tile for a matrix-vector product: 512 KiB of float16 in and 1 MiB
-# of float32 out, still in the core's L2 or the shared L3 when BLAS reads it. Measured here, a
-# tile of 64 K elements ran at two thirds of this one's speed: every tile costs a few NumPy
-# calls of fixed overhead, during which the Python threads take turns.
-TILE_ELEMENTS = 256 * 1024
-# With several rows of x (a prefill), BLAS gains from wider tiles still: 1 M elements (4 MiB).
-PREFILL_TILE_ELEMENTS = 1024 * 1024
-PREFILL_ROWS = 2  # from this many rows of x on, use the prefill tile
+from llama_np.errors import CheckpointError
+
+# Elements of W widened per tile: 2 MiB of float16 in, 4 MiB of float32 out, a few times the
+# core's L2 but well inside the shared L3 when BLAS reads it. Measured here (docs/checkpoints.md),
+# a 7B layer's matrix-vector products ran at 5.0 G elements/s with this tile, 3.4 with a quarter
+# of it and 2.0 with a sixteenth: every tile costs a few NumPy calls of fixed overhead, during
+# which the Python threads take turns; four times larger tiles no longer fit the L3 with the
+# other core's and were slower again. For 8 and 128 rows of x this size was as fast as any.
+TILE_ELEMENTS = 1024 * 1024
 
 # float16 -> float32 by bits, for a sign-extended int32 copy of the float16 bits shifted left 13:
 # keep the sign (bit 31), the 5 exponent bits (now 23..27) and the 10 mantissa bits (13..22).
@@ -115,11 +117,14 @@ def one_blas_thread():
 
 
 def run_parallel(tasks: list) -> list:
-    """Call every task (a function of no arguments), one per worker thread; their results in order."""
-    if len(tasks) == 1:
-        return [tasks[0]()]
-    futures = [worker_pool().submit(task) for task in tasks]
-    return [future.result() for future in futures]
+    """Call every task (a function of no arguments) at once, the first on the calling thread and the
+    others on the worker pool; their results in order, once every task has ended."""
+    futures = [worker_pool().submit(task) for task in tasks[1:]]
+    try:
+        first = tasks[0]()
+    finally:
+        wait(futures)  # even if the first task failed: the others may be using shared buffers
+    return [first] + [future.result() for future in futures]
 
 
 def split(count: int, parts: int) -> list[range]:
@@ -143,11 +148,15 @@ def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_sp
     the caller knows these rows hold none (``check_special=False``), a tile with any is widened
     again by NumPy's own cast. Returns whether the tile held inf or NaN (never for BF16).
     """
+    # Each step is one pass of a single-type ufunc over the tile: a shift that also casts
+    # (int16 in, int32 out) runs through NumPy's buffered loop at little more than half the speed.
     bits = out.view(np.int32)
     if storage_dtype == "BF16":
-        np.left_shift(stored, 16, out=bits.view(np.uint32), dtype=np.uint32)
+        np.copyto(bits.view(np.uint32), stored.view(np.uint16))
+        np.left_shift(bits.view(np.uint32), 16, out=bits.view(np.uint32))
         return False
-    np.left_shift(stored.view(np.int16), 13, out=bits, dtype=np.int32)  # sign-extended
+    np.copyto(bits, stored.view(np.int16))  # sign-extended
+    np.left_shift(bits, 13, out=bits)
     np.bitwise_and(bits, F16_KEPT_BITS, out=bits)
     largest = F16_LARGEST_FINITE / F16_EXPONENT_SCALE
     if not scaled:
@@ -185,6 +194,62 @@ def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32) -> np.ndarra
     return out
 
 
+# ---------------------------------------------------------------------------- finiteness
+
+
+def check_finite(values: np.ndarray, what: str, compute) -> None:
+    """CheckpointError if ``values`` (any shape, widened) holds a NaN or an infinity.
+
+    A sum is one fast pass with no temporary array as large as the tensor, and any NaN or inf
+    makes it NaN or inf; only when it is not finite are the values looked at one by one (a sum
+    of finite values can also overflow).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + (-inf) is NaN: looked at below
+        if values.size == 0 or np.isfinite(values.sum()):
+            return
+    bad = ~np.isfinite(values)
+    count = int(np.count_nonzero(bad))
+    if count:
+        nans = int(np.count_nonzero(np.isnan(values)))
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), values.shape))
+        raise non_finite_error(what, nans, count - nans, first, compute)
+
+
+def non_finite_error(what: str, nans: int, infinities: int, first: tuple, compute) -> CheckpointError:
+    return CheckpointError(
+        f"{what} holds {nans} NaN and {infinities} infinite values as {np.dtype(compute)} (the first at "
+        f"index {first}); a single one makes every logit NaN, so the checkpoint is corrupt"
+    )
+
+
+# The largest magnitude bits of a finite value (sign bit cleared): above it NaN, at it inf + 1.
+LARGEST_FINITE_BITS = {"F16": 0x7BFF, "BF16": 0x7F7F}
+
+
+def stored_non_finite_error(stored: np.ndarray, storage_dtype: str, what: str) -> CheckpointError | None:
+    """The CheckpointError for a stored F16/BF16 matrix holding NaN or inf, or None if it holds none.
+
+    Counted on the stored bits, a block of rows at a time, so nothing as large as the matrix is
+    allocated: exponent all ones is inf (mantissa 0) or NaN.
+    """
+    largest = LARGEST_FINITE_BITS[storage_dtype]
+    infinity = largest + 1
+    rows = max(1, TILE_ELEMENTS // max(1, stored.shape[1]))
+    nans = infinities = 0
+    first = None
+    for start in range(0, stored.shape[0], rows):
+        magnitude = stored[start:start + rows].view(np.uint16) & np.uint16(0x7FFF)
+        bad = magnitude > largest
+        if first is None and bad.any():
+            row, column = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            first = (start + int(row), int(column))
+        infinities += int(np.count_nonzero(magnitude == infinity))
+        nans += int(np.count_nonzero(magnitude > infinity))
+    if first is None:
+        return None
+    return non_finite_error(what, nans, infinities, first, np.float32)
+
+
 # ---------------------------------------------------------------------------- streamed weights
 
 
@@ -212,22 +277,26 @@ class StreamedMatrix:
     W's rows into its own reused float32 buffer and writes those outputs. Anything else — an
     index, ``np.asarray``, ``reshape`` — widens what it needs into a new array: rows looked up
     from an embedding are the only rows widened.
+
+    A NaN or inf among the values is a CheckpointError naming ``source`` (the tensor and its
+    file), as for a kept weight: rows are checked the first time they are widened.
     """
 
     ndim = 2
 
-    def __init__(self, stored: np.ndarray, storage_dtype: str, name: str = "", dtype=np.float32):
+    def __init__(self, stored: np.ndarray, storage_dtype: str, name: str = "", dtype=np.float32,
+                 source: str = ""):
         if storage_dtype not in ("F16", "BF16") or stored.ndim != 2:
             raise ValueError(f"StreamedMatrix holds a 2-D F16 or BF16 tensor, not {storage_dtype} {stored.shape}")
         self.stored = stored  # (out, in) float16, or uint16 bfloat16 bits
         self.storage_dtype = storage_dtype
         self.name = name
+        self.source = source or f"tensor {name!r}"
         self.dtype = np.dtype(dtype)
         self.shape = tuple(stored.shape)
         self.T = TransposedStreamedMatrix(self)
-        self._checked = np.zeros(self.shape[0], dtype=bool)  # F16 rows whose inf/NaN check is done
-        self._special = np.zeros(self.shape[0], dtype=bool)  # ... and found some
-        self._all_checked = self._any_special = False
+        self._checked = np.zeros(self.shape[0], dtype=bool)  # rows found free of inf and NaN
+        self._all_checked = False
 
     @property
     def size(self) -> int:
@@ -239,11 +308,20 @@ class StreamedMatrix:
         return self.size * self.dtype.itemsize
 
     def __array__(self, dtype=None, copy=None):
-        value = widen(self.stored, self.storage_dtype, self.dtype)
+        value = self.checked(widen(self.stored, self.storage_dtype, self.dtype))
         return value if dtype is None else value.astype(dtype, copy=False)
 
     def __getitem__(self, index) -> np.ndarray:
-        return widen(np.ascontiguousarray(self.stored[index]), self.storage_dtype, self.dtype)
+        return self.checked(widen(np.ascontiguousarray(self.stored[index]), self.storage_dtype, self.dtype))
+
+    def checked(self, widened: np.ndarray) -> np.ndarray:
+        """``widened`` (some of this matrix's values) if finite, else the matrix's CheckpointError."""
+        if not self._all_checked:
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = widened.size == 0 or np.isfinite(widened.sum()) or np.isfinite(widened).all()
+            if not finite:
+                raise stored_non_finite_error(self.stored, self.storage_dtype, self.source)
+        return widened
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -259,9 +337,8 @@ class StreamedMatrix:
 
     # -- the product
 
-    def rows_per_tile(self, x_rows: int) -> int:
-        elements = PREFILL_TILE_ELEMENTS if x_rows >= PREFILL_ROWS else TILE_ELEMENTS
-        return max(1, elements // self.shape[1])
+    def rows_per_tile(self) -> int:
+        return max(1, TILE_ELEMENTS // self.shape[1])
 
     def product(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T.  x (..., in)  ->  (..., out), computed tile by tile over W's rows."""
@@ -282,16 +359,17 @@ class StreamedMatrix:
         # W_tile @ xᵀ fills whole rows of yᵀ: one BLAS call per tile with a contiguous output,
         # several times faster here than x @ W_tileᵀ into a column block of y.
         y_t = np.empty((out_features, x2.shape[0]), dtype=dtype)  # (out, M)
-        rows = self.rows_per_tile(x2.shape[0])
-        workers = product_workers()
-        # Each worker takes a contiguous share of whole tiles of W's rows.
-        shares = [range(t.start * rows, min(t.stop * rows, out_features))
-                  for t in split(-(-out_features // rows), workers)]
+        rows = self.rows_per_tile()
+        workers = min(product_workers(), -(-out_features // rows))
+        # The workers share one iterator over the tiles, each taking the next one when it is done
+        # with its last: a worker slowed down (by another process, or BLAS's own threads still
+        # spinning after a product) does fewer of them instead of keeping the other waiting.
+        tiles = iter(range(0, out_features, rows))
 
-        def multiply_share(index: int, share: range) -> None:
-            buffer = tile_buffer(index, rows * in_features)
-            for start in range(share.start, share.stop, rows):
-                stop = min(start + rows, share.stop)
+        def multiply_tiles(worker: int) -> None:
+            buffer = tile_buffer(worker, rows * in_features)
+            for start in tiles:
+                stop = min(start + rows, out_features)
                 tile = buffer[: (stop - start) * in_features].reshape(stop - start, in_features)
                 self.widen_rows(start, stop, tile, scaled)
                 if dtype == np.float32:
@@ -299,36 +377,33 @@ class StreamedMatrix:
                 else:
                     y_t[start:stop] = tile.astype(dtype) @ x2.T
 
-        tasks = [lambda i=i, share=share: multiply_share(i, share) for i, share in enumerate(shares)]
+        tasks = [lambda worker=worker: multiply_tiles(worker) for worker in range(workers)]
         with _product_lock:  # one streamed product at a time: they share the tile buffers
-            if workers > 1:
-                with one_blas_thread():
-                    run_parallel(tasks)
-            else:
+            with one_blas_thread() if workers > 1 else contextlib.nullcontext():
                 run_parallel(tasks)
+        if not self._all_checked:
+            self._all_checked = bool(self._checked.all())
         return np.ascontiguousarray(y_t.T).reshape(*x.shape[:-1], out_features)
 
     def widen_rows(self, start: int, stop: int, tile: np.ndarray, scaled: bool = False) -> None:
         """Rows start..stop of W into ``tile`` (float16 times 2**-112 if ``scaled``).
 
-        Which float16 rows hold inf or NaN is learnt on their first use.
+        The first time rows are widened they are checked for inf and NaN: a float16 tile by the
+        range check of ``widen_into``, a bfloat16 one by its sum (inf and NaN stay themselves).
         """
-        if self.storage_dtype == "BF16":
-            widen_into(self.stored[start:stop], "BF16", tile)
-            return
         checked = self._all_checked or bool(self._checked[start:stop].all())
-        if checked and self._any_special and self._special[start:stop].any():
-            np.copyto(tile, self.stored[start:stop], casting="unsafe")
-            if scaled:
-                np.divide(tile, F16_EXPONENT_SCALE, out=tile)
+        special = widen_into(self.stored[start:stop], self.storage_dtype, tile, check_special=not checked,
+                             scaled=scaled)
+        if checked:
             return
-        special = widen_into(self.stored[start:stop], "F16", tile, check_special=not checked, scaled=scaled)
-        if not checked:
-            self._special[start:stop] = special
-            self._checked[start:stop] = True
-            self._any_special = self._any_special or special
-            if stop == self.shape[0] or start == 0:  # cheap to ask at the ends of a pass only
-                self._all_checked = bool(self._checked.all())
+        if self.storage_dtype == "BF16":
+            with np.errstate(over="ignore", invalid="ignore"):
+                special = not np.isfinite(tile.sum())  # a finite sum can overflow: counted exactly below
+        if special:
+            error = stored_non_finite_error(self.stored, self.storage_dtype, self.source)
+            if error is not None:
+                raise error
+        self._checked[start:stop] = True
 
 
 class TransposedStreamedMatrix:

@@ -6,6 +6,7 @@ the only freedom is BLAS's summation order (REPEATED_TOLERANCE in tests/toleranc
 """
 
 import io
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from llama_np import LlamaForCausalLM, storage
-from llama_np.checkpoint import float32_to_bf16_bits
+from llama_np.checkpoint import Checkpoint, float32_to_bf16_bits, save_safetensors
+from llama_np.errors import CheckpointError
 from llama_np.tokenizer import TextStreamer  # noqa: F401  (the streamer generate is used with)
 from tolerance import REPEATED_TOLERANCE, assert_close, assert_same_token_ids
 
@@ -56,11 +58,10 @@ def test_f16_widening_of_a_tile_with_inf_or_nan_falls_back_to_numpys_cast():
 
 
 @pytest.mark.parametrize("storage_dtype", ["F16", "BF16"])
-@pytest.mark.parametrize("x_rows", [1, storage.PREFILL_ROWS, 17])
+@pytest.mark.parametrize("x_rows", [1, 2, 17])
 def test_streamed_product_equals_the_kept_product(monkeypatch, storage_dtype, x_rows):
     # small tiles, so that 300 rows make many of them and a ragged last one on each worker
     monkeypatch.setattr(storage, "TILE_ELEMENTS", 16 * 96)
-    monkeypatch.setattr(storage, "PREFILL_TILE_ELEMENTS", 40 * 96)
     rng = np.random.default_rng(x_rows)
     stored = random_weight(rng, (300, 96), storage_dtype)
     matrix = storage.StreamedMatrix(stored, storage_dtype, "w")
@@ -71,19 +72,46 @@ def test_streamed_product_equals_the_kept_product(monkeypatch, storage_dtype, x_
                  tolerance=REPEATED_TOLERANCE)
 
 
-def test_streamed_product_keeps_inf_and_nan_rows_as_numpy_would(monkeypatch):
-    monkeypatch.setattr(storage, "TILE_ELEMENTS", 8 * 8)  # 5 tiles of 8 rows
+@pytest.mark.parametrize("storage_dtype", ["F16", "BF16"])
+@pytest.mark.parametrize("bad_value", [np.inf, -np.inf, np.nan])
+def test_a_streamed_matrix_holding_inf_or_nan_is_refused_naming_it(monkeypatch, storage_dtype, bad_value):
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 8 * 8)  # 5 tiles of 8 rows: the bad one is the 4th
     rng = np.random.default_rng(0)
-    stored = random_weight(rng, (40, 8), "F16")
-    stored[5, 2], stored[30, 0] = np.inf, np.nan
-    matrix = storage.StreamedMatrix(stored, "F16", "w")
+    values = (rng.standard_normal((40, 8)) * 0.5).astype(np.float32)
+    values[30, 2] = values[33, 0] = bad_value
+    stored = values.astype(np.float16) if storage_dtype == "F16" else float32_to_bf16_bits(values)
+    matrix = storage.StreamedMatrix(stored, storage_dtype, "w", source="tensor 'w' in model.safetensors")
     x = np.ones((1, 8), dtype=np.float32)
-    for _ in range(2):  # the second product uses what the first learnt about the rows
-        y = x @ matrix.T
-        assert np.isposinf(y[0, 5]) and np.isnan(y[0, 30])
-        finite = np.isfinite(stored.astype(np.float32)).all(axis=1)
-        assert_close(y[:, finite], (x @ stored.astype(np.float32).T)[:, finite], "finite rows",
-                     tolerance=REPEATED_TOLERANCE)
+    kind = "2 NaN and 0 infinite" if np.isnan(bad_value) else "0 NaN and 2 infinite"
+    expected = f"tensor 'w' in model.safetensors holds {kind} values as float32 \\(the first at index \\(30, 2\\)\\)"
+    for use in (lambda: x @ matrix.T, lambda: x @ matrix.T, lambda: matrix[[31, 33]], lambda: np.asarray(matrix)):
+        with pytest.raises(CheckpointError, match=expected):
+            use()
+    matrix[[0, 39]]  # finite rows are still looked up
+
+
+def test_a_bfloat16_matrix_whose_tile_sum_overflows_is_still_accepted():
+    values = np.full((4, 8), np.float32(3e38))  # finite, but the sum of a tile is inf
+    stored = float32_to_bf16_bits(values)
+    with np.errstate(over="ignore"):
+        y = np.ones((1, 8), dtype=np.float32) @ storage.StreamedMatrix(stored, "BF16", "w").T
+    assert np.isposinf(y).all()  # the product overflows, as float32's own would; the weights are fine
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"])
+def test_a_streamed_checkpoint_tensor_holding_nan_is_refused_naming_it_and_its_file(tmp_path, tensor):
+    # as a kept tensor is (tests/test_checkpoint.py): one CheckpointError, not NaN logits
+    directory = tmp_path / "nan"
+    shutil.copytree(F16_FIXTURE, directory)
+    checkpoint = Checkpoint.open(directory)
+    tensors = {name: np.array(checkpoint[name].stored()) for name in checkpoint}
+    tensors[tensor][1, 3] = np.nan
+    save_safetensors(directory / "model.safetensors", tensors)
+    streamed = LlamaForCausalLM.from_pretrained(directory, keep_widened=False)
+    assert isinstance(streamed.weights[tensor], storage.StreamedMatrix)
+    with pytest.raises(CheckpointError, match=f"tensor '{tensor}' in .*model.safetensors holds 1 NaN and 0 "
+                                              r"infinite values as float32 \(the first at index \(1, 3\)\)"):
+        streamed(np.array([[1, 2, 3]]))
 
 
 def test_streamed_products_reuse_the_same_tile_buffers():
@@ -184,7 +212,6 @@ def test_generate_with_a_streamer_never_prints_progress(monkeypatch):
 @pytest.mark.parametrize("x_rows", [1, 5])
 def test_f16_tiles_scaled_through_x_give_the_same_product_bit_for_bit(monkeypatch, x_rows):
     monkeypatch.setattr(storage, "TILE_ELEMENTS", 16 * 40)
-    monkeypatch.setattr(storage, "PREFILL_TILE_ELEMENTS", 16 * 40)
     rng = np.random.default_rng(5)
     stored = random_weight(rng, (257, 40), "F16")
     stored[0, :4] = [6e-8, -6e-8, 3e-5, 0.0]  # float16 subnormals and a zero
