@@ -50,6 +50,7 @@ from llama_np.convert import OUTPUT_DTYPES, convert_meta_checkpoint
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.meta import open_model_files
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
+from llama_np.pretrained import streamed_widened_budget
 from llama_np.perplexity import perplexity, read_text_file, sliding_windows
 from llama_np.tokenizer import LlamaTokenizer, TextStreamer
 from llama_np.trace import forward_order, hook_names
@@ -766,7 +767,8 @@ def run_inspect(args) -> int:
     print(f"parameters       {parameters:,}")
     print_storage(model.checkpoint)
     length = model.config.max_position_embeddings if args.seq_len is None else args.seq_len
-    print_memory(model.config, parameters, model.checkpoint.nbytes, length, classifier)
+    half_precision = any(dtype in ("F16", "BF16") for dtype in model.checkpoint.storage_dtypes)
+    print_memory(model.config, parameters, model.checkpoint.nbytes, length, classifier, half_precision)
     return EXIT_OK
 
 
@@ -805,7 +807,8 @@ def print_storage(checkpoint) -> None:
           f"{plural(files, 'file')}; tensor data {checkpoint.nbytes:,})")
 
 
-def print_memory(config, parameters: int, stored_bytes: int, length: int, classifier: bool) -> None:
+def print_memory(config, parameters: int, stored_bytes: int, length: int, classifier: bool,
+                 half_precision: bool) -> None:
     """The float32 weights plus ``activation_bytes``; a rough guide, not a measurement."""
     weights = parameters * 4
     head_width = config.num_labels if classifier else config.vocab_size
@@ -816,10 +819,12 @@ def print_memory(config, parameters: int, stored_bytes: int, length: int, classi
     for name, size in activations.items():
         print(f"  {name:<40} {human_bytes(size)}")
     limit = keep_widened_limit()
-    if weights > limit:
-        print(f"  (weights above {human_bytes(limit)}, half the memory available now, are widened layer by layer on every "
-              f"call, so the resident size is closer to the {human_bytes(stored_bytes)} memory-mapped "
-              "from disk plus one widened layer, at some cost in speed)")
+    if weights > limit and half_precision:
+        budget = streamed_widened_budget(stored_bytes)
+        print(f"  (above {human_bytes(limit)}, half the memory available now, so not all kept widened: up to "
+              f"{human_bytes(budget)} of the float16/bfloat16 matrices are, the rest are streamed from the "
+              f"{human_bytes(stored_bytes)} memory-mapped file and widened tile by tile where they are used; "
+              "private memory is then about that budget plus the activations, see docs/checkpoints.md)")
     print("  rough estimate: NumPy temporaries and the Python process itself are not counted")
 
 

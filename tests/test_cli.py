@@ -546,6 +546,16 @@ def test_inspect_reports_gqa_dtype_sizes_and_memory(capsys, lm_dir):
     assert "16 tokens" in out and "key/value cache" in out
 
 
+def test_inspect_says_how_a_model_too_large_to_keep_widened_runs(capsys, lm_dir, monkeypatch):
+    monkeypatch.setattr(cli, "keep_widened_limit", lambda: 1000)
+    monkeypatch.setattr(cli, "streamed_widened_budget", lambda stored_bytes: 2048)
+    status, out, err = run(capsys, "inspect", "--model", lm_dir)
+    assert status == 0, err
+    stored = cli.human_bytes(LlamaForCausalLM.from_pretrained(lm_dir).checkpoint.nbytes)
+    assert ("(above 1000 B, half the memory available now, so not all kept widened: up to 2.0 KiB of the "
+            f"float16/bfloat16 matrices are, the rest are streamed from the {stored} memory-mapped file") in out
+
+
 def test_inspect_recognises_a_classifier(capsys, classifier_dir):
     status, out, err = run(capsys, "inspect", "--model", classifier_dir)
     assert status == 0, err
