@@ -46,10 +46,10 @@ from llama_np.errors import CheckpointError
 
 # Elements of W widened per tile: 2 MiB of float16 in, 4 MiB of float32 out, a few times the
 # core's L2 but well inside the shared L3 when BLAS reads it. Measured here (docs/checkpoints.md),
-# a 7B layer's matrix-vector products ran at 5.0 G elements/s with this tile, 3.4 with a quarter
-# of it and 2.0 with a sixteenth: every tile costs a few NumPy calls of fixed overhead, during
+# a 7B layer's matrix-vector products ran at 5.1 G elements/s with this tile, 4.0 with a quarter
+# of it and 2.4 with a sixteenth: every tile costs a few NumPy calls of fixed overhead, during
 # which the Python threads take turns; four times larger tiles no longer fit the L3 with the
-# other core's and were slower again. For 8 and 128 rows of x this size was as fast as any.
+# other core's and were slower again. For 8 and 128 rows of x this size was the fastest too.
 TILE_ELEMENTS = 1024 * 1024
 
 # float16 -> float32 by bits, for a sign-extended int32 copy of the float16 bits shifted left 13:
