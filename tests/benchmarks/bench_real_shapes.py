@@ -8,7 +8,7 @@ Writes (once, under --dir) random-weight checkpoints with the shapes of TinyLlam
 (bfloat16), Llama-2-7B (float16) and a 2-layer Llama-2-70B (float16: GQA with 8 key/value
 heads, hidden 8192, intermediate 28672), unless --model gives a directory for a shape. Then,
 each in a fresh process after the checkpoint's files have been read once (so they are in the
-page cache), for llama_np and for Transformers in float32 and in the checkpoint's own dtype:
+page cache, from which the other shapes' files are evicted first), for llama_np and for Transformers in float32 and in the checkpoint's own dtype:
 load time, first and warm forward over 8 and 128 tokens, greedy decoding in new tokens per
 second (the cached steps after the prompt), and the peak private (anonymous) memory. In the
 same run it measures the machine's limits — float32 GEMM GFLOP/s and memory read bandwidth —
@@ -147,6 +147,18 @@ def write_checkpoint(directory: Path, shape: dict) -> None:
     config_json = dict(config, architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype=dtype,
                        hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     (directory / "config.json").write_text(json.dumps(config_json, indent=2))
+
+
+def evict_files(directory: Path) -> None:
+    """Ask the kernel to drop a checkpoint's files from the page cache (clean pages: nothing is lost).
+
+    The shapes' files together (about 20 GB) nearly fill a 24 GB machine's page cache, and then
+    every fresh allocation of a run first waits for the kernel to reclaim some of it. Each shape
+    is measured as a user holding just that checkpoint would run it: the others evicted first.
+    """
+    for path in sorted(directory.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def read_files_once(directory: Path) -> float:
@@ -367,6 +379,10 @@ def main():
             print(f"wrote {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         common = ["--path", str(path), "--threads", str(args.threads), "--repeats", str(shape["repeats"]),
                   "--new-tokens", str(shape["new_tokens"])]
+        for other in SHAPES:
+            other_path = Path(given.get(other, args.dir / other))
+            if other_path != path and other_path.is_dir():
+                evict_files(other_path)
         print(f"{shape_name}: page cache warmed in {read_files_once(path):.0f} s", file=sys.stderr)
         r = child([sys.executable, __file__, "--child", "llama_np"] + common, env)
         # The first forward of a process over 128 tokens, apart: above it came after the 8-token ones.
