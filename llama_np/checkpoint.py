@@ -404,15 +404,17 @@ class StoredTensor:
                 f"cannot read {self.name!r} as {compute}; the compute dtype is float32 or float64"
             )
         stored = self.stored()
-        if self.dtype in ("F16", "BF16"):
-            widened = widen(stored, self.dtype, compute)  # exact, tile by tile on every core
+        # Checked once per tensor and dtype: check_unchanged guarantees the bytes are the same later.
+        unchecked = (self.name, compute) not in self._mapped.finite
+        what = f"tensor {self.name!r} in {self.file}"
+        if self.dtype in ("F16", "BF16"):  # exact, tile by tile on every core, checked in the tiles
+            widened = widen(stored, self.dtype, compute, what if unchecked else None)
         else:
             with np.errstate(over="ignore"):  # F64 beyond float32's range: inf, refused below
                 widened = stored.astype(compute, copy=False)
-        # Once per tensor and dtype: check_unchanged guarantees the bytes are the same later.
-        if (self.name, compute) not in self._mapped.finite:
-            check_finite(widened, f"tensor {self.name!r} in {self.file}", compute)
-            self._mapped.finite.add((self.name, compute))
+            if unchecked:
+                check_finite(widened, what, compute)
+        self._mapped.finite.add((self.name, compute))
         return widened
 
 

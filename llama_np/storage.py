@@ -170,27 +170,36 @@ def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_sp
     return False
 
 
-def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32) -> np.ndarray:
+def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32, what: str | None = None) -> np.ndarray:
     """A new array of ``dtype`` (float32 or float64) with the values of a stored F16/BF16 array.
 
     The first rows axis is split across the cores; each widens its part tile by tile, so the new
     array's pages are touched once, in parallel, and no temporary the size of the tensor is made.
+    With ``what`` (the tensor and its file), the values are also checked as ``check_finite``
+    does, by the sum of each tile while it is still in cache.
     """
     dtype = np.dtype(dtype)
     if dtype != np.float32:  # float64 (a reference computation): via float32, which is exact
-        return widen(stored, storage_dtype, np.float32).astype(dtype)
+        return widen(stored, storage_dtype, np.float32, what).astype(dtype)
     out = np.empty(stored.shape, dtype=np.float32)
     if stored.size == 0:
         return out
     flat_in, flat_out = stored.reshape(-1), out.reshape(-1)
 
-    def widen_part(part: range) -> None:
+    def widen_part(part: range) -> bool:
+        finite = True
         for start in range(part.start, part.stop, TILE_ELEMENTS):
             stop = min(start + TILE_ELEMENTS, part.stop)
             widen_into(flat_in[start:stop], storage_dtype, flat_out[start:stop])
+            if what is not None:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    finite = finite and bool(np.isfinite(flat_out[start:stop].sum()))
+        return finite
 
     parts = min(cpu_count(), -(-flat_in.size // TILE_ELEMENTS))  # a norm's few numbers: one part
-    run_parallel([lambda part=part: widen_part(part) for part in split(flat_in.size, parts)])
+    finite = run_parallel([lambda part=part: widen_part(part) for part in split(flat_in.size, parts)])
+    if not all(finite):
+        check_finite(out, what, dtype)  # a NaN or inf, or finite values whose sum overflowed
     return out
 
 

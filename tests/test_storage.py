@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_np import LlamaForCausalLM, storage
+from llama_np import LlamaForCausalLM, layers, storage
 from llama_np.checkpoint import Checkpoint, float32_to_bf16_bits, save_safetensors
 from llama_np.errors import CheckpointError
 from llama_np.tokenizer import TextStreamer  # noqa: F401  (the streamer generate is used with)
@@ -88,6 +88,37 @@ def test_a_streamed_matrix_holding_inf_or_nan_is_refused_naming_it(monkeypatch, 
         with pytest.raises(CheckpointError, match=expected):
             use()
     matrix[[0, 39]]  # finite rows are still looked up
+
+
+@pytest.mark.parametrize("storage_dtype", ["F16", "BF16"])
+def test_widening_with_a_name_checks_every_tile_and_accepts_large_finite_values(monkeypatch, storage_dtype):
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 64)  # 8 tiles, on both workers
+    big = 60000.0 if storage_dtype == "F16" else 3e38  # finite, but a tile's float32 sum can overflow
+    values = np.full((16, 32), big, dtype=np.float32)
+    stored = values.astype(np.float16) if storage_dtype == "F16" else float32_to_bf16_bits(values)
+    what = "tensor 'w' in model.safetensors"
+    np.testing.assert_array_equal(storage.widen(stored, storage_dtype, what=what), kept(stored, storage_dtype))
+    values[13, 5] = np.nan
+    stored = values.astype(np.float16) if storage_dtype == "F16" else float32_to_bf16_bits(values)
+    with pytest.raises(CheckpointError, match=r"tensor 'w' in model.safetensors holds 1 NaN and 0 infinite "
+                                              r"values as float32 \(the first at index \(13, 5\)\)"):
+        storage.widen(stored, storage_dtype, what=what)
+    assert np.isnan(storage.widen(stored, storage_dtype)).any(), "without a name: widened as it is"
+
+
+def test_a_kept_model_widens_every_tensor_before_its_first_product(monkeypatch):
+    model = LlamaForCausalLM.from_pretrained(F16_FIXTURE)
+    assert model.weights.keep_widened and not model.weights._widened
+    widened_at_products = []
+
+    def linear(x, w, *rest):
+        widened_at_products.append(len(model.weights._widened))
+        return original(x, w, *rest)
+
+    original = layers.linear
+    monkeypatch.setattr(layers, "linear", linear)
+    model(np.array([[1, 2, 3]]))
+    assert widened_at_products[0] == len(model.weights.tensors), "all widened before the first product"
 
 
 def test_a_bfloat16_matrix_whose_tile_sum_overflows_is_still_accepted():
