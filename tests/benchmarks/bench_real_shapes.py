@@ -149,6 +149,17 @@ def write_checkpoint(directory: Path, shape: dict) -> None:
     (directory / "config.json").write_text(json.dumps(config_json, indent=2))
 
 
+def full_model_policy(config: dict, layers: int = 80) -> str:
+    """What from_pretrained would choose for the whole model whose first layers a shape holds."""
+    from llama_np.pretrained import keep_widened_limit, streamed_widened_budget
+
+    parameters = sum(int(np.prod(s)) for s in parameter_shapes(dict(config, num_hidden_layers=layers)).values())
+    kept = parameters * 4 <= keep_widened_limit()
+    budget = 0 if kept else streamed_widened_budget(parameters * 2)
+    return (f"the {layers}-layer model ({parameters * 2 / 1e9:.0f} GB in float16) would run here with "
+            f"keep_widened={kept} and a widened budget of {budget / 2**30:.1f} GiB, by default")
+
+
 def evict_files(directory: Path) -> None:
     """Ask the kernel to drop a checkpoint's files from the page cache (clean pages: nothing is lost).
 
@@ -413,6 +424,7 @@ def main():
             layer = sum(int(np.prod(s)) for n, s in parameter_shapes(c).items() if n.startswith("model.layers.0."))
             print(f"  70B shape: one layer in float32 {layer * 4 / 1e9:.2f} GB, embeddings in float32 "
                   f"{c['vocab_size'] * c['hidden_size'] * 4 / 1e9:.2f} GB", file=sys.stderr)
+            print(f"  {full_model_policy(c)}", file=sys.stderr)
     report(results, limits)
     if args.json:
         args.json.write_text(json.dumps({"limits": limits, "results": results}, indent=2))
