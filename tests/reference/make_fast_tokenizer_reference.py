@@ -42,7 +42,11 @@ from make_tokenizer_reference import (  # noqa: E402
     PAIR_TEXTS,
     SHORT_TEXTS,
     UNSEEN_TEXTS,
+    added_pad_token,
+    byte_decoding,
+    plain,
     read_sample,
+    write_json,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,28 +123,12 @@ CONVERSATIONS = [
 ]
 
 
-def write_json(name, data):
-    """A dict of lists with one list item per line, as make_tokenizer_reference.py writes."""
-    lines = []
-    for key, value in data.items():
-        if isinstance(value, list):
-            items = ",\n".join(f"  {json.dumps(item, ensure_ascii=False)}" for item in value)
-            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
-        else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value, ensure_ascii=False)}")
-    (OUT_DIR / name).write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
-
-
 def error_of(call):
     """The result of ``call()``, or {"error": exception class name} if it raised."""
     try:
         return call()
     except Exception as error:  # recorded, not hidden: the tests require an error there too
         return {"error": type(error).__name__}
-
-
-def plain(encoding):
-    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in encoding.items()}
 
 
 def make_tokenizer_dirs(work):
@@ -307,51 +295,6 @@ def padding_and_truncation(loaders):
     return {"cases": cases, "batch_decode": batch_decode}
 
 
-def added_pad_token(loaders):
-    out = {}
-    for legacy in ("true", "false"):
-        tok = loaders[("json", legacy)]()
-        before = len(tok)
-        added = tok.add_special_tokens({"pad_token": "<pad>"})
-        ids = tok.encode("a <pad> b<pad>")
-        out[f"legacy_{legacy}"] = {
-            "len_before": before,
-            "added": added,
-            "len_after": len(tok),
-            "vocab_size": tok.vocab_size,
-            "pad_token_id": tok.pad_token_id,
-            "vocab_entry": tok.get_vocab()["<pad>"],
-            "vocab_len": len(tok.get_vocab()),
-            "all_special_ids": tok.all_special_ids,
-            "tokens": tok.tokenize("a <pad> b<pad>"),
-            "ids": ids,
-            "decoded": tok.decode(ids),
-            "decoded_skip_special_tokens": tok.decode(ids, skip_special_tokens=True),
-            "added_again": tok.add_special_tokens({"pad_token": "<pad>"}),
-        }
-    return out
-
-
-def byte_decoding(loaders):
-    sp = spm.SentencePieceProcessor(model_file=str(MODEL_PATH))
-    out = {}
-    for legacy in ("true", "false"):
-        tok = loaders[("json", legacy)]()
-        cases = []
-        lone = [sp.piece_to_id(f"<0x{b:02X}>") for b in (0xF0, 0x9F, 0x41, 0x80, 0xE4, 0xB8)]
-        for text, ids in [(t, tok.encode(t, add_special_tokens=False))
-                          for t in ["🐪", "x🚀y", "ǖ", "☃☃"]] + [(None, lone)]:
-            cases.append({
-                "text": text,
-                "ids": ids,
-                "tokens": tok.convert_ids_to_tokens(ids),
-                "prefix_decoded": [tok.decode(ids[:n]) for n in range(1, len(ids) + 1)],
-                "with_bos_decoded": tok.decode([tok.bos_token_id] + ids),
-            })
-        out[f"legacy_{legacy}"] = cases
-    return out
-
-
 def make_chat_dirs():
     """chat_llama2/ and chat_zephyr/: tokenizer files plus a tokenizer_config.json with a template."""
     configs = {
@@ -412,13 +355,14 @@ def main():
         model_only = make_tokenizer_dirs(Path(work))
         loaders = fast_tokenizers(model_only)
         texts = read_sample() + UNSEEN_TEXTS + MULTILINGUAL_TEXTS
-        write_json("encodings.json", encodings(loaders, texts))
-        write_json("special_tokens.json", special_token_methods(loaders))
-        write_json("padding.json", padding_and_truncation(loaders))
-        write_json("added_pad.json", added_pad_token(loaders))
-        write_json("byte_decoding.json", byte_decoding(loaders))
+        fast = lambda legacy: loaders[("json", str(legacy).lower())]()  # noqa: E731
+        write_json(OUT_DIR / "encodings.json", encodings(loaders, texts))
+        write_json(OUT_DIR / "special_tokens.json", special_token_methods(loaders))
+        write_json(OUT_DIR / "padding.json", padding_and_truncation(loaders))
+        write_json(OUT_DIR / "added_pad.json", added_pad_token(fast))
+        write_json(OUT_DIR / "byte_decoding.json", byte_decoding(fast, MODEL_PATH))
     make_chat_dirs()
-    write_json("chat.json", chat_references())
+    write_json(OUT_DIR / "chat.json", chat_references())
 
     import google.protobuf
 
@@ -460,7 +404,7 @@ def main():
             "add_generation_prompt, with the slow and the fast tokenizer of each chat directory",
         },
     }
-    write_json("manifest.json", manifest)
+    write_json(OUT_DIR / "manifest.json", manifest)
     print(f"wrote {OUT_DIR}")
 
 

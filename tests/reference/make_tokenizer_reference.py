@@ -237,11 +237,15 @@ def padding_and_truncation(model_path):
     return {"cases": cases, "batch_decode": batch_decode}
 
 
-def added_pad_token(model_path):
-    """What add_special_tokens({"pad_token": "<pad>"}) changes, for both legacy values."""
+def added_pad_token(load_legacy):
+    """What add_special_tokens({"pad_token": "<pad>"}) changes, for both legacy values.
+
+    ``load_legacy(legacy)`` makes the tokenizer: the slow one here, the fast one in
+    make_fast_tokenizer_reference.py.
+    """
     out = {}
     for legacy in (True, False):
-        tok = load(model_path, legacy=legacy)
+        tok = load_legacy(legacy)
         before = len(tok)
         added = tok.add_special_tokens({"pad_token": "<pad>"})
         ids = tok.encode("a <pad> b<pad>")
@@ -263,12 +267,16 @@ def added_pad_token(model_path):
     return out
 
 
-def byte_decoding(model_path):
-    """Decoding byte-fallback pieces, including cut-off UTF-8 sequences, for both legacy values."""
+def byte_decoding(load_legacy, model_path):
+    """Decoding byte-fallback pieces, including cut-off UTF-8 sequences, for both legacy values.
+
+    ``load_legacy`` as for added_pad_token; model_path is the sentencepiece model, for the ids
+    of lone byte pieces.
+    """
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     out = {}
     for legacy in (True, False):
-        tok = load(model_path, legacy=legacy)
+        tok = load_legacy(legacy)
         cases = []
         for text in ["🐪", "x🚀y", "ǖ", "☃☃"]:
             ids = tok.encode(text, add_special_tokens=False)
@@ -295,7 +303,7 @@ def byte_decoding(model_path):
     return out
 
 
-def write_json(name, data):
+def write_json(path, data):
     """Write a dict of lists with one list item per line: small files, readable diffs."""
 
     def dump(value):
@@ -308,7 +316,6 @@ def write_json(name, data):
             lines.append(f" {dump(key)}: [\n{items}\n ]")
         else:
             lines.append(f" {dump(key)}: {dump(value)}")
-    path = OUT_DIR / name
     path.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
     return path
 
@@ -320,11 +327,12 @@ def main():
     model_path = OUT_DIR / "tokenizer.model"
 
     texts = read_sample() + UNSEEN_TEXTS
-    write_json("encodings.json", encodings(model_path, texts))
-    write_json("special_tokens.json", special_token_methods(model_path))
-    write_json("padding.json", padding_and_truncation(model_path))
-    write_json("added_pad.json", added_pad_token(model_path))
-    write_json("byte_decoding.json", byte_decoding(model_path))
+    slow = lambda legacy: load(model_path, legacy=legacy)  # noqa: E731
+    write_json(OUT_DIR / "encodings.json", encodings(model_path, texts))
+    write_json(OUT_DIR / "special_tokens.json", special_token_methods(model_path))
+    write_json(OUT_DIR / "padding.json", padding_and_truncation(model_path))
+    write_json(OUT_DIR / "added_pad.json", added_pad_token(slow))
+    write_json(OUT_DIR / "byte_decoding.json", byte_decoding(slow, model_path))
 
     import google.protobuf
     import torch
@@ -359,7 +367,7 @@ def main():
             "byte_decoding.json": "decoding byte-fallback pieces and cut-off UTF-8 sequences",
         },
     }
-    write_json("manifest.json", manifest)
+    write_json(OUT_DIR / "manifest.json", manifest)
     print(f"wrote {OUT_DIR}")
 
 
