@@ -49,9 +49,9 @@ from llama_np.checkpoint import atomic_write, resolve_model_path
 from llama_np.convert import OUTPUT_DTYPES, convert_meta_checkpoint
 from llama_np.errors import InputError, LlamaNPError
 from llama_np.meta import open_model_files
-from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, keep_widened_limit
-from llama_np.pretrained import streamed_widened_budget
+from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 from llama_np.perplexity import perplexity, read_text_file, sliding_windows
+from llama_np.pretrained import keep_widened_limit, streamed_widened_budget
 from llama_np.tokenizer import LlamaTokenizer, TextStreamer
 from llama_np.trace import forward_order, hook_names
 

@@ -7,7 +7,8 @@ used in two ways, and ``pretrained.Weights`` picks one per tensor (docs/checkpoi
   A product with it is one BLAS call, ``x @ W.T``.
 - **streamed** — left as stored in the memory-mapped file (``StreamedMatrix``). ``x @ W.T`` widens
   a tile of W's rows at a time into a small buffer that stays in cache, multiplies it, and moves
-  on; each core takes its own share of the rows. Nothing model-sized is allocated.
+  on; a worker per core takes the next tile whenever it is done with one. Nothing model-sized is
+  allocated.
 
 Why tiles: widening is cheap on data in cache and expensive on fresh memory. Measured on a
 2-core machine with OpenBLAS, per core (docs/checkpoints.md has the table):
@@ -59,7 +60,8 @@ F16_KEPT_BITS = np.int32(np.uint32(0x8FFFE000).view(np.int32))
 # The scaling is exact, and turns float16 subnormals into the right normal float32s.
 F16_EXPONENT_SCALE = np.float32(2.0**112)
 # Exponent 31 (inf, NaN) comes out as a finite 65536 <= |v| < 131072, beyond float16's largest
-# finite 65504; a tile holding such values is widened by NumPy's cast instead.
+# finite 65504; widen_into widens a tile holding such values by NumPy's cast instead (and a
+# streamed product then refuses the matrix).
 F16_LARGEST_FINITE = np.float32(65504.0)
 F16_SCALED_INPUT_LIMIT = 2.0**15  # see StreamedMatrix.product
 
@@ -180,7 +182,12 @@ def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32, what: str | 
     """
     dtype = np.dtype(dtype)
     if dtype != np.float32:  # float64 (a reference computation): via float32, which is exact
-        return widen(stored, storage_dtype, np.float32, what).astype(dtype)
+        return widen_checked(stored, storage_dtype, what, dtype).astype(dtype)
+    return widen_checked(stored, storage_dtype, what, dtype)
+
+
+def widen_checked(stored: np.ndarray, storage_dtype: str, what: str | None, compute) -> np.ndarray:
+    """``widen`` into float32; a NaN or inf is reported as found when widening to ``compute``."""
     out = np.empty(stored.shape, dtype=np.float32)
     if stored.size == 0:
         return out
@@ -192,30 +199,33 @@ def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32, what: str | 
             stop = min(start + TILE_ELEMENTS, part.stop)
             widen_into(flat_in[start:stop], storage_dtype, flat_out[start:stop])
             if what is not None:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    finite = finite and bool(np.isfinite(flat_out[start:stop].sum()))
+                finite = finite and sum_is_finite(flat_out[start:stop])
         return finite
 
     parts = min(cpu_count(), -(-flat_in.size // TILE_ELEMENTS))  # a norm's few numbers: one part
     finite = run_parallel([lambda part=part: widen_part(part) for part in split(flat_in.size, parts)])
     if not all(finite):
-        check_finite(out, what, dtype)  # a NaN or inf, or finite values whose sum overflowed
+        check_finite(out, what, compute)  # a NaN or inf, or finite values whose sum overflowed
     return out
 
 
 # ---------------------------------------------------------------------------- finiteness
 
 
-def check_finite(values: np.ndarray, what: str, compute) -> None:
-    """CheckpointError if ``values`` (any shape, widened) holds a NaN or an infinity.
+def sum_is_finite(values: np.ndarray) -> bool:
+    """Whether the sum of ``values`` is finite: one fast pass with no temporary array.
 
-    A sum is one fast pass with no temporary array as large as the tensor, and any NaN or inf
-    makes it NaN or inf; only when it is not finite are the values looked at one by one (a sum
-    of finite values can also overflow).
+    Any NaN or inf makes the sum NaN or inf, but so can finite values that overflow it, so a
+    False only says to look at the values one by one (check_finite).
     """
-    with np.errstate(over="ignore", invalid="ignore"):  # inf + (-inf) is NaN: looked at below
-        if values.size == 0 or np.isfinite(values.sum()):
-            return
+    with np.errstate(over="ignore", invalid="ignore"):  # inf + (-inf) is NaN
+        return values.size == 0 or bool(np.isfinite(values.sum()))
+
+
+def check_finite(values: np.ndarray, what: str, compute) -> None:
+    """CheckpointError if ``values`` (any shape, widened) holds a NaN or an infinity."""
+    if sum_is_finite(values):
+        return
     bad = ~np.isfinite(values)
     count = int(np.count_nonzero(bad))
     if count:
@@ -225,13 +235,15 @@ def check_finite(values: np.ndarray, what: str, compute) -> None:
 
 
 def non_finite_error(what: str, nans: int, infinities: int, first: tuple, compute) -> CheckpointError:
+    """The one error for NaN or inf weights, kept or streamed: ``what`` names the tensor and file."""
     return CheckpointError(
         f"{what} holds {nans} NaN and {infinities} infinite values as {np.dtype(compute)} (the first at "
         f"index {first}); a single one makes every logit NaN, so the checkpoint is corrupt"
     )
 
 
-# The largest magnitude bits of a finite value (sign bit cleared): above it NaN, at it inf + 1.
+# The largest magnitude bits (sign bit cleared) of a finite value: one more is inf, anything above
+# it NaN.
 LARGEST_FINITE_BITS = {"F16": 0x7BFF, "BF16": 0x7F7F}
 
 
@@ -268,7 +280,7 @@ tile_buffers_made = 0  # how many were ever allocated: one per worker, again onl
 
 
 def tile_buffer(worker: int, elements: int) -> np.ndarray:
-    """The float32 tile buffer of a streamed product's ``worker``-th share, of at least ``elements``."""
+    """The float32 tile buffer of a streamed product's ``worker``-th worker, of at least ``elements``."""
     global tile_buffers_made
     while len(_tile_buffers) <= worker:
         _tile_buffers.append(None)
@@ -317,19 +329,17 @@ class StreamedMatrix:
         return self.size * self.dtype.itemsize
 
     def __array__(self, dtype=None, copy=None):
-        value = self.checked(widen(self.stored, self.storage_dtype, self.dtype))
+        value = self.refuse_non_finite(widen(self.stored, self.storage_dtype, self.dtype))
         return value if dtype is None else value.astype(dtype, copy=False)
 
     def __getitem__(self, index) -> np.ndarray:
-        return self.checked(widen(np.ascontiguousarray(self.stored[index]), self.storage_dtype, self.dtype))
+        return self.refuse_non_finite(widen(np.ascontiguousarray(self.stored[index]), self.storage_dtype,
+                                            self.dtype))
 
-    def checked(self, widened: np.ndarray) -> np.ndarray:
+    def refuse_non_finite(self, widened: np.ndarray) -> np.ndarray:
         """``widened`` (some of this matrix's values) if finite, else the matrix's CheckpointError."""
-        if not self._all_checked:
-            with np.errstate(over="ignore", invalid="ignore"):
-                finite = widened.size == 0 or np.isfinite(widened.sum()) or np.isfinite(widened).all()
-            if not finite:
-                raise stored_non_finite_error(self.stored, self.storage_dtype, self.source)
+        if not (self._all_checked or sum_is_finite(widened) or np.isfinite(widened).all()):
+            raise stored_non_finite_error(self.stored, self.storage_dtype, self.source)
         return widened
 
     def __len__(self) -> int:
@@ -369,22 +379,33 @@ class StreamedMatrix:
         # several times faster here than x @ W_tileᵀ into a column block of y.
         y_t = np.empty((out_features, x2.shape[0]), dtype=dtype)  # (out, M)
         rows = self.rows_per_tile()
-        workers = min(product_workers(), -(-out_features // rows))
-        # The workers share one iterator over the tiles, each taking the next one when it is done
-        # with its last: a worker slowed down (by another process, or BLAS's own threads still
-        # spinning after a product) does fewer of them instead of keeping the other waiting.
+        workers = max(1, min(product_workers(), -(-out_features // rows)))
+        # The workers share the tiles, each taking the next one when it is done with its last: a
+        # worker slowed down (by another process, or BLAS's own threads still spinning after a
+        # product) does fewer of them instead of keeping the other waiting. A worker that fails
+        # (a NaN in the weights) stops the others too.
         tiles = iter(range(0, out_features, rows))
+        tiles_lock = threading.Lock()
+        failed = []
+
+        def next_tile() -> int | None:
+            with tiles_lock:
+                return None if failed else next(tiles, None)
 
         def multiply_tiles(worker: int) -> None:
             buffer = tile_buffer(worker, rows * in_features)
-            for start in tiles:
-                stop = min(start + rows, out_features)
-                tile = buffer[: (stop - start) * in_features].reshape(stop - start, in_features)
-                self.widen_rows(start, stop, tile, scaled)
-                if dtype == np.float32:
-                    np.matmul(tile, x2.T, out=y_t[start:stop])
-                else:
-                    y_t[start:stop] = tile.astype(dtype) @ x2.T
+            try:
+                while (start := next_tile()) is not None:
+                    stop = min(start + rows, out_features)
+                    tile = buffer[: (stop - start) * in_features].reshape(stop - start, in_features)
+                    self.widen_rows(start, stop, tile, scaled)
+                    if dtype == np.float32:
+                        np.matmul(tile, x2.T, out=y_t[start:stop])
+                    else:
+                        y_t[start:stop] = tile.astype(dtype) @ x2.T
+            except BaseException:
+                failed.append(worker)
+                raise
 
         tasks = [lambda worker=worker: multiply_tiles(worker) for worker in range(workers)]
         with _product_lock:  # one streamed product at a time: they share the tile buffers
@@ -406,8 +427,7 @@ class StreamedMatrix:
         if checked:
             return
         if self.storage_dtype == "BF16":
-            with np.errstate(over="ignore", invalid="ignore"):
-                special = not np.isfinite(tile.sum())  # a finite sum can overflow: counted exactly below
+            special = not sum_is_finite(tile)  # a finite sum can overflow: counted exactly below
         if special:
             error = stored_non_finite_error(self.stored, self.storage_dtype, self.source)
             if error is not None:

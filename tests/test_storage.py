@@ -87,14 +87,14 @@ def test_a_streamed_matrix_holding_inf_or_nan_is_refused_naming_it(monkeypatch, 
     for use in (lambda: x @ matrix.T, lambda: x @ matrix.T, lambda: matrix[[31, 33]], lambda: np.asarray(matrix)):
         with pytest.raises(CheckpointError, match=expected):
             use()
-    matrix[[0, 39]]  # finite rows are still looked up
+    np.testing.assert_array_equal(matrix[[0, 39]], kept(stored, storage_dtype)[[0, 39]])  # finite rows: looked up
 
 
 @pytest.mark.parametrize("storage_dtype", ["F16", "BF16"])
 def test_widening_with_a_name_checks_every_tile_and_accepts_large_finite_values(monkeypatch, storage_dtype):
-    monkeypatch.setattr(storage, "TILE_ELEMENTS", 64)  # 8 tiles, on both workers
-    big = 60000.0 if storage_dtype == "F16" else 3e38  # finite, but a tile's float32 sum can overflow
-    values = np.full((16, 32), big, dtype=np.float32)
+    monkeypatch.setattr(storage, "TILE_ELEMENTS", 64)  # 8 tiles of 2 rows, on both workers
+    values = np.full((16, 32), 0.5, dtype=np.float32)
+    values[:4] = 60000.0 if storage_dtype == "F16" else 3e38  # bfloat16: those 2 tiles' sums overflow
     stored = values.astype(np.float16) if storage_dtype == "F16" else float32_to_bf16_bits(values)
     what = "tensor 'w' in model.safetensors"
     np.testing.assert_array_equal(storage.widen(stored, storage_dtype, what=what), kept(stored, storage_dtype))
@@ -119,6 +119,18 @@ def test_a_kept_model_widens_every_tensor_before_its_first_product(monkeypatch):
     monkeypatch.setattr(layers, "linear", linear)
     model(np.array([[1, 2, 3]]))
     assert widened_at_products[0] == len(model.weights.tensors), "all widened before the first product"
+
+
+def test_a_streamed_matrix_with_no_rows_gives_an_empty_product():
+    matrix = storage.StreamedMatrix(np.zeros((0, 8), dtype=np.float16), "F16", "w")
+    y = np.ones((1, 3, 8), dtype=np.float32) @ matrix.T
+    assert y.shape == (1, 3, 0) and y.dtype == np.float32
+
+
+def test_widening_to_float64_names_float64_in_the_error():
+    stored = np.array([[1.0, np.inf]], dtype=np.float16)
+    with pytest.raises(CheckpointError, match="0 NaN and 1 infinite values as float64"):
+        storage.widen(stored, "F16", np.float64, what="tensor 'w'")
 
 
 def test_a_bfloat16_matrix_whose_tile_sum_overflows_is_still_accepted():
