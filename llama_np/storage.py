@@ -35,6 +35,7 @@ already chooses by size (docs/checkpoints.md, "Threads").
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -181,16 +182,9 @@ def widen(stored: np.ndarray, storage_dtype: str, dtype=np.float32, what: str | 
     does, by the sum of each tile while it is still in cache.
     """
     dtype = np.dtype(dtype)
-    if dtype != np.float32:  # float64 (a reference computation): via float32, which is exact
-        return widen_checked(stored, storage_dtype, what, dtype).astype(dtype)
-    return widen_checked(stored, storage_dtype, what, dtype)
-
-
-def widen_checked(stored: np.ndarray, storage_dtype: str, what: str | None, compute) -> np.ndarray:
-    """``widen`` into float32; a NaN or inf is reported as found when widening to ``compute``."""
-    out = np.empty(stored.shape, dtype=np.float32)
+    out = np.empty(stored.shape, dtype=np.float32)  # float64 (a reference computation) via float32: exact
     if stored.size == 0:
-        return out
+        return out.astype(dtype, copy=False)
     flat_in, flat_out = stored.reshape(-1), out.reshape(-1)
 
     def widen_part(part: range) -> bool:
@@ -205,8 +199,8 @@ def widen_checked(stored: np.ndarray, storage_dtype: str, what: str | None, comp
     parts = min(cpu_count(), -(-flat_in.size // TILE_ELEMENTS))  # a norm's few numbers: one part
     finite = run_parallel([lambda part=part: widen_part(part) for part in split(flat_in.size, parts)])
     if not all(finite):
-        check_finite(out, what, compute)  # a NaN or inf, or finite values whose sum overflowed
-    return out
+        check_finite(out, what, dtype)  # a NaN or inf, or finite values whose sum overflowed
+    return out.astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------- finiteness
@@ -357,7 +351,7 @@ class StreamedMatrix:
     # -- the product
 
     def rows_per_tile(self) -> int:
-        return max(1, TILE_ELEMENTS // self.shape[1])
+        return max(1, TILE_ELEMENTS // max(1, self.shape[1]))
 
     def product(self, x: np.ndarray) -> np.ndarray:
         """x @ W.T.  x (..., in)  ->  (..., out), computed tile by tile over W's rows."""
@@ -367,7 +361,7 @@ class StreamedMatrix:
             raise ValueError(f"matmul: x has {x.shape[-1]} columns, {self.name or 'the weight'} "
                              f"expects {in_features} (W is {self.shape})")
         dtype = np.result_type(x.dtype, self.dtype)
-        x2 = np.ascontiguousarray(x.reshape(-1, in_features), dtype=dtype)  # (M, in)
+        x2 = np.ascontiguousarray(x.reshape(math.prod(x.shape[:-1]), in_features), dtype=dtype)  # (M, in)
         # float16 tiles skip their last pass (times 2**112) when x can take it instead: then
         # (x · 2**112) · (w · 2**-112) is the same product x · w, rounded the same, as long as
         # x · 2**112 stays finite (|x| < 2**16) — so only below 2**15, to leave a margin.

@@ -121,10 +121,12 @@ def test_a_kept_model_widens_every_tensor_before_its_first_product(monkeypatch):
     assert widened_at_products[0] == len(model.weights.tensors), "all widened before the first product"
 
 
-def test_a_streamed_matrix_with_no_rows_gives_an_empty_product():
+def test_a_streamed_matrix_with_no_rows_or_no_columns_gives_an_empty_product():
     matrix = storage.StreamedMatrix(np.zeros((0, 8), dtype=np.float16), "F16", "w")
     y = np.ones((1, 3, 8), dtype=np.float32) @ matrix.T
     assert y.shape == (1, 3, 0) and y.dtype == np.float32
+    matrix = storage.StreamedMatrix(np.zeros((5, 0), dtype=np.float16), "F16", "w")
+    np.testing.assert_array_equal(np.ones((3, 0), dtype=np.float32) @ matrix.T, np.zeros((3, 5)))
 
 
 def test_widening_to_float64_names_float64_in_the_error():
