@@ -53,7 +53,7 @@ INDEX_FILE_NAME = "model.safetensors.index.json"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 # How each supported safetensors dtype is laid out on disk. BF16 has no NumPy dtype: its bytes
-# are read as the uint16 bit pattern and widened by hand (see _widen_bf16).
+# are read as the uint16 bit pattern and widened by hand (storage.widen).
 STORAGE_DTYPES = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -416,15 +416,6 @@ class StoredTensor:
                 check_finite(widened, what, compute)
         self._mapped.finite.add((self.name, compute))
         return widened
-
-
-def _widen_bf16(bits: np.ndarray) -> np.ndarray:
-    """BF16 bit patterns (uint16, any shape) -> the same values as float32, exactly.
-
-    bfloat16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits), so shifting
-    the pattern 16 bits left gives the float32 with the same value.
-    """
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:

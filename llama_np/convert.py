@@ -34,7 +34,6 @@ from llama_np.checkpoint import (
     SINGLE_FILE_NAME,
     STORAGE_DTYPES,
     _encode_header,
-    _widen_bf16,
     atomic_write,
     atomic_write_text,
     float32_to_bf16_bits,
@@ -49,6 +48,7 @@ from llama_np.meta import (
     is_meta_checkpoint,
     open_meta_checkpoint,
 )
+from llama_np.storage import widen
 
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_SHARD_BYTES = 5 * 10**9  # Transformers' save_pretrained default, max_shard_size="5GB"
@@ -253,7 +253,7 @@ def convert_values(name: str, stored: np.ndarray, dtype: str, out_dtype: str) ->
     never an infinity written to disk.
     """
     if dtype == "BF16":
-        values = _widen_bf16(stored)  # exact
+        values = widen(stored, "BF16")  # exact
     else:
         with np.errstate(over="ignore"):  # F64 beyond float32: inf, refused below
             values = stored.astype(np.float32)
