@@ -12,8 +12,43 @@ H query heads, KV key/value heads, hd head_dim, I intermediate size, V vocabular
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
+
+# ---------------------------------------------------------------------------- hook points
+#
+# A component with TransformerLens hook points inside it (RMSNorm, attention, the MLP) hands
+# each intermediate array to ``tap(name, x)`` and goes on with what the tap returns. An ordinary
+# forward passes ``no_tap``, the identity, so the traced run *is* the run; run_with_cache and
+# run_with_hooks (llama_np.interp) pass a tap that records or replaces.
+
+Tap = Callable[[str, np.ndarray], np.ndarray]
+
+
+def no_tap(name: str, x: np.ndarray) -> np.ndarray:
+    """The tap of an ordinary forward pass: every hook point is the identity."""
+    return x
+
+
+def recorder(store: dict) -> Tap:
+    """A tap that keeps every activation it is shown in ``store``, by name, and changes none.
+
+        seen = {}
+        output = attention(q, k, v, mask, scaling, tap=recorder(seen))
+        weights = seen["hook_pattern"]                      # (B, H, T, S)
+    """
+    def record(name: str, x: np.ndarray) -> np.ndarray:
+        store[name] = x
+        return x
+    return record
+
+
+def scoped(tap: Tap, prefix: str) -> Tap:
+    """The tap a component sees: its hook names prefixed (``ln1.`` + ``hook_scale``)."""
+    if tap is no_tap:
+        return no_tap
+    return lambda name, x: tap(f"{prefix}.{name}", x)
 
 # ---------------------------------------------------------------------------- embedding
 
@@ -61,7 +96,7 @@ def normalize(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (x.astype(scale.dtype, copy=False) / scale).astype(x.dtype, copy=False)
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, tap: Tap = no_tap) -> np.ndarray:
     """Root-mean-square layer norm (Zhang & Sennrich, 2019).
 
     x (..., D); weight (D,)  ->  (..., D)
@@ -70,8 +105,10 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
     eps sits inside the square root. The normalisation runs in float32 (or wider) and is cast
     back to the input dtype *before* the weight multiplies it, as Transformers does.
+    Hook points: ``hook_scale`` rms(x) (..., 1), ``hook_normalized`` x / rms(x) (..., D).
     """
-    return weight * normalize(x, rms(x, eps))
+    scale = tap("hook_scale", rms(x, eps))
+    return weight * tap("hook_normalized", normalize(x, scale))
 
 
 # ---------------------------------------------------------------------------- RoPE frequencies
@@ -363,18 +400,21 @@ def attention_scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None, scal
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
-              scaling: float) -> tuple[np.ndarray, np.ndarray]:
+              scaling: float, tap: Tap = no_tap) -> np.ndarray:
     """Scaled dot-product attention with grouped-query key/value heads.
 
     q (B, H, T, hd); k, v (B, KV, S, hd); mask (B, 1, T, S) additive or None
-    ->  output (B, H, T, hd), weights (B, H, T, S)
+    ->  output (B, H, T, hd)
 
         weights = softmax(q · kᵀ · scaling + mask),   output = weights · v
 
     scaling is hd^−0.5 for Llama. The softmax runs in float32 even for float16 inputs.
+    Hook points: ``hook_attn_scores`` (B, H, T, S) before the softmax and ``hook_pattern``, the
+    weights (B, H, T, S) — which is where ``output_attentions`` reads them.
     """
-    weights = softmax(attention_scores(q, k, mask, scaling)).astype(q.dtype, copy=False)
-    return weights @ repeat_kv(v, q.shape[1] // v.shape[1]), weights
+    scores = tap("hook_attn_scores", attention_scores(q, k, mask, scaling))
+    weights = tap("hook_pattern", softmax(scores).astype(q.dtype, copy=False))
+    return weights @ repeat_kv(v, q.shape[1] // v.shape[1])
 
 
 # ---------------------------------------------------------------------------- projections and MLP
@@ -407,12 +447,18 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def swiglu(x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj: np.ndarray,
-           gate_bias=None, up_bias=None, down_bias=None, pretraining_tp: int = 1) -> np.ndarray:
+           gate_bias=None, up_bias=None, down_bias=None, pretraining_tp: int = 1,
+           tap: Tap = no_tap) -> np.ndarray:
     """The Llama MLP (Shazeer, 2020): a SiLU-gated linear unit.
 
     x (B, T, D); gate_proj, up_proj (I, D); down_proj (D, I)  ->  (B, T, D)
 
         mlp(x) = down( silu(gate(x)) ⊙ up(x) )
+
+    Hook points: ``hook_pre`` gate(x), ``hook_pre_linear`` up(x), ``hook_post`` their gated
+    product, all (B, T, I).
     """
-    hidden = silu(linear(x, gate_proj, gate_bias)) * linear(x, up_proj, up_bias)  # (B, T, I)
+    gate = tap("hook_pre", linear(x, gate_proj, gate_bias))  # (B, T, I)
+    up = tap("hook_pre_linear", linear(x, up_proj, up_bias))
+    hidden = tap("hook_post", silu(gate) * up)
     return linear(hidden, down_proj, down_bias, pretraining_tp)

@@ -22,19 +22,19 @@ H query heads, KV key/value heads, hd head_dim, I intermediate size, V vocabular
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from llama_np import inputs, layers
+from llama_np.layers import Tap, no_tap
 from llama_np.cache import KVCache
 from llama_np.config import LlamaConfig
 from llama_np.errors import InputError
 from llama_np.generation import generate
+from llama_np.losses import causal_lm_loss, classification_loss
 from llama_np.pretrained import (KEEP_WIDENED_FLOOR, LlamaPreTrainedModel, Weights,  # noqa: F401
                                  expected_base_shapes, keep_widened_limit)
-from llama_np.trace import HookOptions, Tap, no_tap
 
 # ---------------------------------------------------------------------------- outputs
 
@@ -105,101 +105,56 @@ class LayerWeights:
     down_bias: np.ndarray | None = None  # (D,)
 
 
-def rms_norm(x, weight, eps: float, tap: Tap, name: str):
-    """``layers.rms_norm`` with TransformerLens' two hook points of a norm.
-
-    {name}.hook_scale (…, 1) is rms(x) = sqrt(mean(x²) + eps); {name}.hook_normalized (…, D)
-    is x / rms(x), before the learned weight multiplies it.
-    """
-    scale = tap(f"{name}.hook_scale", layers.rms(x, eps))
-    return weight * tap(f"{name}.hook_normalized", layers.normalize(x, scale))
-
-
-def tap_heads(tap: Tap, name: str, x):
-    """Tap a (B, heads, T, hd) array in TransformerLens' layout (B, T, heads, hd)."""
-    return tap(name, x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
-
-
 def project_heads(x, weight, bias, heads: int):
-    """A q, k or v projection split into heads: (B, T, D) -> (B, T, heads, hd).
-
-    With one input per head, (B, T, heads, D) as ``use_split_qkv_input`` gives, head h reads its
-    own copy through its rows of the weight: W[h·hd:(h+1)·hd].
-    """
-    if x.ndim == 3:
-        return layers.linear(x, weight, bias).reshape(*x.shape[:2], heads, -1)
-    per_head = weight.reshape(heads, -1, weight.shape[-1])  # (heads, hd, D)
-    y = (x.transpose(0, 2, 1, 3) @ per_head.swapaxes(-1, -2)).transpose(0, 2, 1, 3)
-    return y if bias is None else y + bias.reshape(heads, -1)
+    """A q, k or v projection split into heads: (B, T, D) -> (B, T, heads, hd)."""
+    return layers.linear(x, weight, bias).reshape(*x.shape[:2], heads, -1)
 
 
 def self_attention(x, w: LayerWeights, config: LlamaConfig, cos, sin, mask, layer_index: int,
-                   cache: KVCache | None = None, tap: Tap = no_tap, options: HookOptions = HookOptions()):
+                   cache: KVCache | None = None, tap: Tap = no_tap):
     """Multi-head self-attention with RoPE and grouped key/value heads.
 
-    x (B, T, D), or a (query, key, value) triple of per-head inputs (B, T, heads, D);
-    cos, sin (B, T, hd); mask (B, 1, T, S)  ->  output (B, T, D), weights (B, H, T, S)
+    x (B, T, D); cos, sin (B, T, hd); mask (B, 1, T, S)  ->  (B, T, D)
 
     With a cache, this layer's new keys/values are appended to it and attention runs over all
     S = past + T positions. Keys are cached *after* RoPE, so they are never rotated again.
     """
-    x_q, x_k, x_v = x if isinstance(x, tuple) else (x, x, x)
-    batch, length = x_q.shape[:2]
+    batch, length = x.shape[:2]
     H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     # (B, T, heads, hd) is TransformerLens' layout; the products below want (B, heads, T, hd)
-    q = tap("attn.hook_q", project_heads(x_q, w.q_proj, w.q_bias, H))
-    k = tap("attn.hook_k", project_heads(x_k, w.k_proj, w.k_bias, KV))
-    v = tap("attn.hook_v", project_heads(x_v, w.v_proj, w.v_bias, KV))
-    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    q = tap_heads(tap, "attn.hook_rot_q", layers.apply_rope(q, cos, sin))
-    k = tap_heads(tap, "attn.hook_rot_k", layers.apply_rope(k, cos, sin))
+    q = tap("hook_q", project_heads(x, w.q_proj, w.q_bias, H)).transpose(0, 2, 1, 3)
+    k = tap("hook_k", project_heads(x, w.k_proj, w.k_bias, KV)).transpose(0, 2, 1, 3)
+    v = tap("hook_v", project_heads(x, w.v_proj, w.v_bias, KV)).transpose(0, 2, 1, 3)
+    q = tap("hook_rot_q", layers.apply_rope(q, cos, sin).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    k = tap("hook_rot_k", layers.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     if cache is not None:
         k, v = cache.update(layer_index, k, v)  # (B, KV, S, hd)
-
-    scores = tap("attn.hook_attn_scores", layers.attention_scores(q, k, mask, hd ** -0.5))  # (B, H, T, S)
-    pattern = tap("attn.hook_pattern", layers.softmax(scores).astype(q.dtype, copy=False))
-    z = tap_heads(tap, "attn.hook_z", pattern @ layers.repeat_kv(v, H // KV))  # (B, H, T, hd)
-    z = z.transpose(0, 2, 1, 3)  # (B, T, H, hd)
-    if not options.use_attn_result:
-        return layers.linear(z.reshape(batch, length, H * hd), w.o_proj, w.o_bias, config.pretraining_tp), pattern
-    # Each head's share of o_proj: z_h · W_O[:, h]ᵀ, (B, H, T, hd) @ (H, hd, D) -> (B, T, H, D)
-    per_head = z.transpose(0, 2, 1, 3) @ w.o_proj.reshape(-1, H, hd).transpose(1, 2, 0)
-    result = tap("attn.hook_result", per_head.transpose(0, 2, 1, 3))
-    out = result.sum(axis=2)
-    return (out if w.o_bias is None else out + w.o_bias), pattern
+    z = tap("hook_z", layers.attention(q, k, v, mask, hd ** -0.5, tap).transpose(0, 2, 1, 3))  # (B, T, H, hd)
+    return layers.linear(z.reshape(batch, length, H * hd), w.o_proj, w.o_bias, config.pretraining_tp)
 
 
 def mlp(x, w: LayerWeights, config: LlamaConfig, tap: Tap = no_tap):
-    """``layers.swiglu`` with its hook points: down( silu(gate(x)) ⊙ up(x) ).  (B, T, D) -> (B, T, D)"""
-    gate = tap("mlp.hook_pre", layers.linear(x, w.gate_proj, w.gate_bias))  # (B, T, I)
-    up = tap("mlp.hook_pre_linear", layers.linear(x, w.up_proj, w.up_bias))
-    hidden = tap("mlp.hook_post", layers.silu(gate) * up)
-    return layers.linear(hidden, w.down_proj, w.down_bias, config.pretraining_tp)
+    """The layer's SwiGLU MLP, ``layers.swiglu`` with its weights.  (B, T, D) -> (B, T, D)"""
+    return layers.swiglu(x, w.gate_proj, w.up_proj, w.down_proj, w.gate_bias, w.up_bias, w.down_bias,
+                         config.pretraining_tp, tap)
 
 
 def decoder_layer(x, w: LayerWeights, config: LlamaConfig, cos, sin, mask, layer_index: int,
-                  cache: KVCache | None = None, tap: Tap = no_tap, options: HookOptions = HookOptions()):
-    """One pre-norm transformer block.  x (B, T, D) -> (B, T, D), attention weights (B, H, T, S)
+                  cache: KVCache | None = None, tap: Tap = no_tap):
+    """One pre-norm transformer block.  x (B, T, D) -> (B, T, D)
 
         h   = x + attention(rms_norm(x))
         out = h + swiglu(rms_norm(h))
-    """
-    def here(point, value):  # this layer's hook points are named blocks.{layer_index}.{point}
-        return tap(f"blocks.{layer_index}.{point}", value)
 
-    eps = config.rms_norm_eps
+    Its hook points are named ``blocks.{layer_index}.…`` (``ln1.hook_scale``, ``attn.hook_pattern``).
+    """
+    here, eps = layers.scoped(tap, f"blocks.{layer_index}"), config.rms_norm_eps
     x = here("hook_resid_pre", x)
-    if options.use_split_qkv_input:  # one copy of the stream per head, each normed on its own
-        heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads, "v": config.num_key_value_heads}
-        copies = [here(f"hook_{name}_input", np.repeat(x[:, :, None], n, axis=2)) for name, n in heads.items()]
-        attn_in = tuple(rms_norm(copy, w.input_layernorm, eps, here, "ln1") for copy in copies)
-    else:
-        attn_in = rms_norm(x, w.input_layernorm, eps, here, "ln1")
-    attn_out, weights = self_attention(attn_in, w, config, cos, sin, mask, layer_index, cache, here, options)
+    attn_in = layers.rms_norm(x, w.input_layernorm, eps, layers.scoped(here, "ln1"))
+    attn_out = self_attention(attn_in, w, config, cos, sin, mask, layer_index, cache, layers.scoped(here, "attn"))
     h = here("hook_resid_mid", x + here("hook_attn_out", attn_out))
-    mlp_in = here("hook_mlp_in", h) if options.use_hook_mlp_in else h
-    mlp_out = here("hook_mlp_out", mlp(rms_norm(mlp_in, w.post_attention_layernorm, eps, here, "ln2"), w, config, here))
-    return here("hook_resid_post", h + mlp_out), weights
+    mlp_in = layers.rms_norm(h, w.post_attention_layernorm, eps, layers.scoped(here, "ln2"))
+    return here("hook_resid_post", h + here("hook_mlp_out", mlp(mlp_in, w, config, layers.scoped(here, "mlp"))))
 
 
 # ---------------------------------------------------------------------------- the models
@@ -210,8 +165,12 @@ class LlamaStack(LlamaPreTrainedModel):
 
     def layer_weights(self, i: int) -> LayerWeights:
         """The widened tensors of decoder layer i."""
-        return LayerWeights(**self.weights.layer(self.base_prefix, i, self.config.num_hidden_layers,
-                                                 self.config.pretraining_tp))
+        tensors = self.weights.layer(self.base_prefix, i, self.config.num_hidden_layers)
+        if self.config.pretraining_tp > 1:
+            # Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
+            # (docs/reference.md §3.11).
+            tensors = {name: (None if name.endswith("_bias") else value) for name, value in tensors.items()}
+        return LayerWeights(**tensors)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, output_hidden_states=False, output_attentions=False,
@@ -227,14 +186,22 @@ class LlamaStack(LlamaPreTrainedModel):
         cos, sin = layers.rope_cos_sin(run.position_ids, inv_freq, attention_factor, self.dtype)  # (B, T, hd)
         mask = layers.attention_mask(run.attention_mask, length, run.past_length, batch, self.dtype)
 
+        attentions = []  # output_attentions: each layer's softmax weights, as its hook_pattern gave them
+
+        def record(name, value):
+            value = tap(name, value)
+            if name.endswith(".attn.hook_pattern"):
+                attentions.append(value)
+            return value
+
         x = tap("hook_embed", layers.embedding(run.input_ids, self.weights[f"{self.base_prefix}embed_tokens.weight"]))
-        hidden_states, attentions = [x], []
+        hidden_states = [x]
         for i in range(config.num_hidden_layers):
-            x, weights = decoder_layer(x, self.layer_weights(i), config, cos, sin, mask, i, run.cache,
-                                       tap, self.hook_options)
+            x = decoder_layer(x, self.layer_weights(i), config, cos, sin, mask, i, run.cache,
+                              record if output_attentions else tap)
             hidden_states.append(x)
-            attentions.append(weights)
-        x = rms_norm(x, self.weights[f"{self.base_prefix}norm.weight"], config.rms_norm_eps, tap, "ln_final")
+        x = layers.rms_norm(x, self.weights[f"{self.base_prefix}norm.weight"], config.rms_norm_eps,
+                            layers.scoped(tap, "ln_final"))
         hidden_states[-1] = x  # Transformers reports the last hidden state after the final norm
         return BaseModelOutput(
             last_hidden_state=x,
@@ -248,6 +215,7 @@ class LlamaModel(LlamaStack):
     """The Llama stack without a head: returns the final hidden states (B, T, D)."""
 
     prefix_optional = True  # a checkpoint saved from a bare LlamaModel has no "model." prefix
+    main_output = "last_hidden_state"
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=False, output_hidden_states=False, output_attentions=False,
@@ -258,6 +226,8 @@ class LlamaModel(LlamaStack):
 
 class LlamaForCausalLM(LlamaStack):
     """The Llama stack with the language-model head: next-token logits (B, T, V)."""
+
+    has_lm_head = True
 
     @classmethod
     def expected_shapes(cls, config, prefix="model."):
@@ -327,7 +297,7 @@ class LlamaForSequenceClassification(LlamaStack):
                                         hidden_states=out.hidden_states, attentions=out.attentions)
 
 
-# ---------------------------------------------------------------------------- heads and losses
+# ---------------------------------------------------------------------------- the classification head
 
 
 def last_non_pad_index(input_ids: np.ndarray, pad_token_id: int | None) -> np.ndarray:
@@ -344,74 +314,3 @@ def last_non_pad_index(input_ids: np.ndarray, pad_token_id: int | None) -> np.nd
         return np.array([length - 1])
     not_pad = input_ids != pad_token_id
     return np.argmax(np.arange(length) * not_pad, axis=-1)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis, computed stably in float64."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def cross_entropy(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> float:
-    """Mean over kept targets of logsumexp(z) − z[target]. logits (N, C); targets (N,)."""
-    keep = targets != ignore_index
-    if not keep.any():
-        warnings.warn("every label is -100 (ignored): the loss is NaN, as in Transformers", stacklevel=3)
-        return float("nan")
-    log_probs = log_softmax(logits[keep])
-    return float(-log_probs[np.arange(log_probs.shape[0]), targets[keep]].mean())
-
-
-def causal_lm_loss(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Next-token loss: the logits at t are scored against labels[t + 1]; −100 is ignored.
-
-    logits (B, T, V); labels (B, T). Labels are the input ids themselves, shifted here.
-    """
-    vocab = logits.shape[-1]
-    shifted = labels[:, 1:]
-    valid = shifted[shifted != -100]
-    if valid.size and (valid.min() < 0 or valid.max() >= vocab):
-        raise InputError(f"labels must be in [0, {vocab}) or -100, got {int(valid.min())}..{int(valid.max())}")
-    return cross_entropy(logits[:, :-1].reshape(-1, vocab), shifted.reshape(-1))
-
-
-def classification_loss(pooled: np.ndarray, labels, num_labels: int,
-                        problem_type: str | None = None) -> tuple[float, str]:
-    """The sequence-classification loss and the problem type it used (docs/reference.md §4.3).
-
-    pooled (B, num_labels). Without a ``problem_type`` it is inferred as Transformers does:
-    num_labels 1 -> regression (MSE); integer labels -> single-label (cross-entropy);
-    otherwise multi-label (binary cross-entropy with logits, mean).
-    """
-    labels = inputs.check_class_labels(labels)
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif np.issubdtype(labels.dtype, np.integer):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
-    z = pooled.astype(np.float64)
-    if problem_type == "regression":
-        if labels.size != z.size:
-            raise InputError(f"regression labels must hold {z.size} values (batch x num_labels), "
-                             f"got shape {labels.shape}")
-        target = labels.astype(np.float64).reshape(z.shape[0], -1)
-        return float(np.mean((z.reshape(z.shape[0], -1) - target) ** 2)), problem_type
-    if problem_type == "single_label_classification":
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(f"single-label classification takes integer class indices as labels, "
-                             f"got dtype {labels.dtype}")
-        labels = labels.reshape(-1)
-        if labels.shape[0] != z.shape[0]:
-            raise InputError(f"labels has {labels.shape[0]} entries for a batch of {z.shape[0]}")
-        kept = labels[labels != -100]
-        if kept.size and (kept.min() < 0 or kept.max() >= num_labels):
-            raise InputError(f"labels must be class indices in [0, {num_labels}), got {labels.tolist()}")
-        return cross_entropy(z, labels), problem_type
-    target = labels.astype(np.float64)
-    if target.shape != z.shape:
-        raise InputError(f"multi-label labels must have shape {z.shape}, got {target.shape}")
-    # log(1 + e^z) − z·y, written so that it never overflows
-    return float(np.mean(np.maximum(z, 0) - z * target + np.log1p(np.exp(-np.abs(z))))), problem_type

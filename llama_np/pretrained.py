@@ -230,20 +230,13 @@ class Weights:
             self[name]
         self._all_widened = True
 
-    def layer(self, prefix: str, index: int, count: int, pretraining_tp: int = 1) -> dict:
-        """The tensors of decoder layer ``index``, by LAYER_TENSOR_NAMES field.
-
-        Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
-        (docs/reference.md §3.11).
-        """
+    def layer(self, prefix: str, index: int, count: int) -> dict:
+        """The tensors of decoder layer ``index``, by LAYER_TENSOR_NAMES field (None if absent)."""
         if index == 0 and self.keep_widened and not self._all_widened:
             self.widen_all(prefix, count)
         self.progress.step(index, count)
-        tensors = {field_name: self.get(f"{prefix}layers.{index}.{name}")
-                   for field_name, name in LAYER_TENSOR_NAMES.items()}
-        if pretraining_tp > 1:
-            tensors = {name: (None if name.endswith("_bias") else value) for name, value in tensors.items()}
-        return tensors
+        return {field_name: self.get(f"{prefix}layers.{index}.{name}")
+                for field_name, name in LAYER_TENSOR_NAMES.items()}
 
 
 # ---------------------------------------------------------------------------- loading and saving
@@ -253,6 +246,10 @@ class LlamaPreTrainedModel:
     """Loading, saving and the shared plumbing of the three model classes."""
 
     base_prefix = "model."  # where the Llama stack's tensors live in a checkpoint
+    # What llama_np.trace asks of a model class: whether it has TransformerLens' unembedding
+    # (an lm_head, hence unembed.hook_in/hook_out), and which output field is its result.
+    has_lm_head = False
+    main_output = "logits"
     prefix_optional = False  # LlamaModel: a checkpoint saved from the bare stack has no "model."
 
     def __init__(self, config: LlamaConfig, weights: Weights, generation_config=None):

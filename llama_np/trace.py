@@ -35,13 +35,7 @@ from llama_np import layers
 from llama_np.errors import InputError
 from llama_np.inputs import is_integer
 
-Tap = Callable[[str, np.ndarray], np.ndarray]
-
-
-def no_tap(name: str, x: np.ndarray) -> np.ndarray:
-    """The tap of an ordinary forward pass: every hook point is the identity."""
-    return x
-
+from llama_np.layers import Tap, no_tap  # noqa: F401  (no_tap: the identity tap, documented here too)
 
 @dataclass
 class HookOptions:
@@ -117,7 +111,7 @@ def hook_names(config, options: HookOptions | None = None, unembed: bool = True)
 
 def model_hook_names(model) -> list[str]:
     """The hook names a forward of this model reaches, with its options as they are set."""
-    return hook_names(model.config, model.hook_options, unembed=hasattr(model, "lm_head_weight"))
+    return hook_names(model.config, model.hook_options, unembed=model.has_lm_head)
 
 
 def forward_order(name: str) -> tuple:
@@ -219,6 +213,143 @@ def hooks_tap(model, fwd_hooks) -> Tap:
     return tap
 
 
+# ---------------------------------------------------------------------------- TransformerLens' modes
+#
+# The forward pass of model.py reaches the hook points every model has. model_tap turns a tap
+# into the one a traced run of this model uses, with the optional hook points its options switch
+# on: they are carried out here, by replacing activations as they pass, so that the student's
+# path in model.py stays the plain one.
+
+
+def model_tap(model, tap: Tap) -> Tap:
+    """``tap`` with the optional hook points that ``model.hook_options`` switches on.
+
+    use_split_qkv_input: the attention's q, k and v are computed from per-head copies of the
+    residual stream, each normed by ln1 on its own (``split_qkv_input_tap``); use_attn_result:
+    the attention output is the sum of each head's result (``attn_result_tap``); use_hook_mlp_in:
+    ln2 reads a copy of the residual stream that a hook may edit (``mlp_in_tap``).
+    """
+    options = model.hook_options
+    traced = tap
+    if options.use_hook_mlp_in:
+        traced = mlp_in_tap(model, traced)
+    if options.use_attn_result:
+        traced = attn_result_tap(model, traced)
+    if options.use_split_qkv_input:
+        traced = split_qkv_input_tap(model, traced)
+    return traced
+
+
+def layer_point(name: str) -> tuple[int, str] | None:
+    """"blocks.3.attn.hook_z" -> (3, "attn.hook_z"); None for a name outside the layers."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    return None
+
+
+def mlp_in_tap(model, tap: Tap) -> Tap:
+    """use_hook_mlp_in: hook_mlp_in (B, T, D), a copy of hook_resid_mid that only the MLP reads.
+
+    ln2's two hook points are recomputed from it, so an edit reaches the MLP and not the
+    residual stream that hook_resid_post adds the MLP's output to.
+    """
+    eps = model.config.rms_norm_eps
+    resid_mid, mlp_in, scale = {}, {}, {}
+
+    def traced(name: str, x: np.ndarray) -> np.ndarray:
+        where = layer_point(name)
+        if where is None:
+            return tap(name, x)
+        layer, point = where
+        if point == "hook_resid_mid":
+            resid_mid[layer] = x = tap(name, x)
+            return x
+        if point == "ln2.hook_scale":
+            mlp_in[layer] = tap(f"blocks.{layer}.hook_mlp_in", resid_mid.pop(layer).copy())
+            x = scale[layer] = tap(name, layers.rms(mlp_in[layer], eps))
+            return x
+        if point == "ln2.hook_normalized":
+            x = layers.normalize(mlp_in.pop(layer), scale.pop(layer))
+        return tap(name, x)
+
+    return traced
+
+
+def attn_result_tap(model, tap: Tap) -> Tap:
+    """use_attn_result: hook_attn_out becomes Σ_h attn.hook_result[:, :, h], each head's share.
+
+    Head h's result is z_h · W_O[:, h]ᵀ (B, T, D), with W_O's columns h·hd … (h+1)·hd; a hook that
+    edits one head's result changes the layer's output by exactly that much.
+    """
+    config = model.config
+    H, hd = config.num_attention_heads, config.head_dim
+    z_of_layer = {}
+
+    def traced(name: str, x: np.ndarray) -> np.ndarray:
+        where = layer_point(name)
+        if where is None:
+            return tap(name, x)
+        layer, point = where
+        if point == "attn.hook_z":
+            z_of_layer[layer] = x = tap(name, x)  # (B, T, H, hd)
+            return x
+        if point == "hook_attn_out":
+            w = model.layer_weights(layer)
+            z = z_of_layer.pop(layer)
+            # (B, H, T, hd) @ (H, hd, D) -> (B, H, T, D) -> (B, T, H, D)
+            per_head = z.transpose(0, 2, 1, 3) @ w.o_proj.reshape(-1, H, hd).transpose(1, 2, 0)
+            result = tap(f"blocks.{layer}.attn.hook_result", per_head.transpose(0, 2, 1, 3))
+            out = result.sum(axis=2)
+            x = out if w.o_bias is None else out + w.o_bias
+        return tap(name, x)
+
+    return traced
+
+
+def split_qkv_input_tap(model, tap: Tap) -> Tap:
+    """use_split_qkv_input: q, k and v read per-head copies of the residual stream.
+
+    hook_q_input (B, T, H, D), hook_k_input and hook_v_input (B, T, KV, D) are copies of
+    hook_resid_pre, each normed by ln1 on its own (ln1's hook points see (B, T, heads, ·)), and
+    head h of q, k or v reads its own copy through its rows of the weight, W[h·hd:(h+1)·hd].
+    The plain path's ln1 on the shared stream is not shown to hooks; its q, k, v are replaced.
+    """
+    config = model.config
+    heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads, "v": config.num_key_value_heads}
+    resid_pre, projected = {}, {}
+
+    def per_head(x, weight, bias, count):  # (B, T, heads, D) -> (B, T, heads, hd)
+        rows = weight.reshape(count, -1, weight.shape[-1])  # (heads, hd, D)
+        y = (x.transpose(0, 2, 1, 3) @ rows.swapaxes(-1, -2)).transpose(0, 2, 1, 3)
+        return y if bias is None else y + bias.reshape(count, -1)
+
+    def traced(name: str, x: np.ndarray) -> np.ndarray:
+        where = layer_point(name)
+        if where is None:
+            return tap(name, x)
+        layer, point = where
+        if point == "hook_resid_pre":
+            resid_pre[layer] = x = tap(name, x)
+            return x
+        if point.startswith("ln1."):
+            if point == "ln1.hook_scale":  # the plain norm begins: run the per-head inputs instead
+                w, stream = model.layer_weights(layer), resid_pre.pop(layer)
+                copies = {part: tap(f"blocks.{layer}.hook_{part}_input", np.repeat(stream[:, :, None], count, axis=2))
+                          for part, count in heads.items()}
+                for part, count in heads.items():
+                    normed = layers.rms_norm(copies[part], w.input_layernorm, config.rms_norm_eps,
+                                             layers.scoped(tap, f"blocks.{layer}.ln1"))
+                    projected[layer, part] = per_head(normed, getattr(w, f"{part}_proj"),
+                                                      getattr(w, f"{part}_bias"), count)
+            return x
+        if point in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
+            x = projected.pop((layer, point[-1]))
+        return tap(name, x)
+
+    return traced
+
+
 def run_with_hooks(model, input_ids, fwd_hooks=(), attention_mask=None, **kwargs):
     """Run ``model`` once with hooks that may read or replace activations.
 
@@ -227,7 +358,8 @@ def run_with_hooks(model, input_ids, fwd_hooks=(), attention_mask=None, **kwargs
     shape, or None to keep the activation. Other keyword arguments go to the model's call
     (``labels``, ``past_key_values``, ``use_cache``, …); the model's usual output is returned.
     """
-    return model(input_ids, attention_mask=attention_mask, tap=hooks_tap(model, fwd_hooks), **kwargs)
+    return model(input_ids, attention_mask=attention_mask, tap=model_tap(model, hooks_tap(model, fwd_hooks)),
+                 **kwargs)
 
 
 def run_with_cache(model, input_ids, attention_mask=None, names_filter: NamesFilter = None,
@@ -252,8 +384,8 @@ def run_with_cache(model, input_ids, attention_mask=None, names_filter: NamesFil
             activations[name] = x
         return x
 
-    out = model(input_ids, attention_mask=attention_mask, tap=record, **kwargs)
-    output = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    out = model(input_ids, attention_mask=attention_mask, tap=model_tap(model, record), **kwargs)
+    output = getattr(out, model.main_output)
     return output, ActivationCache(activations, model.config.num_hidden_layers, model)
 
 
@@ -481,7 +613,7 @@ class ActivationCache:
         to the logit divided by that weight. With ``incorrect_tokens``, the logit difference.
         """
         model = self._model_for("logit_attrs")
-        if not hasattr(model, "lm_head_weight"):
+        if not model.has_lm_head:
             raise InputError("logit_attrs needs the cache of a LlamaForCausalLM run (its lm_head)")
         scaled = residual_stack / _positions(self["ln_final.hook_scale"], pos_slice, axis=-2)
         unembed = model.lm_head_weight()  # (V, D): row t is token t's direction in the stream

@@ -24,7 +24,7 @@ import pytest
 import llama_np
 from llama_np.cli import main
 from llama_np.errors import InputError
-from llama_np.model import log_softmax
+from llama_np.losses import log_softmax
 from llama_np.perplexity import perplexity, sliding_windows
 from tolerance import PERPLEXITY_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
 

@@ -102,7 +102,9 @@ def _recompute_layer(model, cache, layer):
     v = out["attn.hook_v"].transpose(0, 2, 1, 3)
     out["attn.hook_rot_q"], out["attn.hook_rot_k"] = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
     out["attn.hook_attn_scores"] = q @ layers.repeat_kv(k, H // KV).swapaxes(-1, -2) * hd ** -0.5 + mask
-    z, out["attn.hook_pattern"] = layers.attention(q, k, v, mask, hd ** -0.5)
+    seen = {}
+    z = layers.attention(q, k, v, mask, hd ** -0.5, tap=layers.recorder(seen))
+    out["attn.hook_pattern"] = seen["hook_pattern"]
     out["attn.hook_z"] = z.transpose(0, 2, 1, 3)
     out["hook_attn_out"] = layers.linear(out["attn.hook_z"].reshape(B, T, H * hd), w.o_proj)
     out["hook_resid_mid"] = x + out["hook_attn_out"]

@@ -304,7 +304,7 @@ def _attention_with(q, k, v, mask, scaling, repeat=layers.repeat_kv, scale=None,
     if mask is not None:
         scores = scores + mask if mask_fn is None else mask_fn(scores, mask)
     weights = layers.softmax(scores, axis=axis).astype(q.dtype)
-    return weights @ v, weights
+    return weights @ v
 
 
 def _attention_tiled(q, k, v, mask, scaling):
@@ -379,7 +379,7 @@ def _attention_case(name, q, k, v, mask, head_dim, padding, tags):
     where = None
     if padding is not None:
         real_queries = padding[:, -q.shape[2]:].astype(bool)  # (B, T)
-        where = real_queries[:, None, :, None]  # (B, 1, T, 1): broadcasts to out and weights
+        where = real_queries[:, None, :, None]  # (B, 1, T, 1): broadcasts to the output
     tags = set(tags) | ({"gqa"} if k.shape[1] < q.shape[1] else set())
     return Case(name, (q, k, v, mask, scaling), expected, where=where, tags=frozenset(tags))
 
@@ -415,7 +415,7 @@ def attention_cases(prefer_bundled: bool = True) -> list[Case]:
 
 
 def check_attention(fn, verbose: bool = True, prefer_bundled: bool = True) -> CheckResult:
-    """Check ``fn(q, k, v, mask, scaling) -> (output, weights)`` against ``layers.attention``.
+    """Check ``fn(q, k, v, mask, scaling) -> output`` against ``layers.attention``.
 
     q (B, H, T, hd); k, v (B, KV, S, hd); mask (B, 1, T, S) additive or None. Rows of padded
     queries are not compared (they mean nothing) but must be finite.
