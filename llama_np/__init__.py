@@ -15,11 +15,11 @@ from llama_np.model import (  # noqa: E402
     LlamaForSequenceClassification,
     LlamaModel,
 )
-from llama_np.convert import convert_meta_checkpoint  # noqa: E402
-from llama_np.tokenizer_fast import LlamaTokenizerFast  # noqa: E402  (tokenizers is loaded on use)
+from llama_np.formats.convert import convert_meta_checkpoint  # noqa: E402
+from llama_np.text.tokenizer_fast import LlamaTokenizerFast  # noqa: E402  (tokenizers is loaded on use)
 
 try:
-    from llama_np.tokenizer import LlamaTokenizer  # noqa: E402
+    from llama_np.text.tokenizer import LlamaTokenizer  # noqa: E402
 except ModuleNotFoundError as _missing:  # sentencepiece has no wheel for some platforms
     if _missing.name is None or _missing.name.partition(".")[0] == "llama_np":
         raise

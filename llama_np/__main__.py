@@ -2,6 +2,6 @@
 
 import sys
 
-from llama_np.cli import main
+from llama_np.cli.main import main
 
 sys.exit(main())

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
-from llama_np.checkpoint import atomic_write_text, is_file, read_json_object, resolve_model_path
+from llama_np.formats.files import atomic_write_text, is_file, read_json_object
+from llama_np.formats.locate import resolve_model_path
 from llama_np.errors import ConfigError
 from llama_np.inputs import is_integer
 

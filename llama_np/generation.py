@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
-from llama_np.checkpoint import read_json_object
+from llama_np.formats.files import read_json_object
 from llama_np.errors import CheckpointError, InputError
 from llama_np.inputs import check_attention_mask, check_input_ids, is_integer, is_number
-from llama_np.storage import no_progress
 
 # ---------------------------------------------------------------------------- settings
 
@@ -187,6 +186,17 @@ def next_token_logits(logits, input_ids, do_sample, temperature, top_k, top_p, r
 # ---------------------------------------------------------------------------- generate
 
 
+@contextlib.contextmanager
+def progress_held_back(model):
+    """No progress calls inside this block (the model's ``weights.progress`` is set aside)."""
+    weights = model.weights
+    held, weights.progress = weights.progress, None
+    try:
+        yield
+    finally:
+        weights.progress = held
+
+
 def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_sample=None,
              temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None,
              eos_token_id=None, pad_token_id=None, streamer=None, stats=None) -> np.ndarray:
@@ -201,7 +211,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     so every row's first real token sits at position 0. ``seed`` makes sampling reproducible.
     ``streamer`` follows Transformers' protocol: an object whose ``put`` receives the prompt ids
     (B, T) first, then every step's new tokens (B,), and whose ``end()`` is called at the end
-    (e.g. ``llama_np.tokenizer.TextStreamer(tokenizer, skip_prompt=True)``); a plain callable
+    (e.g. ``llama_np.text.streaming.TextStreamer(tokenizer, skip_prompt=True)``); a plain callable
     receives only the new tokens (B,). ``stats``, a dict if given, receives ``new_tokens``,
     ``prompt_seconds`` (the pass over the prompt, which also yields the first new token) and
     ``decode_seconds`` for the ``decode_steps`` = new_tokens − 1 cached steps after it.
@@ -233,12 +243,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     mask = check_attention_mask(attention_mask, *ids.shape)
     if (mask.sum(axis=-1) == 0).any():
         raise InputError("a row of attention_mask is all zeros: every prompt needs at least one token")
-    with contextlib.ExitStack() as quiet:  # progress lines (llama_np.storage) only where they cannot mix with text
+    with contextlib.ExitStack() as quiet:  # a progress line only where it cannot mix with text
         rng = np.random.default_rng(seed)
         if streamer is not None and hasattr(streamer, "put"):
             streamer.put(ids)
         if streamer is not None:  # the streamed text owns the terminal: no progress line at all
-            quiet.enter_context(no_progress())
+            quiet.enter_context(progress_held_back(model))
         positions = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)
         unfinished = np.ones(batch, dtype=bool)
         started = time.perf_counter()
@@ -248,7 +258,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
         cache, sequences = out.past_key_values, ids
         logits = out.logits[:, -1]
         steps = 0
-        quiet.enter_context(no_progress())  # decoding steps: never a progress line between tokens
+        quiet.enter_context(progress_held_back(model))  # decoding steps: never a progress line between tokens
         for steps in range(1, max_new_tokens + 1):
             scores = next_token_logits(logits.astype(np.float32), sequences, do_sample, temperature,
                                        top_k, top_p, repetition_penalty, attention_mask=mask)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llama_np.cache import KVCache
+from llama_np.weights.memory import check_fits
 from llama_np.errors import InputError
 
 
@@ -184,30 +185,6 @@ def check_forward(config, dtype, input_ids, attention_mask, position_ids, past_k
 
 
 # ---------------------------------------------------------------------------- memory
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available right now (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_fits(needed: int, what: str, advice: str) -> None:
-    """Refuse work whose arrays cannot fit in the memory available now, before allocating them.
-
-    An InputError giving the bytes beats a MemoryError half-way through (or the kernel's
-    out-of-memory killer). ``what`` says what needs the memory, ``advice`` what to do instead.
-    """
-    available = available_memory()
-    if available is not None and needed > available:
-        raise InputError(f"{what} needs about {needed / 2**30:,.1f} GiB; {available / 2**30:.1f} GiB "
-                         f"are available. {advice}")
 
 
 def check_attention_fits(config, batch: int, length: int, key_length: int, itemsize: int) -> None:

@@ -27,14 +27,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from llama_np import inputs, layers
-from llama_np.layers import Tap, no_tap
 from llama_np.cache import KVCache
 from llama_np.config import LlamaConfig
 from llama_np.errors import InputError
 from llama_np.generation import generate
+from llama_np.layers import Tap, no_tap
 from llama_np.losses import causal_lm_loss, classification_loss
-from llama_np.pretrained import (KEEP_WIDENED_FLOOR, LlamaPreTrainedModel, Weights,  # noqa: F401
-                                 expected_base_shapes, keep_widened_limit)
+from llama_np.pretrained import LlamaPreTrainedModel, expected_base_shapes
 
 # ---------------------------------------------------------------------------- outputs
 
@@ -165,7 +164,11 @@ class LlamaStack(LlamaPreTrainedModel):
 
     def layer_weights(self, i: int) -> LayerWeights:
         """The widened tensors of decoder layer i."""
-        tensors = self.weights.layer(self.base_prefix, i, self.config.num_hidden_layers)
+        count, weights = self.config.num_hidden_layers, self.weights
+        if i == 0 and weights.keep_widened and not weights.all_widened:
+            weights.widen_all([list(self.layer_tensor_names(layer).values()) for layer in range(count)])
+        weights.step(i, count)
+        tensors = {field_name: weights.get(name) for field_name, name in self.layer_tensor_names(i).items()}
         if self.config.pretraining_tp > 1:
             # Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
             # (docs/reference.md §3.11).

@@ -12,42 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_np import layers, storage, trace
-from llama_np.checkpoint import resolve_model_path, save_safetensors
+from llama_np import layers
 from llama_np.config import LlamaConfig
 from llama_np.errors import CheckpointError, InputError
+from llama_np.formats.locate import resolve_model_path
+from llama_np.formats.model_files import open_model_files
+from llama_np.formats.safetensors import save_safetensors
 from llama_np.generation import GenerationConfig
-from llama_np.inputs import available_memory, check_compute_dtype, check_fits, is_integer
-from llama_np.meta import open_model_files
-
-# The least memory for widened weights that from_pretrained keeps by default (see keep_widened_limit).
-KEEP_WIDENED_FLOOR = 2 * 1024**3
-
-
-def keep_widened_limit() -> int:
-    """Up to how many bytes of widened (float32) weights ``from_pretrained`` keeps by default.
-
-    Half the memory available right now (Linux's MemAvailable), and never less than 2 GiB: a
-    1.1B TinyLlama (4.4 GB in float32) then runs at full speed on a 16 GB laptop, while a 7B
-    float16 checkpoint (27 GB in float32) streams its matrices from the file instead.
-    """
-    available = available_memory()
-    return KEEP_WIDENED_FLOOR if available is None else max(KEEP_WIDENED_FLOOR, available // 2)
-
-
-def streamed_widened_budget(stored_bytes: int) -> int:
-    """How many bytes of widened weights a model that streams the rest keeps by default.
-
-    Its streamed weights are read from the memory-mapped file on every forward, so the file
-    (``stored_bytes``) should stay in the page cache: the budget is what is left of the
-    available memory after the file and a 2 GiB margin for activations, and at most 2 GiB — a
-    kept float32 weight is read at memory speed, a streamed one at widening speed, but for a 7B
-    model every further GiB saves only a few percent of a token's time (docs/checkpoints.md).
-    """
-    available = available_memory()
-    if available is None:
-        return 0
-    return int(min(KEEP_WIDENED_FLOOR, max(0, available - stored_bytes - KEEP_WIDENED_FLOOR)))
+from llama_np.inputs import check_compute_dtype, is_integer
+from llama_np.interp import hooks
+from llama_np.weights.memory import check_fits, keep_widened_limit, streamed_widened_budget
+from llama_np.weights.store import Progress, Weights
 
 
 # ---------------------------------------------------------------------------- tensor names
@@ -115,130 +90,6 @@ def parameter_count(config: LlamaConfig, head_rows: int) -> int:
 # ---------------------------------------------------------------------------- weights
 
 
-class Weights:
-    """The named tensors of a model, as the compute dtype when they are used.
-
-    Values are memory-mapped checkpoint tensors (``checkpoint.StoredTensor``) or arrays. Each
-    tensor is used in one of two ways (``llama_np.storage``, docs/checkpoints.md):
-
-    - kept: widened once, on first use, and kept — every tensor with ``keep_widened=True``;
-      with ``keep_widened=False``, the 1-D ones (norms, biases) and the first matrices used
-      (the embedding aside) until ``widened_budget`` bytes are spent;
-    - streamed: a 2-D float16/bfloat16 tensor left in the memory map as a
-      ``storage.StreamedMatrix``, which ``x @ W.T`` widens tile by tile in cache-sized buffers.
-
-    Any other tensor (a float32 one, say) is used as the memory-mapped view itself when it
-    needs no widening, else widened on every use. ``checkpoint`` is the ``Checkpoint`` the
-    tensors come from, if any (see ``check_unchanged``).
-    """
-
-    def __init__(self, tensors: dict, dtype=np.float32, keep_widened: bool = True, widened_budget: int = 0,
-                 checkpoint=None):
-        self.tensors = dict(tensors)
-        self.dtype = np.dtype(dtype)
-        self.keep_widened = keep_widened
-        self.widened_budget = int(widened_budget)  # bytes of widened tensors kept when not keep_widened
-        self.widened_bytes = 0  # of those, kept so far
-        self.checkpoint = checkpoint
-        self._widened: dict[str, np.ndarray] = {}
-        self._streamed: dict[str, storage.StreamedMatrix] = {}
-        self._all_widened = False  # with keep_widened: every tensor widened (widen_all)
-        self.progress = storage.LayerProgress()
-
-    def check_unchanged(self) -> None:
-        """CheckpointError if a checkpoint file changed since it was opened (one stat per file).
-
-        Kept F32 weights are views of the file's memory mapping: reading them after the file
-        shrank (a re-download in place, a full disk) would kill the process with SIGBUS, so a
-        forward pass asks first.
-        """
-        if self.checkpoint is not None:
-            self.checkpoint.check_unchanged()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __getitem__(self, name: str):
-        if name in self._widened:
-            return self._widened[name]
-        if name in self._streamed:
-            return self._streamed[name]
-        stored = self.tensors[name]
-        if isinstance(stored, np.ndarray):
-            value = stored.astype(self.dtype, copy=False)
-            if self.keep_widened:
-                self._widened[name] = value
-            return value
-        if self._keeps(name, stored):
-            value = self._widened[name] = stored.numpy(self.dtype)
-            if not self.keep_widened:
-                self.widened_bytes += value.nbytes
-            return value
-        if self._streams(stored):
-            source = f"tensor {name!r} in {stored.file}"  # named by a NaN or inf found when used
-            matrix = self._streamed[name] = storage.StreamedMatrix(stored.stored(), stored.dtype, name, self.dtype,
-                                                                    source)
-            return matrix
-        return stored.numpy(self.dtype)
-
-    def _keeps(self, name: str, stored) -> bool:
-        """Whether this checkpoint tensor is widened once and kept.
-
-        The embedding is left out of the budget: a lookup widens only the rows it reads.
-        """
-        if self.keep_widened or len(stored.shape) < 2:
-            return True
-        if name.endswith("embed_tokens.weight"):
-            return False
-        widened = int(np.prod(stored.shape)) * self.dtype.itemsize
-        return self.widened_bytes + widened <= self.widened_budget
-
-    def _streams(self, stored) -> bool:
-        """Whether a tensor that is not kept is streamed (else widened on every use)."""
-        return len(stored.shape) == 2 and stored.dtype in ("F16", "BF16") and self.dtype == np.float32
-
-    def get(self, name: str):
-        return self[name] if name in self.tensors else None
-
-    def __setitem__(self, name: str, value: np.ndarray) -> None:
-        self.tensors[name] = value
-        self._all_widened = False
-        kept = self._widened.pop(name, None)
-        if kept is not None and not self.keep_widened:
-            self.widened_bytes -= kept.nbytes
-        self._streamed.pop(name, None)
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self.tensors[name].shape)
-
-    def items(self):
-        return ((name, self[name]) for name in self.tensors)
-
-    def widen_all(self, prefix: str, count: int) -> None:
-        """Widen every tensor now, layer by layer (with progress if it takes seconds): keep_widened.
-
-        A kept model widens all of them in its first forward anyway; doing it before the first
-        layer's products, rather than tensor by tensor between them, leaves both cores to the
-        widening (OpenBLAS's threads keep spinning for a while after a product): see
-        docs/checkpoints.md for what it saves a TinyLlama's first forward.
-        """
-        for index in range(count):
-            self.progress.step(index, count)
-            for name in LAYER_TENSOR_NAMES.values():
-                self.get(f"{prefix}layers.{index}.{name}")
-        for name in self.tensors:  # the embedding, the final norm, the head
-            self[name]
-        self._all_widened = True
-
-    def layer(self, prefix: str, index: int, count: int) -> dict:
-        """The tensors of decoder layer ``index``, by LAYER_TENSOR_NAMES field (None if absent)."""
-        if index == 0 and self.keep_widened and not self._all_widened:
-            self.widen_all(prefix, count)
-        self.progress.step(index, count)
-        return {field_name: self.get(f"{prefix}layers.{index}.{name}")
-                for field_name, name in LAYER_TENSOR_NAMES.items()}
-
-
 # ---------------------------------------------------------------------------- loading and saving
 
 
@@ -246,7 +97,7 @@ class LlamaPreTrainedModel:
     """Loading, saving and the shared plumbing of the three model classes."""
 
     base_prefix = "model."  # where the Llama stack's tensors live in a checkpoint
-    # What llama_np.trace asks of a model class: whether it has TransformerLens' unembedding
+    # What llama_np.interp.hooks asks of a model class: whether it has TransformerLens' unembedding
     # (an lm_head, hence unembed.hook_in/hook_out), and which output field is its result.
     has_lm_head = False
     main_output = "logits"
@@ -258,7 +109,7 @@ class LlamaPreTrainedModel:
         self.dtype = weights.dtype
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self.name_or_path = None
-        self.hook_options = trace.HookOptions()  # TransformerLens' optional hook points, all off
+        self.hook_options = hooks.HookOptions()  # TransformerLens' optional hook points, all off
 
     # -- construction
 
@@ -275,21 +126,28 @@ class LlamaPreTrainedModel:
         """Output rows of the head's own weight (0 for none): see ``parameter_count``."""
         return 0
 
+    def layer_tensor_names(self, index: int) -> dict[str, str]:
+        """Decoder layer ``index``'s tensors: LayerWeights field -> checkpoint name."""
+        return {field_name: f"{self.base_prefix}layers.{index}.{name}" for field_name, name in LAYER_TENSOR_NAMES.items()}
+
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None,
-                        revision: str | None = None, widened_budget: int | None = None):
+                        revision: str | None = None, widened_budget: int | None = None,
+                        progress: Progress | None = None):
         """Open a checkpoint directory or a bundled model by name. Memory-mapped and lazy.
 
         The directory may be in Hugging Face's layout (safetensors, or pickled
         ``pytorch_model*.bin`` read without running the pickle) or in Meta's original one
-        (``params.json`` and ``consolidated.NN.pth``; see ``llama_np.meta``).
+        (``params.json`` and ``consolidated.NN.pth``; see ``llama_np.formats.meta``).
 
         Only headers are read here; tensors are widened to ``dtype`` (float32 or float64) when
         first used. ``keep_widened`` keeps those widened copies; by default it is on when they
         fit in ``keep_widened_limit()`` (half the available memory, at least 2 GiB). Without it,
-        float16/bfloat16 matrices are streamed from the file (``llama_np.storage``) except the
-        first ``widened_budget`` bytes of them, which are kept widened: by default
+        float16/bfloat16 matrices are streamed from the file (``llama_np.weights.streaming``)
+        except the first ``widened_budget`` bytes of them, which are kept widened: by default
         ``streamed_widened_budget`` when the model did not fit, 0 when ``keep_widened=False``.
+        ``progress(index, count)`` is called as each decoder layer is about to run (the
+        ``llama-np`` command passes a terminal bar that shows once a pass takes seconds).
         """
         dtype = check_compute_dtype(dtype)
         directory = resolve_model_path(name_or_path, revision=revision)
@@ -310,7 +168,7 @@ class LlamaPreTrainedModel:
         if keep_widened is None:
             keep_widened = widened_bytes <= keep_widened_limit()
         generation_config = GenerationConfig.from_pretrained(directory, config)
-        weights = Weights(tensors, dtype, keep_widened, widened_budget, checkpoint)
+        weights = Weights(tensors, dtype, keep_widened, widened_budget, checkpoint, progress)
         model = cls(config, weights, generation_config)
         model.name_or_path = str(name_or_path)
         model.checkpoint = checkpoint
@@ -385,7 +243,7 @@ class LlamaPreTrainedModel:
         if pad_token_id is not None:
             self.config.pad_token_id = int(pad_token_id)
 
-    # -- interpretability (llama_np/trace.py)
+    # -- interpretability (llama_np/interp/hooks.py)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Also compute each head's output in the residual stream, ``attn.hook_result`` (B, T, H, D).
@@ -410,12 +268,12 @@ class LlamaPreTrainedModel:
         setattr(self.hook_options, name, value)
 
     def run_with_cache(self, input_ids, attention_mask=None, names_filter=None, **kwargs):
-        """Run the model and record named activations; see ``llama_np.trace.run_with_cache``."""
-        return trace.run_with_cache(self, input_ids, attention_mask=attention_mask, names_filter=names_filter, **kwargs)
+        """Run the model and record named activations; see ``llama_np.interp.hooks.run_with_cache``."""
+        return hooks.run_with_cache(self, input_ids, attention_mask=attention_mask, names_filter=names_filter, **kwargs)
 
     def run_with_hooks(self, input_ids, fwd_hooks=(), attention_mask=None, **kwargs):
-        """Run the model with hooks that may read or replace activations; see ``llama_np.trace``."""
-        return trace.run_with_hooks(self, input_ids, fwd_hooks=fwd_hooks, attention_mask=attention_mask, **kwargs)
+        """Run the model with hooks that may read or replace activations; see ``llama_np.interp.hooks``."""
+        return hooks.run_with_hooks(self, input_ids, fwd_hooks=fwd_hooks, attention_mask=attention_mask, **kwargs)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.config!r}, dtype={self.dtype.name})"

@@ -119,9 +119,9 @@ def test_classifier_config_names_the_three_folio_genres_and_a_real_pad_id():
 @pytest.mark.parametrize("call", PROMPT_CALLS)
 def test_bundled_tokenizer_encodes_the_prompts_as_stored(call):
     try:
-        from llama_np.tokenizer import LlamaTokenizer
+        from llama_np.text.tokenizer import LlamaTokenizer
     except ImportError:
-        pytest.skip("llama_np.tokenizer is not available")
+        pytest.skip("llama_np.text.tokenizer is not available")
     ref = reference(LM)
     ids = LlamaTokenizer.from_pretrained(LM).encode(str(ref[f"{call}.text"]))
     assert_same_token_ids(np.asarray([ids]), ref[f"{call}.input_ids"], f"{LM} {call} tokenization")

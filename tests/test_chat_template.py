@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llama_np.errors import TokenizerError
-from llama_np.tokenizer import LlamaTokenizer
+from llama_np.text.tokenizer import LlamaTokenizer
 
 pytest.importorskip("jinja2")
 
@@ -25,7 +25,7 @@ CASES = [(name, kind) for name in ("chat_llama2", "chat_zephyr") for kind in ("s
 def load(name, kind):
     if kind == "fast":
         pytest.importorskip("tokenizers")
-        from llama_np.tokenizer_fast import LlamaTokenizerFast
+        from llama_np.text.tokenizer_fast import LlamaTokenizerFast
 
         return LlamaTokenizerFast.from_pretrained(DATA / name)
     return LlamaTokenizer.from_pretrained(DATA / name)

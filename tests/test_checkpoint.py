@@ -1,4 +1,4 @@
-"""Tests for llama_np.checkpoint: safetensors headers, memory-mapped tensors, shards, writing.
+"""Tests for llama_np.formats.safetensors: safetensors headers, memory-mapped tensors, shards, writing.
 
 Broken files are crafted byte by byte so that each header check is exercised on its own.
 """
@@ -19,15 +19,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from llama_np import LlamaConfig, LlamaForCausalLM, checkpoint
-from llama_np.checkpoint import (
-    Checkpoint,
-    bundled_model_names,
-    float32_to_bf16_bits,
-    read_safetensors_header,
-    resolve_model_path,
-    save_safetensors,
-)
+from llama_np import LlamaConfig, LlamaForCausalLM
+from llama_np.formats import files, locate, safetensors
+from llama_np.formats.safetensors import Checkpoint, read_safetensors_header, save_safetensors
+from llama_np.formats.locate import bundled_model_names, resolve_model_path
+from llama_np.weights.codecs import float32_to_bf16_bits
 from llama_np.errors import CheckpointError, ConfigError
 
 
@@ -183,7 +179,7 @@ def test_each_file_is_mapped_once_for_all_its_tensors(tmp_path, monkeypatch):
         calls.append(args)
         return real_mmap(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint.mmap, "mmap", counting_mmap)
+    monkeypatch.setattr(safetensors.mmap, "mmap", counting_mmap)
     loaded = Checkpoint.open(tmp_path)
     assert calls == []  # opening reads headers only
 
@@ -476,7 +472,7 @@ def test_reading_an_f32_tensor_of_a_file_that_shrank_after_mapping_is_an_error_n
     result = run_python("""
         import os, sys
         from llama_np import CheckpointError
-        from llama_np.checkpoint import Checkpoint
+        from llama_np.formats.safetensors import Checkpoint
         loaded = Checkpoint.open(sys.argv[1])
         assert loaded["w"].numpy().sum() == 1 << 16          # mapped, and every page read once
         os.truncate(loaded.files[0], 4096)                   # shrinks under the mapping
@@ -723,7 +719,7 @@ def test_save_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, m
     path = tmp_path / "model.safetensors"
     save_safetensors(path, {"old": np.ones(3, np.float32)})
     before = path.read_bytes()
-    real_stored_bytes = checkpoint._stored_bytes
+    real_stored_bytes = safetensors._stored_bytes
     written = []
 
     def fail_on_second_tensor(array, dtype):
@@ -732,7 +728,7 @@ def test_save_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, m
         written.append(dtype)
         return real_stored_bytes(array, dtype)
 
-    monkeypatch.setattr(checkpoint, "_stored_bytes", fail_on_second_tensor)
+    monkeypatch.setattr(safetensors, "_stored_bytes", fail_on_second_tensor)
     with pytest.raises(OSError, match="disk full"):
         save_safetensors(path, {"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)})
 
@@ -745,7 +741,7 @@ def test_save_that_fails_on_a_new_path_creates_nothing(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("fsync failed")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fail)
+    monkeypatch.setattr(files.os, "fsync", fail)
     with pytest.raises(OSError, match="fsync failed"):
         save_safetensors(tmp_path / "new.safetensors", {"a": np.ones(4, np.float32)})
     assert list(tmp_path.iterdir()) == []
@@ -756,14 +752,14 @@ def test_next_save_removes_the_temporary_file_a_killed_writer_left_and_nothing_e
     result = run_python("""
         import os, signal, sys
         import numpy as np
-        from llama_np import checkpoint
-        real_stored_bytes = checkpoint._stored_bytes
+        from llama_np.formats import safetensors
+        real_stored_bytes = safetensors._stored_bytes
         def killed_after_the_first_tensor(array, dtype):
             if array.shape == (3,):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_stored_bytes(array, dtype)
-        checkpoint._stored_bytes = killed_after_the_first_tensor
-        checkpoint.save_safetensors(sys.argv[1], {"a": np.ones(4, np.float64),
+        safetensors._stored_bytes = killed_after_the_first_tensor
+        safetensors.save_safetensors(sys.argv[1], {"a": np.ones(4, np.float64),
                                                   "b": np.ones(3, np.float32)})
         """, path)
     assert result.returncode == -signal.SIGKILL
@@ -795,7 +791,7 @@ def test_a_temporary_file_a_live_writer_holds_is_left_alone(tmp_path):
 @pytest.mark.skipif(not HAS_FLOCK, reason="needs flock to tell live writers apart")
 def test_a_write_whose_new_temporary_file_is_taken_by_a_cleanup_makes_another(tmp_path,
                                                                             monkeypatch):
-    real_mkstemp = checkpoint.tempfile.mkstemp
+    real_mkstemp = files.tempfile.mkstemp
     made = []
 
     def mkstemp_then_another_writer_cleans_up(**kwargs):
@@ -805,7 +801,7 @@ def test_a_write_whose_new_temporary_file_is_taken_by_a_cleanup_makes_another(tm
             os.unlink(name)  # what another writer's cleanup does between mkstemp and our lock
         return handle, name
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp_then_another_writer_cleans_up)
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_another_writer_cleans_up)
     save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})
 
     assert len(made) == 2
@@ -832,7 +828,7 @@ def test_saved_header_is_padded_to_eight_bytes_and_tensors_are_aligned(tmp_path)
     assert header_length % 8 == 0
     assert metadata == {"note": "x"}
     for info in tensors.values():
-        assert info.start % checkpoint.STORAGE_DTYPES[info.dtype].itemsize == 0
+        assert info.start % safetensors.STORAGE_DTYPES[info.dtype].itemsize == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -873,7 +869,7 @@ def assets(tmp_path, monkeypatch):
     (assets_dir / "tiny-shakespeare").mkdir(parents=True)
     (assets_dir / "tiny-shakespeare-classifier").mkdir()
     (assets_dir / "__pycache__").mkdir()
-    monkeypatch.setattr(checkpoint, "ASSETS_DIR", assets_dir)
+    monkeypatch.setattr(locate, "ASSETS_DIR", assets_dir)
     return assets_dir
 
 
@@ -898,7 +894,7 @@ def test_unknown_name_lists_the_bundled_models(assets):
 
 
 def test_unknown_name_without_bundled_models_says_none_are_installed(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "ASSETS_DIR", tmp_path / "no-assets")
+    monkeypatch.setattr(locate, "ASSETS_DIR", tmp_path / "no-assets")
     with pytest.raises(CheckpointError, match="none are installed"):
         resolve_model_path("tiny-shakespeare")
 

@@ -27,14 +27,14 @@ pytest.importorskip("jinja2")
 
 from huggingface_hub import constants  # noqa: E402
 
-from llama_np import cli  # noqa: E402
-from llama_np.checkpoint import resolve_model_path  # noqa: E402
-from llama_np.cli import main  # noqa: E402
+from llama_np.cli import main as cli  # noqa: E402
+from llama_np.formats.locate import resolve_model_path  # noqa: E402
+from llama_np.cli.main import main  # noqa: E402
 from llama_np.config import LlamaConfig  # noqa: E402
 from llama_np.errors import CheckpointError, TokenizerError  # noqa: E402
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification  # noqa: E402
-from llama_np.tokenizer import LlamaTokenizer  # noqa: E402
-from llama_np.tokenizer_fast import LlamaTokenizerFast  # noqa: E402
+from llama_np.text.tokenizer import LlamaTokenizer  # noqa: E402
+from llama_np.text.tokenizer_fast import LlamaTokenizerFast  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_MODEL = REPO / "tests" / "data" / "tokenizer" / "tokenizer.model"
@@ -205,7 +205,7 @@ def test_the_cache_is_found_through_hf_hub_cache_or_hf_home(hub_cache, tmp_path,
         value = hub_cache
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     environment.update({variable: str(value), "HF_HUB_OFFLINE": "1"})
-    code = ("from llama_np.checkpoint import resolve_model_path;"
+    code = ("from llama_np.formats.locate import resolve_model_path;"
             "print(resolve_model_path('llama-np-test/tiny-lm'))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=environment, timeout=120)
@@ -215,7 +215,7 @@ def test_the_cache_is_found_through_hf_hub_cache_or_hf_home(hub_cache, tmp_path,
 
 def test_without_huggingface_hub_a_repo_id_names_the_extra():
     code = ("import sys; sys.modules['huggingface_hub'] = None\n"
-            "from llama_np.checkpoint import resolve_model_path\n"
+            "from llama_np.formats.locate import resolve_model_path\n"
             "try:\n    resolve_model_path('meta-llama/Llama-2-7b-hf')\n"
             "except Exception as error:\n    print(type(error).__name__, error)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -19,12 +19,13 @@ import pytest
 from matplotlib.text import Text
 
 import llama_np
-from llama_np import cli, plotting
-from llama_np.checkpoint import bundled_model_names
-from llama_np.cli import main
+from llama_np.cli import main as cli
+from llama_np.interp import plotting
+from llama_np.formats.locate import bundled_model_names
+from llama_np.cli.main import main
 from llama_np.config import LlamaConfig
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification
-from llama_np.tokenizer import LlamaTokenizer
+from llama_np.text.tokenizer import LlamaTokenizer
 from tolerance import REPEATED_TOLERANCE, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,7 +321,7 @@ def test_the_classify_example_in_help_is_labelled_right_by_the_bundled_classifie
 
 
 def test_classify_batched_equals_one_at_a_time(classifier_dir):
-    from llama_np.cli import classify_logits
+    from llama_np.cli.main import classify_logits
 
     model = LlamaForSequenceClassification.from_pretrained(classifier_dir)
     tokenizer = LlamaTokenizer.from_pretrained(classifier_dir)
@@ -587,7 +588,7 @@ def test_dump_saves_every_hook_and_diff_passes_on_itself(capsys, lm_dir, tmp_pat
     assert status == 0, err
     saved = np.load(golden)
     model = LlamaForCausalLM.from_pretrained(lm_dir)
-    assert set(llama_np.trace.hook_names(model.config)) <= set(saved.files)
+    assert set(llama_np.interp.hooks.hook_names(model.config)) <= set(saved.files)
     np.testing.assert_array_equal(saved["logits"], model(saved["input_ids"]).logits)
     status, out, _ = run(capsys, "diff", golden, golden)
     assert status == 0 and out.strip().endswith("max(1, |value|)") and "PASS" in out

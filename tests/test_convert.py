@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from llama_np import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, convert_meta_checkpoint
-from llama_np.checkpoint import Checkpoint
-from llama_np.cli import main
+from llama_np.formats.safetensors import Checkpoint
+from llama_np.cli.main import main
 from llama_np.errors import CheckpointError, InputError
 from test_meta import CASES, CONFIG_FIELDS, META, copy_case, rewrite_shard
 from tolerance import assert_close_to_reference
@@ -96,7 +96,7 @@ def test_float16_and_float32_outputs_hold_the_bfloat16_values(tmp_path):
 
 
 def test_values_converted_in_small_chunks_are_the_same(tmp_path, monkeypatch):
-    from llama_np import convert
+    from llama_np.formats import convert
 
     whole = Checkpoint.open(converted(tmp_path / "whole", "gqa_2shards", dtype="float16"))
     monkeypatch.setattr(convert, "CHUNK_ELEMENTS", 100)  # many chunks per tensor, one partial
@@ -172,8 +172,8 @@ def test_progress_is_shown_when_asked(tmp_path, capsys):
 
 MEASURE = textwrap.dedent("""
     import json, resource, sys, tracemalloc
-    from llama_np.convert import convert_meta_checkpoint
-    from llama_np.meta import open_meta_checkpoint
+    from llama_np.formats.convert import convert_meta_checkpoint
+    from llama_np.formats.meta import open_meta_checkpoint
     meta_dir, out_dir, dtype = sys.argv[1], sys.argv[2], sys.argv[3] or None
     _, checkpoint = open_meta_checkpoint(meta_dir)  # imports and first reads: the baseline
     largest = max(t.nbytes for t in checkpoint.tensors.values())

@@ -121,7 +121,7 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    from llama_np.checkpoint import bundled_model_names
+    from llama_np.formats.locate import bundled_model_names
 
     installed = set(bundled_model_names())
     monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llama_np import layers
-from llama_np.checkpoint import bundled_model_names
+from llama_np.formats.locate import bundled_model_names
 from llama_np.exercises import (
     check_apply_rope,
     check_attention,
@@ -390,7 +390,8 @@ def bundled_style_model(tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 
-    from llama_np import LlamaConfig, LlamaForCausalLM, checkpoint
+    from llama_np import LlamaConfig, LlamaForCausalLM
+    from llama_np.formats import locate
 
     directory = tmp_path / BUNDLED_MODEL
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
@@ -398,7 +399,7 @@ def bundled_style_model(tmp_path, monkeypatch):
                          max_position_embeddings=256)
     LlamaForCausalLM.from_config(config, seed=7).save_pretrained(directory, storage_dtype=np.float16)
     shutil.copy(Path(__file__).parent / "data" / "tokenizer" / "tokenizer.model", directory / "tokenizer.model")
-    monkeypatch.setattr(checkpoint, "ASSETS_DIR", tmp_path)
+    monkeypatch.setattr(locate, "ASSETS_DIR", tmp_path)
     model_sample.cache_clear()
     yield
     model_sample.cache_clear()

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from llama_np.bpe import read_model
-from llama_np.checkpoint import Checkpoint, read_safetensors_header, save_safetensors
-from llama_np.cli import read_npz
+from llama_np.text.bpe import read_model
+from llama_np.formats.safetensors import Checkpoint, read_safetensors_header, save_safetensors
+from llama_np.cli.main import read_npz
 from llama_np.errors import LlamaNPError
-from llama_np.tokenizer import LlamaTokenizer
+from llama_np.text.tokenizer import LlamaTokenizer
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 
 from llama_np import LlamaConfig, LlamaForCausalLM
-from llama_np.cli import main
+from llama_np.cli.main import main
 from llama_np.errors import CheckpointError, ConfigError
-from llama_np.meta import (
-    compute_intermediate_size,
-    meta_config,
-    open_meta_checkpoint,
-    open_model_files,
-    read_params,
-)
-from llama_np.torch_pickle import read_torch_file
+from llama_np.formats.meta import compute_intermediate_size, meta_config, open_meta_checkpoint, read_params
+from llama_np.formats.model_files import open_model_files
+from llama_np.formats.torch_pickle import read_torch_file
 from tolerance import assert_close_to_reference
 from torch_files import Tensor, write_torch_file
 

@@ -256,9 +256,9 @@ def test_ragged_rows_are_an_input_error_naming_the_argument(lm, argument):
 
 @pytest.mark.filterwarnings("ignore:the sequence reaches position")
 def test_a_forward_whose_attention_cannot_fit_in_memory_is_refused_with_the_bytes(lm, monkeypatch):
-    from llama_np import inputs
+    from llama_np.weights import memory
 
-    monkeypatch.setattr(inputs, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda: 2**30)
     # 6 heads · 5,000² scores · 4 bytes · 3 arrays (+ the mask) is about 1.8 GiB, more than 1 GiB
     with pytest.raises(InputError, match=r"needs about 1\.8 GiB; 1\.0 GiB are available"):
         lm(np.ones((1, 5000), dtype=np.int64))

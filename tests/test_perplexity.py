@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import llama_np
-from llama_np.cli import main
+from llama_np.cli.main import main
 from llama_np.errors import InputError
 from llama_np.losses import log_softmax
 from llama_np.perplexity import perplexity, sliding_windows

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from llama_np import LlamaConfig, LlamaForCausalLM, layers, plotting
+from llama_np import LlamaConfig, LlamaForCausalLM, layers
+from llama_np.interp import plotting
 from llama_np.errors import InputError
-from llama_np.plotting import display_token
+from llama_np.interp.plotting import display_token
 from tolerance import REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
 CONFIG = dict(vocab_size=41, hidden_size=24, intermediate_size=40, num_hidden_layers=3,

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from llama_np.bpe import read_model
+from llama_np.text.bpe import read_model
 from llama_np.errors import TokenizerError
-from llama_np.tokenizer import IncrementalDecoder, LlamaTokenizer, TextStreamer
+from llama_np.text.streaming import IncrementalDecoder, TextStreamer
+from llama_np.text.tokenizer import LlamaTokenizer
 
 DATA = Path(__file__).parent / "data" / "tokenizer"
 MODEL = DATA / "tokenizer.model"
@@ -588,7 +589,7 @@ def test_save_vocabulary_uses_the_prefix(tmp_path):
 
 
 def test_from_pretrained_by_bundled_name():
-    from llama_np.checkpoint import bundled_model_names, resolve_model_path
+    from llama_np.formats.locate import bundled_model_names, resolve_model_path
 
     names = [
         n for n in bundled_model_names() if (resolve_model_path(n) / "tokenizer.model").is_file()

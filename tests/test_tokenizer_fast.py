@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 
 from llama_np.errors import TokenizerError
-from llama_np.tokenizer import IncrementalDecoder, LlamaTokenizer
+from llama_np.text.streaming import IncrementalDecoder
+from llama_np.text.tokenizer import LlamaTokenizer
 
 pytest.importorskip("tokenizers")
 
-from llama_np.tokenizer_fast import LlamaTokenizerFast, convert_sentencepiece  # noqa: E402
+from llama_np.text.tokenizer_fast import LlamaTokenizerFast, convert_sentencepiece  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "tokenizer_fast"
 MODEL = Path(__file__).parent / "data" / "tokenizer" / "tokenizer.model"
@@ -83,7 +84,7 @@ def test_converting_tokenizer_model_builds_transformers_tokenizer_json(legacy):
 
 
 def test_the_merges_replay_the_sentencepiece_scores():
-    from llama_np.bpe import read_model
+    from llama_np.text.bpe import read_model
 
     model = read_model(MODEL)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(

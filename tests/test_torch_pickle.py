@@ -1,4 +1,4 @@
-"""llama_np.torch_pickle reads torch.save files without torch, and never runs their pickle.
+"""llama_np.formats.torch_pickle reads torch.save files without torch, and never runs their pickle.
 
 The well-formed files are the ones torch.save wrote under tests/data/meta/ (Meta-format shards,
 and Transformers' pytorch_model.bin). Broken and hostile files are made here: by rewriting those
@@ -15,7 +15,7 @@ import pytest
 
 from llama_np import LlamaForCausalLM
 from llama_np.errors import CheckpointError
-from llama_np.torch_pickle import ALLOWED_GLOBALS, read_torch_file
+from llama_np.formats.torch_pickle import ALLOWED_GLOBALS, read_torch_file
 from tolerance import assert_close_to_reference
 from torch_files import Tensor, bf16_bits, global_, write_torch_file
 
@@ -170,7 +170,7 @@ def test_the_allowlist_is_only_tensor_rebuilding_storages_and_ordered_dict():
     modules = {name.rsplit(".", 1)[0] for name in ALLOWED_GLOBALS}
     assert modules == {"torch", "torch._utils", "collections"}
     assert all(callable(v) or type(v).__name__ == "StorageType" for v in ALLOWED_GLOBALS.values())
-    assert all(getattr(v, "__module__", "llama_np.torch_pickle") == "llama_np.torch_pickle"
+    assert all(getattr(v, "__module__", "llama_np.formats.torch_pickle") == "llama_np.formats.torch_pickle"
                for v in ALLOWED_GLOBALS.values())  # our stand-ins, never torch's functions
 
 
@@ -196,7 +196,7 @@ def test_a_value_nested_100_000_deep_is_described_not_repred(tmp_path):
 
 
 def test_a_pickle_running_too_many_opcodes_is_refused(tmp_path, monkeypatch):
-    from llama_np import torch_pickle
+    from llama_np.formats import torch_pickle
 
     monkeypatch.setattr(torch_pickle, "MAX_PICKLE_OPERATIONS", 50)
     with pytest.raises(CheckpointError, match="more than 50 opcodes"):
@@ -353,7 +353,7 @@ def test_a_negative_or_malformed_shape_is_refused(tmp_path):
 
 
 def test_an_oversized_pickle_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from llama_np import torch_pickle
+    from llama_np.formats import torch_pickle
 
     monkeypatch.setattr(torch_pickle, "MAX_PICKLE_BYTES", 100)
     with pytest.raises(CheckpointError, match="more than the 100-byte limit"):

@@ -7,7 +7,8 @@ import pytest
 from llama_np import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, layers
 from llama_np import model as model_module
 from llama_np.errors import InputError
-from llama_np.trace import ActivationCache, HookOptions, full_hook_name, hook_names, logit_lens, no_tap, run_with_cache
+from llama_np.interp.activation_cache import ActivationCache, full_hook_name, logit_lens
+from llama_np.interp.hooks import HookOptions, hook_names, no_tap, run_with_cache
 from tolerance import REPEATED_TOLERANCE, assert_close
 
 # GQA with 3 query heads per key/value head, odd sizes, two layers.

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llama_np import LlamaForCausalLM
-from llama_np.trace import HookOptions, hook_names
+from llama_np.interp.hooks import HookOptions, hook_names
 from tolerance import assert_close_to_reference
 
 DATA = Path(__file__).resolve().parent / "data" / "transformerlens"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llama_np.checkpoint import bundled_model_names
+from llama_np.formats.locate import bundled_model_names
 from llama_np.config import LlamaConfig
 from llama_np.errors import LlamaNPError
 from llama_np.model import LlamaForCausalLM
@@ -41,7 +41,7 @@ class ModelSample:
     attention_mask: np.ndarray  # (B, T) 1 for tokens, 0 for padding
     pad_token_id: int
     logits: np.ndarray  # (B, T, V)
-    cache: object  # llama_np.trace.ActivationCache
+    cache: object  # llama_np.interp.activation_cache.ActivationCache
 
     @property
     def config(self) -> LlamaConfig:
@@ -71,7 +71,7 @@ def _bundled_sample() -> ModelSample | None:
     if BUNDLED_MODEL not in bundled_model_names():
         return None
     try:
-        from llama_np.tokenizer import LlamaTokenizer  # here, so a missing sentencepiece means the stand-in
+        from llama_np.text.tokenizer import LlamaTokenizer  # here, so a missing sentencepiece means the stand-in
 
         model = LlamaForCausalLM.from_pretrained(BUNDLED_MODEL)
         tokenizer = LlamaTokenizer.from_pretrained(BUNDLED_MODEL)

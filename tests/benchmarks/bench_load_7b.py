@@ -39,7 +39,7 @@ def peak_mib() -> float:
 
 def write_checkpoint(directory: Path) -> None:
     from llama_np import LlamaConfig, LlamaForCausalLM
-    from llama_np.checkpoint import save_safetensors
+    from llama_np.formats.safetensors import save_safetensors
 
     config = LlamaConfig.from_dict(LLAMA2_7B)
     directory.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,8 @@ def parameter_shapes(config: dict) -> dict:
 
 def write_checkpoint(directory: Path, shape: dict) -> None:
     """Random N(0, 0.02²) weights (norms 1) in the shape's dtype, in shards as the hub lays them out."""
-    from llama_np.checkpoint import float32_to_bf16_bits, save_safetensors
+    from llama_np.weights.codecs import float32_to_bf16_bits
+    from llama_np.formats.safetensors import save_safetensors
 
     config, dtype = shape["config"], shape["dtype"]
     directory.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def write_checkpoint(directory: Path, shape: dict) -> None:
 
 def full_model_policy(config: dict, layers: int = 80) -> str:
     """What from_pretrained would choose for the whole model whose first layers a shape holds."""
-    from llama_np.pretrained import keep_widened_limit, streamed_widened_budget
+    from llama_np.weights.memory import keep_widened_limit, streamed_widened_budget
 
     parameters = sum(int(np.prod(s)) for s in parameter_shapes(dict(config, num_hidden_layers=layers)).values())
     kept = parameters * 4 <= keep_widened_limit()

@@ -38,7 +38,7 @@ def main():
     from transformers import LlamaForCausalLM as TorchLlama
 
     from llama_np import LlamaForCausalLM
-    from llama_np.checkpoint import resolve_model_path
+    from llama_np.formats.locate import resolve_model_path
 
     torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)

@@ -1,9 +1,9 @@
-"""The two measurements behind the choices of llama_np/storage.py (docs/checkpoints.md).
+"""The two measurements behind the choices of llama_np/weights/streaming.py (docs/checkpoints.md).
 
     OPENBLAS_CORETYPE=Haswell python tests/benchmarks/bench_storage.py [--model DIR] [--layer N]
 
-1. Tile size: the seven matrices of one decoder layer, streamed (``storage.StreamedMatrix``)
-   and multiplied by x of 1, 8 and 128 rows, for several values of ``storage.TILE_ELEMENTS``;
+1. Tile size: the seven matrices of one decoder layer, streamed (``streaming.StreamedMatrix``)
+   and multiplied by x of 1, 8 and 128 rows, for several values of ``workers.TILE_ELEMENTS``;
    prints milliseconds for the layer and weights per second. ``--model`` takes a float16 or
    bfloat16 checkpoint directory (read from the page cache, as a model uses it); without it,
    random float16 matrices of a Llama-2-7B layer are made in memory (400 MB).
@@ -20,8 +20,8 @@ import time
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from llama_np import storage
-from llama_np.checkpoint import Checkpoint
+from llama_np.weights import streaming, workers
+from llama_np.formats.safetensors import Checkpoint
 
 LLAMA2_7B_LAYER = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
                    "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
@@ -41,7 +41,7 @@ def best_seconds(run, repeats: int) -> float:
 def layer_matrices(model, layer: int) -> list:
     if model is None:
         rng = np.random.default_rng(0)
-        return [storage.StreamedMatrix((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16),
+        return [streaming.StreamedMatrix((rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16),
                                        "F16", name) for name, shape in LLAMA2_7B_LAYER.items()]
     checkpoint = Checkpoint.open(model)
     prefix = f"model.layers.{layer}."
@@ -51,7 +51,7 @@ def layer_matrices(model, layer: int) -> list:
         tensor = checkpoint[name]
         if tensor.dtype not in ("F16", "BF16"):
             raise SystemExit(f"{name} is {tensor.dtype}: only float16/bfloat16 matrices are streamed")
-        matrices.append(storage.StreamedMatrix(tensor.stored(), tensor.dtype, name))
+        matrices.append(streaming.StreamedMatrix(tensor.stored(), tensor.dtype, name))
     return matrices
 
 
@@ -60,13 +60,13 @@ def tile_sizes(matrices: list, tiles_k: list[int]) -> None:
     rng = np.random.default_rng(1)
     inputs = {rows: [rng.standard_normal((rows, m.shape[1]), dtype=np.float32) for m in matrices]
               for rows in (1, 8, 128)}
-    default = storage.TILE_ELEMENTS
+    default = workers.TILE_ELEMENTS
     print(f"1. one layer's {len(matrices)} streamed matrices ({weights / 1e6:.0f} M weights), "
           f"TILE_ELEMENTS = {default // 1024} K in llama_np")
     try:
         for rows, xs in inputs.items():
             for tile_k in tiles_k:
-                storage.TILE_ELEMENTS = tile_k * 1024
+                workers.TILE_ELEMENTS = tile_k * 1024
 
                 def layer():
                     for m, x in zip(matrices, xs):
@@ -77,7 +77,7 @@ def tile_sizes(matrices: list, tiles_k: list[int]) -> None:
                 print(f"   x of {rows:3d} rows, tile {tile_k:5d} K elements: {seconds * 1e3:7.1f} ms, "
                       f"{weights / seconds / 1e9:5.2f} G weights/s", flush=True)
     finally:
-        storage.TILE_ELEMENTS = default
+        workers.TILE_ELEMENTS = default
 
 
 def kept_threads() -> None:

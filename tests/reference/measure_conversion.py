@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 from torch_files import write_random_meta_checkpoint  # noqa: E402
 
-from llama_np.tokenizer import LlamaTokenizer  # noqa: E402
+from llama_np.text.tokenizer import LlamaTokenizer  # noqa: E402
 
 TEST_TOKENIZER = REPO / "tests" / "data" / "tokenizer" / "tokenizer.model"
 

@@ -29,26 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_np.checkpoint import (
-    INDEX_FILE_NAME,
-    SINGLE_FILE_NAME,
-    STORAGE_DTYPES,
-    _encode_header,
-    atomic_write,
-    atomic_write_text,
-    float32_to_bf16_bits,
-    is_file,
-)
+from llama_np.formats.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, STORAGE_DTYPES, _encode_header
+from llama_np.formats.files import atomic_write, atomic_write_text, is_file
+from llama_np.weights.codecs import float32_to_bf16_bits
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, InputError
-from llama_np.meta import (
-    TORCH_DTYPE_NAMES,
-    VOCAB_FILE_NAME,
-    MetaTensor,
-    is_meta_checkpoint,
-    open_meta_checkpoint,
-)
-from llama_np.storage import widen
+from llama_np.formats.meta import TORCH_DTYPE_NAMES
+from llama_np.formats.meta import VOCAB_FILE_NAME, MetaTensor, is_meta_checkpoint, open_meta_checkpoint
+from llama_np.weights.codecs import widen
 
 OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_SHARD_BYTES = 5 * 10**9  # Transformers' save_pretrained default, max_shard_size="5GB"
@@ -287,7 +275,7 @@ def _write_tokenizer(meta_dir: Path, out_dir: Path) -> list[Path]:
     vocab_file = meta_dir / VOCAB_FILE_NAME
     if not is_file(vocab_file):
         return []
-    from llama_np.tokenizer import LlamaTokenizer  # needs sentencepiece, which importing llama_np does not
+    from llama_np.text.tokenizer import LlamaTokenizer  # needs sentencepiece, which importing llama_np does not
     return [Path(p) for p in LlamaTokenizer(vocab_file).save_pretrained(out_dir)]
 
 

@@ -28,10 +28,7 @@ import json
 import math
 import mmap
 import os
-import re
-import stat
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +38,13 @@ import numpy as np
 from safetensors import safe_open
 
 from llama_np.errors import CheckpointError
-from llama_np.storage import check_finite, widen
+from llama_np.formats.files import atomic_write, is_dir, is_file, read_json_object
+from llama_np.weights.codecs import float32_to_bf16_bits
+from llama_np.weights.codecs import check_finite, widen
 
-try:  # POSIX: a writer holds a lock on its temporary file, so stale ones can be told apart
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 # How each supported safetensors dtype is laid out on disk. BF16 has no NumPy dtype: its bytes
 # are read as the uint16 bit pattern and widened by hand (storage.widen).
@@ -418,20 +412,6 @@ class StoredTensor:
         return widened
 
 
-def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 values (any shape) -> BF16 bit patterns (uint16), rounding to nearest even.
-
-    Adding 0x7FFF plus the lowest kept bit before dropping the low 16 bits rounds halfway cases
-    to the even neighbour, as torch does. NaN stays a (quiet) NaN instead of rounding to inf.
-    """
-    values = np.asarray(values, dtype=np.float32)
-    bits = values.view(np.uint32).astype(np.uint64)  # 64 bits so adding the bias cannot wrap
-    lowest_kept_bit = (bits >> 16) & 1
-    rounded = ((bits + 0x7FFF + lowest_kept_bit) >> 16).astype(np.uint16)
-    quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
-    return np.where(np.isnan(values), quiet_nan, rounded)
-
-
 # --------------------------------------------------------------------------------------------
 # A checkpoint directory
 # --------------------------------------------------------------------------------------------
@@ -572,51 +552,6 @@ class Checkpoint:
             )
 
 
-def is_file(path, error: type[Exception] = CheckpointError) -> bool:
-    """``Path.is_file``, except that when the answer cannot be known (a directory on the way that
-    may not be searched) it is an ``error`` naming the path, not a bare PermissionError."""
-    status = _status_or_none(path, error)
-    return status is not None and stat.S_ISREG(status.st_mode)
-
-
-def is_dir(path, error: type[Exception] = CheckpointError) -> bool:
-    """``Path.is_dir``, with the same ``error`` as ``is_file`` when it cannot be known."""
-    status = _status_or_none(path, error)
-    return status is not None and stat.S_ISDIR(status.st_mode)
-
-
-def _status_or_none(path, error: type[Exception]) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as problem:
-        raise error(f"cannot look for {path}: {problem.strerror or problem}") from None
-
-
-def read_bytes(path, error: type[Exception] = CheckpointError) -> bytes:
-    """The bytes of a file, or ``error`` naming it if it cannot be read (e.g. no permission)."""
-    try:
-        return Path(path).read_bytes()
-    except OSError as problem:
-        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
-
-
-def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
-    """The JSON object in a file such as config.json; ``error`` naming the file if it is
-    unreadable, not JSON, or not an object."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as problem:
-        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
-    except (ValueError, RecursionError) as problem:  # bad JSON or UTF-8; nested thousands deep
-        raise error(f"{path} is not valid JSON: {problem}") from None
-    if not isinstance(value, dict):
-        raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _read_index(index_path: Path) -> dict[Path, list[str]]:
     """model.safetensors.index.json -> {shard file: tensor names the index places in it}."""
     directory = index_path.parent
@@ -672,7 +607,7 @@ def _no_weights_error(directory: Path) -> CheckpointError:
         return CheckpointError(
             f"{directory} has only PyTorch pickle weights ({', '.join(pickles)}). llama_np never "
             "unpickles a file, because unpickling can run arbitrary code; it reads the tensors of "
-            "two pickled layouts without running the pickle (llama_np.torch_pickle): "
+            "two pickled layouts without running the pickle (llama_np.formats.torch_pickle): "
             "pytorch_model.bin (or its index) beside config.json, and Meta's consolidated.NN.pth "
             "beside params.json, through from_pretrained or --model. Convert other pickles once, "
             "in an environment you trust: load the model with Transformers and call "
@@ -764,195 +699,8 @@ def _stored_bytes(array: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
 
 
-def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write the chunks to ``path`` so that readers see the old file or the new, never half.
-
-    The data goes to a temporary ``.<name>.<random>.tmp`` beside ``path``, which is then renamed
-    over it. A writer killed midway (SIGKILL, power loss) leaves its temporary file behind; the
-    next write of the same ``path`` removes those, and only those no live writer holds.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    handle, temporary = _locked_temporary(path)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-            # mkstemp creates the file private (0600); give it the permissions open() would
-            os.chmod(temporary, 0o666 & ~_current_umask())
-            os.replace(temporary, path)  # while still locked, so no cleaner can take it
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _temporary_pattern(path: Path) -> re.Pattern:
-    """The names ``tempfile.mkstemp`` gives our temporary files for ``path``: 8 random letters,
-    digits or underscores between ``.<name>.`` and ``.tmp``."""
-    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
-
-
-def _locked_temporary(path: Path) -> tuple[int, str]:
-    """A new temporary file beside ``path`` (an open descriptor and its name), locked.
-
-    The lock (flock, released when the descriptor closes, also when the process is killed) is
-    what tells a live writer's temporary file from a dead one's. Between mkstemp and flock
-    another writer's cleanup may take the unlocked file; then it is no longer at its name, and
-    we make another.
-    """
-    while True:
-        handle, temporary = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
-        if fcntl is None:
-            return handle, temporary
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            still_ours = os.stat(temporary).st_ino == os.fstat(handle).st_ino
-        except FileNotFoundError:
-            still_ours = False
-        if still_ours:
-            return handle, temporary
-        os.close(handle)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of earlier writes of ``path`` that no live writer holds."""
-    if fcntl is None:  # without flock a live writer cannot be told from a dead one
-        return
-    pattern = _temporary_pattern(path)
-    try:
-        names = [name for name in os.listdir(path.parent) if pattern.fullmatch(name)]
-    except OSError:
-        return
-    for name in names:
-        candidate = path.parent / name
-        try:
-            handle = os.open(candidate, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue  # gone already, or not ours to open
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(handle)  # a live writer holds it
-            continue
-        try:
-            if os.stat(candidate).st_ino == os.fstat(handle).st_ino:
-                candidate.unlink()
-        except OSError:
-            pass
-        finally:
-            os.close(handle)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file (UTF-8) atomically: a temp file in the same folder, then a rename."""
-    atomic_write(Path(path), [text.encode("utf-8")])
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); platforms that cannot open a directory skip it."""
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
 # --------------------------------------------------------------------------------------------
 # Finding a model by path or bundled name
 # --------------------------------------------------------------------------------------------
 
 
-def bundled_model_names() -> list[str]:
-    """Names of the models shipped in ``llama_np/assets/``, sorted."""
-    if not ASSETS_DIR.is_dir():
-        return []
-    return sorted(
-        entry.name
-        for entry in ASSETS_DIR.iterdir()
-        if entry.is_dir() and not entry.name.startswith((".", "_"))
-    )
-
-
-def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """An existing directory as given, else the bundled model of that name, else the snapshot
-    of a repo id ("org/name", at ``revision``) in the local Hugging Face cache, else
-    CheckpointError."""
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise CheckpointError(
-            f"a model is named by a path or a bundled model name (a str), got "
-            f"{type(name_or_path).__name__} {name_or_path!r:.80}"
-        )
-    path = Path(name_or_path).expanduser()
-    if is_dir(path) and revision is None:
-        return path
-    names = bundled_model_names()
-    if str(name_or_path) in names and revision is None:
-        return ASSETS_DIR / str(name_or_path)
-    if isinstance(name_or_path, str) and REPO_ID.fullmatch(name_or_path):
-        return hub_cache_snapshot(name_or_path, revision)
-    if revision is not None:
-        raise CheckpointError(f"revision={revision!r} is for a repo id such as "
-                              f"'meta-llama/Llama-2-7b-hf', not for {name_or_path}")
-    if _status_or_none(path, CheckpointError) is not None:
-        raise CheckpointError(
-            f"{path} is a file; a model is named by the directory holding its config.json and "
-            "weights, or by a bundled model name"
-        )
-    available = ", ".join(names) if names else "none are installed"
-    raise CheckpointError(
-        f"{name_or_path} does not exist: it is neither a directory nor a bundled model name "
-        f"(bundled models: {available})"
-    )
-
-
-# A Hugging Face repo id: "org/name", letters, digits, "-", "_" and "." (not a path like "./x").
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-def hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """The snapshot directory of ``repo_id`` in the local Hugging Face hub cache; never downloads.
-
-    The lookup is huggingface_hub's own (``snapshot_download(local_files_only=True)``): the cache
-    is ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``; a revision
-    (default "main") is a branch or tag named in ``models--org--name/refs/`` or a commit hash
-    under ``snapshots/``. huggingface_hub is the optional extra ``llama-np[hub]``.
-    """
-    try:
-        import huggingface_hub  # optional extra llama-np[hub]
-        from huggingface_hub import constants  # optional extra llama-np[hub]
-    except ImportError:
-        raise CheckpointError(
-            f"{repo_id} is not a directory or a bundled model name; to find it as a repo id in "
-            "the Hugging Face cache, llama_np needs the huggingface_hub package: "
-            "pip install 'llama-np[hub]'"
-        ) from None
-    cache = constants.HF_HUB_CACHE
-    try:
-        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
-                                                      local_files_only=True))
-    except Exception as error:  # LocalEntryNotFoundError, a bad revision or repo id, ...
-        at = "" if revision is None else f" at revision {revision!r}"
-        flag = "" if revision is None else f" --revision {revision}"
-        raise CheckpointError(
-            f"{repo_id}{at} is not a directory, not a bundled model name, and not in the Hugging "
-            f"Face cache (searched {cache}; set HF_HUB_CACHE or HF_HOME to search elsewhere; "
-            f"{type(error).__name__}). llama_np never downloads: fetch it with "
-            f"`huggingface-cli download {repo_id}{flag}` (`hf download {repo_id}{flag}` with "
-            "huggingface_hub 1.0 or later) and try again"
-        ) from None

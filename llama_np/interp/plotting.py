@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from llama_np import layers
 from llama_np.errors import InputError
-from llama_np.trace import logit_lens
+from llama_np.interp.activation_cache import logit_lens
 
 SPACE_MARK = "␣"  # shown for sentencepiece's "▁" (a word start) and for real spaces
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")

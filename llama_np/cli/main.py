@@ -45,15 +45,17 @@ import numpy as np
 
 import llama_np
 from llama_np import layers
-from llama_np.checkpoint import atomic_write, resolve_model_path
-from llama_np.convert import OUTPUT_DTYPES, convert_meta_checkpoint
+from llama_np.formats.files import atomic_write
+from llama_np.formats.locate import resolve_model_path
+from llama_np.formats.convert import OUTPUT_DTYPES, convert_meta_checkpoint
 from llama_np.errors import InputError, LlamaNPError
-from llama_np.meta import open_model_files
+from llama_np.formats.model_files import open_model_files
 from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 from llama_np.perplexity import perplexity, read_text_file, sliding_windows
-from llama_np.pretrained import keep_widened_limit, streamed_widened_budget
-from llama_np.tokenizer import LlamaTokenizer, TextStreamer
-from llama_np.trace import forward_order, hook_names
+from llama_np.weights.memory import keep_widened_limit, streamed_widened_budget
+from llama_np.text.tokenizer import LlamaTokenizer
+from llama_np.text.streaming import TextStreamer
+from llama_np.interp.hooks import forward_order, hook_names
 
 DEFAULT_MODEL = "tiny-shakespeare"
 DEFAULT_CLASSIFIER = "tiny-shakespeare-genre"
@@ -945,7 +947,7 @@ def run_diff(args) -> int:
 
 def run_attention(args) -> int:
     """Save one head's attention pattern, or a whole layer's heads grouped by key/value head."""
-    from llama_np.plotting import plot_attention_head, plot_attention_layer  # matplotlib: only here
+    from llama_np.interp.plotting import plot_attention_head, plot_attention_layer  # matplotlib: only here
 
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -1205,7 +1207,7 @@ def build_parser() -> ArgumentParser:
 
 
 def run_convert(args) -> int:
-    """Meta's layout -> Hugging Face's (``llama_np.convert.convert_meta_checkpoint``)."""
+    """Meta's layout -> Hugging Face's (``llama_np.formats.convert.convert_meta_checkpoint``)."""
     result = convert_meta_checkpoint(args.meta_dir, args.out_dir, dtype=args.dtype,
                                      llama_version=args.llama_version)
     files = len(result.weight_files)

@@ -31,15 +31,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_np.checkpoint import (
-    STORAGE_DTYPES,
-    Checkpoint,
-    FileIdentity,
-    StoredTensor,
-    _MappedFile,
-    _read_index,
-    is_file,
-)
+from llama_np.formats.safetensors import STORAGE_DTYPES, Checkpoint, FileIdentity, StoredTensor, _MappedFile, _read_index
+from llama_np.formats.files import is_file
 from llama_np.errors import CheckpointError
 
 # A state dict's pickle names its tensors only: about 150 bytes and 30 opcodes per tensor, so even

@@ -1,5 +1,5 @@
 """LlamaTokenizerFast: Llama's tokenizer on the ``tokenizers`` library, equal to Transformers
-4.45.2's ``LlamaTokenizerFast``, with the same API as ``llama_np.tokenizer.LlamaTokenizer``.
+4.45.2's ``LlamaTokenizerFast``, with the same API as ``llama_np.text.tokenizer.LlamaTokenizer``.
 
 A checkpoint may ship ``tokenizer.json`` (the ``tokenizers`` library's file) instead of, or
 beside, sentencepiece's ``tokenizer.model``. That file spells out the whole pipeline:
@@ -15,7 +15,7 @@ beside, sentencepiece's ``tokenizer.model``. That file spells out the whole pipe
 
 When a directory holds only ``tokenizer.model``, ``convert_sentencepiece`` builds that same
 ``tokenizer.json`` the way Transformers' Llama converter does: the merges come from the pieces'
-scores (a piece's score is minus its merge rank, see llama_np/bpe.py), which is why one BPE can be
+scores (a piece's score is minus its merge rank, see llama_np/text/bpe.py), which is why one BPE can be
 written both ways (notebook 01).
 
 The ``tokenizers`` library is the optional extra ``llama-np[fast]``; without it, building a
@@ -27,24 +27,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llama_np.bpe import BPE_MODEL, CONTROL, USER_DEFINED, read_model
-from llama_np.checkpoint import atomic_write, atomic_write_text, is_file, read_bytes, resolve_model_path
+from llama_np.text.bpe import BPE_MODEL, CONTROL, USER_DEFINED, read_model
+from llama_np.formats.files import atomic_write, atomic_write_text, is_file, read_bytes
+from llama_np.formats.locate import resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.inputs import is_integer
-from llama_np.tokenizer_base import (
-    SPECIAL_TOKEN_NAMES,
-    TOKENIZER_CONFIG_NAME,
-    VERY_LARGE_INTEGER,
-    TokenizerBase,
-    _check_ids,
-    _check_settings,
-    _check_side,
-    _check_text,
-    _check_token_string,
-    check_added_tokens,
-    clean_up_tokenization,
-    read_pretrained_settings,
-)
+from llama_np.text.base import SPECIAL_TOKEN_NAMES, TOKENIZER_CONFIG_NAME, VERY_LARGE_INTEGER, TokenizerBase, _check_ids, _check_settings, _check_side, _check_text, _check_token_string, check_added_tokens, clean_up_tokenization, read_pretrained_settings
 
 TOKENIZER_FILE_NAME = "tokenizer.json"
 VOCAB_FILE_NAME = "tokenizer.model"

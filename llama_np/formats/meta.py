@@ -25,19 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from llama_np import layers
-from llama_np.bpe import read_model
-from llama_np.checkpoint import (
-    INDEX_FILE_NAME,
-    SINGLE_FILE_NAME,
-    Checkpoint,
-    StoredTensor,
-    is_file,
-    read_json_object,
-    resolve_model_path,
-)
+from llama_np.text.bpe import read_model
+from llama_np.formats.safetensors import Checkpoint, StoredTensor
+from llama_np.formats.files import is_file, read_json_object
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, ConfigError
-from llama_np.torch_pickle import has_pickled_weights, open_pickled_checkpoint, read_torch_file
+from llama_np.formats.torch_pickle import read_torch_file
 
 PARAMS_FILE = "params.json"
 VOCAB_FILE_NAME = "tokenizer.model"
@@ -427,27 +420,3 @@ def open_meta_checkpoint(directory, llama_version: str = DEFAULT_LLAMA_VERSION
 
 
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def open_model_files(name_or_path) -> tuple[LlamaConfig, Checkpoint]:
-    """The config and tensors of a model directory (or bundled model name) in any layout:
-
-    - Hugging Face with safetensors (``config.json``, ``model.safetensors`` or its index);
-    - Hugging Face with pickled weights (``config.json``, ``pytorch_model.bin`` or its index),
-      read without running the pickle (``torch_pickle``);
-    - Meta's (``params.json``, ``consolidated.NN.pth``, ``tokenizer.model``).
-
-    When a directory holds both safetensors and pickled weights, safetensors win, as in
-    Transformers.
-    """
-    directory = resolve_model_path(name_or_path)
-    if is_meta_checkpoint(directory):
-        return open_meta_checkpoint(directory)
-    if not is_file(directory / CONFIG_FILE) and any(directory.glob("consolidated.*.pth")):
-        raise CheckpointError(f"{directory} holds consolidated.NN.pth files but no {PARAMS_FILE}; "
-                              "Meta's layout needs params.json beside them")
-    config = LlamaConfig.from_pretrained(directory)
-    has_safetensors = is_file(directory / SINGLE_FILE_NAME) or is_file(directory / INDEX_FILE_NAME)
-    if not has_safetensors and has_pickled_weights(directory):
-        return config, open_pickled_checkpoint(directory)
-    return config, Checkpoint.open(directory)

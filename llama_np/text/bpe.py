@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama_np.checkpoint import is_file, read_bytes
+from llama_np.formats.files import is_file, read_bytes
 from llama_np.errors import TokenizerError
 
 SPIECE_UNDERLINE = "▁"

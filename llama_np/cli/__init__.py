@@ -1,0 +1,1 @@
+"""The ``llama-np`` command."""

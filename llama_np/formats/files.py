@@ -1,0 +1,177 @@
+"""Reading files a model directory holds, and writing files whole or not at all.
+
+``is_file``/``is_dir`` and the readers turn an unreadable path into one error naming it (the
+caller's error type: CheckpointError, ConfigError, TokenizerError). ``atomic_write`` writes to a
+locked temporary file beside the target and renames it into place, so a crash, a full disk or
+a second writer never leaves a half-written file.
+"""
+
+from __future__ import annotations
+import json
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+from typing import Iterable
+from llama_np.errors import CheckpointError
+
+
+try:  # POSIX: a writer holds a lock on its temporary file, so stale ones can be told apart
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+def is_file(path, error: type[Exception] = CheckpointError) -> bool:
+    """``Path.is_file``, except that when the answer cannot be known (a directory on the way that
+    may not be searched) it is an ``error`` naming the path, not a bare PermissionError."""
+    status = _status_or_none(path, error)
+    return status is not None and stat.S_ISREG(status.st_mode)
+
+
+def is_dir(path, error: type[Exception] = CheckpointError) -> bool:
+    """``Path.is_dir``, with the same ``error`` as ``is_file`` when it cannot be known."""
+    status = _status_or_none(path, error)
+    return status is not None and stat.S_ISDIR(status.st_mode)
+
+
+def _status_or_none(path, error: type[Exception]) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as problem:
+        raise error(f"cannot look for {path}: {problem.strerror or problem}") from None
+
+
+def read_bytes(path, error: type[Exception] = CheckpointError) -> bytes:
+    """The bytes of a file, or ``error`` naming it if it cannot be read (e.g. no permission)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as problem:
+        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+
+
+def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
+    """The JSON object in a file such as config.json; ``error`` naming the file if it is
+    unreadable, not JSON, or not an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as problem:
+        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+    except (ValueError, RecursionError) as problem:  # bad JSON or UTF-8; nested thousands deep
+        raise error(f"{path} is not valid JSON: {problem}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write the chunks to ``path`` so that readers see the old file or the new, never half.
+
+    The data goes to a temporary ``.<name>.<random>.tmp`` beside ``path``, which is then renamed
+    over it. A writer killed midway (SIGKILL, power loss) leaves its temporary file behind; the
+    next write of the same ``path`` removes those, and only those no live writer holds.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    handle, temporary = _locked_temporary(path)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+            # mkstemp creates the file private (0600); give it the permissions open() would
+            os.chmod(temporary, 0o666 & ~_current_umask())
+            os.replace(temporary, path)  # while still locked, so no cleaner can take it
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _temporary_pattern(path: Path) -> re.Pattern:
+    """The names ``tempfile.mkstemp`` gives our temporary files for ``path``: 8 random letters,
+    digits or underscores between ``.<name>.`` and ``.tmp``."""
+    return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def _locked_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (an open descriptor and its name), locked.
+
+    The lock (flock, released when the descriptor closes, also when the process is killed) is
+    what tells a live writer's temporary file from a dead one's. Between mkstemp and flock
+    another writer's cleanup may take the unlocked file; then it is no longer at its name, and
+    we make another.
+    """
+    while True:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        )
+        if fcntl is None:
+            return handle, temporary
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            still_ours = os.stat(temporary).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            still_ours = False
+        if still_ours:
+            return handle, temporary
+        os.close(handle)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of earlier writes of ``path`` that no live writer holds."""
+    if fcntl is None:  # without flock a live writer cannot be told from a dead one
+        return
+    pattern = _temporary_pattern(path)
+    try:
+        names = [name for name in os.listdir(path.parent) if pattern.fullmatch(name)]
+    except OSError:
+        return
+    for name in names:
+        candidate = path.parent / name
+        try:
+            handle = os.open(candidate, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # gone already, or not ours to open
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)  # a live writer holds it
+            continue
+        try:
+            if os.stat(candidate).st_ino == os.fstat(handle).st_ino:
+                candidate.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(handle)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file (UTF-8) atomically: a temp file in the same folder, then a rename."""
+    atomic_write(Path(path), [text.encode("utf-8")])
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); platforms that cannot open a directory skip it."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)

@@ -1,0 +1,1 @@
+"""Interpretability: TransformerLens' hook points, the activation cache, plots."""

@@ -1,0 +1,1 @@
+"""Text in and out: the sentencepiece BPE, the two Llama tokenizers, chats, streaming decode."""
