@@ -152,14 +152,10 @@ def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
     return np.where(remove, -np.inf, logits)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities in float64, so that cumulative sums over a large vocabulary stay exact."""
-    return layers.softmax(logits.astype(np.float64))
-
-
 def sample(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One token per row drawn from softmax(logits) (B, V) -> (B,), by inverting the CDF."""
-    cumulative = np.cumsum(_softmax(logits), axis=-1)
+    # probabilities in float64, so that cumulative sums over a large vocabulary stay exact
+    cumulative = np.cumsum(layers.softmax(logits.astype(np.float64)), axis=-1)
     u = rng.random(logits.shape[0])[:, None] * cumulative[:, -1:]
     return np.minimum((cumulative <= u).sum(axis=-1), logits.shape[-1] - 1)
 

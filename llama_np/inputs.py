@@ -187,14 +187,28 @@ def check_forward(config, dtype, input_ids, attention_mask, position_ids, past_k
 # ---------------------------------------------------------------------------- memory
 
 
+def attention_bytes(config, batch: int, length: int, key_length: int, itemsize: int) -> dict[str, int]:
+    """The bytes of the arrays one layer's attention holds at once, by name: the (B, 1, T, S)
+    mask and three (B, H, T, S) arrays -- the scores, their exponentials, the weights
+    (``layers.attention``) -- for ``length`` queries over ``key_length`` keys.
+
+    Their sum is what ``check_attention_fits`` asks of the memory; ``llama-np inspect`` shows
+    the scores and the weights in its estimate.
+    """
+    one_head = batch * length * key_length * itemsize  # one (B, 1, T, S) array
+    heads = config.num_attention_heads
+    return {"mask": one_head, "scores": heads * one_head, "exponentials": heads * one_head,
+            "weights": heads * one_head}
+
+
 def check_attention_fits(config, batch: int, length: int, key_length: int, itemsize: int) -> None:
     """Refuse a forward whose attention arrays cannot fit in memory (see ``check_fits``).
 
-    Attention holds, per layer, the (B, 1, T, S) mask and about three (B, H, T, S) arrays (the
-    scores, their exponentials, the weights): a 100,000-token prompt would need terabytes.
+    Attention holds, per layer, the arrays of ``attention_bytes`` (a mask, and the scores, their
+    exponentials and the weights of every head): a 100,000-token prompt would need terabytes.
     """
     heads = config.num_attention_heads
-    check_fits(batch * length * key_length * itemsize * (3 * heads + 1),
+    check_fits(sum(attention_bytes(config, batch, length, key_length, itemsize).values()),
                f"a forward over {length} tokens ({key_length} keys, batch {batch}), with its "
                f"(batch, {heads} heads, {length}, {key_length}) attention arrays,",
                "Use a shorter prompt or a smaller batch (or feed a long prompt in chunks with "

@@ -15,7 +15,6 @@ import numpy as np
 from llama_np import layers
 from llama_np.config import LlamaConfig
 from llama_np.errors import CheckpointError, InputError
-from llama_np.formats.locate import resolve_model_path
 from llama_np.formats.model_files import open_model_files
 from llama_np.formats.safetensors import save_safetensors
 from llama_np.generation import GenerationConfig
@@ -150,8 +149,9 @@ class LlamaPreTrainedModel:
         ``llama-np`` command passes a terminal bar that shows once a pass takes seconds).
         """
         dtype = check_compute_dtype(dtype)
-        directory = resolve_model_path(name_or_path, revision=revision)
-        config, checkpoint = open_model_files(directory)  # safetensors, pytorch_model*.bin or Meta's
+        # config.json and the tensors' headers, in any layout: safetensors, pytorch_model*.bin, Meta's
+        config, checkpoint = open_model_files(name_or_path, revision=revision)
+        directory = checkpoint.directory
         prefix = cls.base_prefix
         if cls.prefix_optional and f"{prefix}embed_tokens.weight" not in checkpoint:
             prefix = ""

@@ -23,7 +23,7 @@ from llama_np import LlamaConfig, LlamaForCausalLM
 from llama_np.formats import files, locate, safetensors
 from llama_np.formats.safetensors import Checkpoint, read_safetensors_header, save_safetensors
 from llama_np.formats.locate import bundled_model_names, resolve_model_path
-from llama_np.weights.codecs import float32_to_bf16_bits
+from llama_np.weights.codecs import CODECS, float32_to_bf16_bits
 from llama_np.errors import CheckpointError, ConfigError
 
 
@@ -828,7 +828,7 @@ def test_saved_header_is_padded_to_eight_bytes_and_tensors_are_aligned(tmp_path)
     assert header_length % 8 == 0
     assert metadata == {"note": "x"}
     for info in tensors.values():
-        assert info.start % safetensors.STORAGE_DTYPES[info.dtype].itemsize == 0
+        assert info.start % CODECS[info.dtype].stored_dtype.itemsize == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ pytest.importorskip("jinja2")
 
 from huggingface_hub import constants  # noqa: E402
 
-from llama_np.cli import main as cli  # noqa: E402
+from llama_np.cli import generate as generate_cli  # noqa: E402
 from llama_np.formats.locate import resolve_model_path  # noqa: E402
 from llama_np.cli.main import main  # noqa: E402
 from llama_np.config import LlamaConfig  # noqa: E402
@@ -297,8 +297,8 @@ def test_chat_prompts_the_model_in_its_own_template(capsys, monkeypatch, chat_lm
         stats.update(new_tokens=0, seconds=0.0, first_token_seconds=0.0)
         return []
 
-    monkeypatch.setattr(cli, "stream_continuation", record)
-    monkeypatch.setattr(cli, "speed_report", lambda stats, prompt_length: "")
+    monkeypatch.setattr(generate_cli, "stream_continuation", record)
+    monkeypatch.setattr(generate_cli, "speed_report", lambda stats, prompt_length: "")
     monkeypatch.setattr(sys, "stdin", Lines("Who art thou?\nAnd thou?\n"))
     status, _, err = run(capsys, "chat", "--model", chat_lm_dir, "--system", "Speak in verse.")
     assert status == 0, err

@@ -19,7 +19,11 @@ import pytest
 from matplotlib.text import Text
 
 import llama_np
-from llama_np.cli import main as cli
+from llama_np.cli import checkpoints as checkpoints_cli
+from llama_np.cli.classify import CLASSIFY_EXAMPLES
+from llama_np.cli.common import DEFAULT_CLASSIFIER
+from llama_np.cli.compare import MAX_FIGURE_PIXELS, figure_dpi
+from llama_np.weights.memory import human_bytes
 from llama_np.interp import plotting
 from llama_np.formats.locate import bundled_model_names
 from llama_np.cli.main import main
@@ -307,21 +311,21 @@ def test_classify_on_a_causal_language_model_names_generate_and_logits(capsys, l
     assert "is a causal language model" in err and "'llama-np generate' or 'llama-np logits'" in err
 
 
-@pytest.mark.skipif(cli.DEFAULT_CLASSIFIER not in bundled_model_names(), reason="bundled classifier not installed")
+@pytest.mark.skipif(DEFAULT_CLASSIFIER not in bundled_model_names(), reason="bundled classifier not installed")
 def test_the_classify_example_in_help_is_labelled_right_by_the_bundled_classifier(capsys):
     _, help_text, _ = run(capsys, "classify", "--help")
     assert "69%" in help_text  # the help says how often the model is right
-    texts = [text for text, _ in cli.CLASSIFY_EXAMPLES]
+    texts = [text for text, _ in CLASSIFY_EXAMPLES]
     for text in texts:
         assert text.replace("\n", "\\n") in help_text
     status, out, err = run(capsys, "classify", *texts)
     assert status == 0, err
     predicted = [line.split("\t")[0] for line in out.strip().splitlines()]
-    assert predicted == [genre for _, genre in cli.CLASSIFY_EXAMPLES]
+    assert predicted == [genre for _, genre in CLASSIFY_EXAMPLES]
 
 
 def test_classify_batched_equals_one_at_a_time(classifier_dir):
-    from llama_np.cli.main import classify_logits
+    from llama_np.cli.classify import classify_logits
 
     model = LlamaForSequenceClassification.from_pretrained(classifier_dir)
     tokenizer = LlamaTokenizer.from_pretrained(classifier_dir)
@@ -548,11 +552,11 @@ def test_inspect_reports_gqa_dtype_sizes_and_memory(capsys, lm_dir):
 
 
 def test_inspect_says_how_a_model_too_large_to_keep_widened_runs(capsys, lm_dir, monkeypatch):
-    monkeypatch.setattr(cli, "keep_widened_limit", lambda: 1000)
-    monkeypatch.setattr(cli, "streamed_widened_budget", lambda stored_bytes: 2048)
+    monkeypatch.setattr(checkpoints_cli, "keep_widened_limit", lambda: 1000)
+    monkeypatch.setattr(checkpoints_cli, "streamed_widened_budget", lambda stored_bytes: 2048)
     status, out, err = run(capsys, "inspect", "--model", lm_dir)
     assert status == 0, err
-    stored = cli.human_bytes(LlamaForCausalLM.from_pretrained(lm_dir).checkpoint.nbytes)
+    stored = human_bytes(LlamaForCausalLM.from_pretrained(lm_dir).checkpoint.nbytes)
     assert ("(above 1000 B, half the memory available now, so not all kept widened: up to 2.0 KiB of the "
             f"float16/bfloat16 matrices are, the rest are streamed from the {stored} memory-mapped file") in out
 
@@ -747,8 +751,8 @@ def test_attention_figures_saved_by_the_cli_are_at_most_1200_pixels_wide_with_te
             figure = plotting.plot_attention_layer(_uniform_pattern(heads, length), 0, kv_heads, tokens=tokens)
         else:
             figure = plotting.plot_attention_head(_uniform_pattern(heads, length), 0, 0, tokens=tokens)
-    dpi = cli.figure_dpi(figure)
-    assert figure.get_figwidth() * dpi <= cli.MAX_FIGURE_PIXELS + 0.5
+    dpi = figure_dpi(figure)
+    assert figure.get_figwidth() * dpi <= MAX_FIGURE_PIXELS + 0.5
     figure.canvas.draw()
     texts = [text for text in figure.findobj(Text) if text.get_visible() and text.get_text()]
     assert texts

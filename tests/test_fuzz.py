@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from llama_np.text.bpe import read_model
 from llama_np.formats.safetensors import Checkpoint, read_safetensors_header, save_safetensors
-from llama_np.cli.main import read_npz
+from llama_np.formats.npz import read_npz
 from llama_np.errors import LlamaNPError
 from llama_np.text.tokenizer import LlamaTokenizer
 

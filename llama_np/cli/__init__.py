@@ -1,1 +1,1 @@
-"""The ``llama-np`` command."""
+"""The ``llama-np`` command; ``main.main`` runs it, and ``main.py`` says which module holds each verb."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import shutil
 import sys
 import time
@@ -29,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_np.formats.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, STORAGE_DTYPES, _encode_header
-from llama_np.formats.files import atomic_write, atomic_write_text, is_file
-from llama_np.weights.codecs import float32_to_bf16_bits
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, InputError
-from llama_np.formats.meta import TORCH_DTYPE_NAMES
+from llama_np.formats.files import atomic_write, atomic_write_text, is_file
 from llama_np.formats.meta import VOCAB_FILE_NAME, MetaTensor, is_meta_checkpoint, open_meta_checkpoint
-from llama_np.weights.codecs import widen
+from llama_np.formats.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, _encode_header
+from llama_np.weights.codecs import BF16, CODECS, F16, F32
 
-OUTPUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+OUTPUT_DTYPES = {codec.torch_name: codec.name for codec in (F32, F16, BF16)}  # --dtype -> codec name
 MAX_SHARD_BYTES = 5 * 10**9  # Transformers' save_pretrained default, max_shard_size="5GB"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 CHUNK_ELEMENTS = 2**24  # values converted at a time: 64 MB of float32 temporaries
@@ -78,7 +75,7 @@ def convert_meta_checkpoint(meta_dir, out_dir, dtype: str | None = None, *,
     _check_output_directory(out_dir)
     tensors = checkpoint.tensors
     out_dtypes = {name: target or tensor.dtype for name, tensor in tensors.items()}
-    sizes = {name: math.prod(tensor.shape) * STORAGE_DTYPES[out_dtypes[name]].itemsize
+    sizes = {name: CODECS[out_dtypes[name]].nbytes(tensor.shape)
              for name, tensor in tensors.items()}
     _check_disk_space(out_dir, sum(sizes.values()))
     shards = plan_shards(sizes, max_shard_bytes)
@@ -105,7 +102,7 @@ def convert_meta_checkpoint(meta_dir, out_dir, dtype: str | None = None, *,
         result.files.append(out_dir / "generation_config.json")
         atomic_write_text(result.files[-1], json.dumps(
             {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, indent=2) + "\n")
-        config.torch_dtype = TORCH_DTYPE_NAMES[target] if target else config.torch_dtype
+        config.torch_dtype = CODECS[target].torch_name if target else config.torch_dtype
         result.files.append(out_dir / CONFIG_FILE)  # last: a directory with config.json is whole
         atomic_write_text(result.files[-1], json.dumps(hf_config_dict(config), indent=2) + "\n")
     except BaseException:
@@ -174,10 +171,10 @@ def write_safetensors_streaming(path: Path, tensors: dict, out_dtypes: dict[str,
     being written. Widest dtype first, then by name, as save_safetensors and the safetensors
     library order them, so each tensor is aligned to its item size.
     """
-    order = sorted(tensors, key=lambda name: (-STORAGE_DTYPES[out_dtypes[name]].itemsize, name))
+    order = sorted(tensors, key=lambda name: (-CODECS[out_dtypes[name]].stored_dtype.itemsize, name))
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name in order:
-        nbytes = math.prod(tensors[name].shape) * STORAGE_DTYPES[out_dtypes[name]].itemsize
+        nbytes = CODECS[out_dtypes[name]].nbytes(tensors[name].shape)
         header[name] = {"dtype": out_dtypes[name], "shape": list(tensors[name].shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -208,21 +205,22 @@ def read_into_memory(tensor) -> np.ndarray:
     """
     if isinstance(tensor, MetaTensor):
         return tensor.combine([read_into_memory(part) for part in tensor.parts])
-    count = math.prod(tensor.shape)
+    codec = CODECS[tensor.dtype]
+    count = codec.nbytes(tensor.shape)
     try:
         with open(tensor.file, "rb") as f:
             f.seek(tensor._start)
-            values = np.fromfile(f, dtype=STORAGE_DTYPES[tensor.dtype], count=count)
+            raw = np.fromfile(f, dtype=np.uint8, count=count)
     except OSError as error:
         raise CheckpointError(f"cannot read {tensor.name} from {tensor.file}: {error.strerror or error}") from None
-    if values.size != count:
+    if raw.size != count:
         raise CheckpointError(f"{tensor.file} ends inside {tensor.name}: the file was truncated "
                               "since it was opened")
-    return values.reshape(tensor.shape)
+    return codec.view(raw, tensor.shape)
 
 
 def converted_chunks(tensor, out_dtype: str):
-    """A stored tensor's values in ``out_dtype`` ("F32", "F16", "BF16"), as little-endian bytes:
+    """A stored tensor's values in ``out_dtype`` (a codec name), as little-endian bytes:
     flat uint8 arrays, in order. The same dtype is the stored bits, one chunk; another dtype is
     converted via float32 CHUNK_ELEMENTS values at a time, so the temporaries stay small even
     for a 70B embedding."""
@@ -240,20 +238,16 @@ def convert_values(name: str, stored: np.ndarray, dtype: str, out_dtype: str) ->
     A finite value that the narrower dtype cannot hold is a CheckpointError naming the tensor,
     never an infinity written to disk.
     """
-    if dtype == "BF16":
-        values = widen(stored, "BF16")  # exact
+    source, target = CODECS[dtype], CODECS[out_dtype]
+    if source.streamed:  # a 16-bit float: exactly representable in float32
+        values = source.decode(stored)
     else:
         with np.errstate(over="ignore"):  # F64 beyond float32: inf, refused below
             values = stored.astype(np.float32)
         _check_representable(name, stored, values, "float32")
-    if out_dtype == "F32":
-        converted = values
-    elif out_dtype == "BF16":
-        converted = float32_to_bf16_bits(values)  # round to nearest even
-    else:
-        with np.errstate(over="ignore"):
-            converted = values.astype("<f2")  # round to nearest even
-        _check_representable(name, values, converted, "float16")
+    converted = target.encode(values)  # rounded to nearest even
+    if converted.dtype.kind == "f":  # (bfloat16's bits are checked as float32 values were)
+        _check_representable(name, values, converted, target.torch_name)
     return np.ascontiguousarray(converted).view(np.uint8)
 
 

@@ -31,6 +31,7 @@ from llama_np.formats.files import is_file, read_json_object
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, ConfigError
 from llama_np.formats.torch_pickle import read_torch_file
+from llama_np.weights.codecs import CODECS
 
 PARAMS_FILE = "params.json"
 VOCAB_FILE_NAME = "tokenizer.model"
@@ -412,11 +413,8 @@ def open_meta_checkpoint(directory, llama_version: str = DEFAULT_LLAMA_VERSION
         vocab_size = params.vocab_size
     embedding = shards[0].get("tok_embeddings.weight")
     config = meta_config(params, vocab_size, llama_version,
-                         torch_dtype=TORCH_DTYPE_NAMES.get(embedding.dtype) if embedding else None)
+                         torch_dtype=CODECS[embedding.dtype].torch_name if embedding else None)
     checkpoint = Checkpoint(directory, files, meta_tensors(config, shards, files))
     checkpoint.layout = (f"Meta (params.json and {len(files)} consolidated.NN.pth shard"
                          f"{'s' if len(files) != 1 else ''}; q/k rows permuted and shards joined on use)")
     return config, checkpoint
-
-
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

@@ -39,22 +39,11 @@ from safetensors import safe_open
 
 from llama_np.errors import CheckpointError
 from llama_np.formats.files import atomic_write, is_dir, is_file, read_json_object
-from llama_np.weights.codecs import float32_to_bf16_bits
-from llama_np.weights.codecs import check_finite, widen
+from llama_np.weights.codecs import BF16, CODECS, COMPUTE_DTYPES, codec_for_numpy
 
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_FILE_NAME = "model.safetensors.index.json"
-
-# How each supported safetensors dtype is laid out on disk. BF16 has no NumPy dtype: its bytes
-# are read as the uint16 bit pattern and widened by hand (storage.widen).
-STORAGE_DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-}
-COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 HEADER_LENGTH_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are kilobytes; more means a corrupt length
@@ -82,7 +71,7 @@ class TensorInfo:
     """
 
     name: str
-    dtype: str  # "F32", "F16", "BF16" or "F64"
+    dtype: str  # a name of weights.codecs.CODECS
     shape: tuple[int, ...]
     start: int
     stop: int
@@ -241,9 +230,9 @@ def _validate_entry(
             "data_offsets"
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in CODECS:
         raise CheckpointError(
-            f"{where} has dtype {dtype!r}; llama_np reads {', '.join(STORAGE_DTYPES)} "
+            f"{where} has dtype {dtype!r}; llama_np reads {', '.join(CODECS)} "
             "(integer, quantized and float8 weights are not supported)"
         )
     if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
@@ -267,7 +256,7 @@ def _validate_entry(
             f"{data_size} bytes (0 <= begin <= end <= {data_size}); the file is truncated or "
             "corrupt"
         )
-    expected_bytes = math.prod(shape) * STORAGE_DTYPES[dtype].itemsize
+    expected_bytes = CODECS[dtype].nbytes(shape)
     if end - begin != expected_bytes:
         raise CheckpointError(
             f"{where} has shape {tuple(shape)} of {dtype} ({expected_bytes} bytes) but its "
@@ -362,7 +351,7 @@ class StoredTensor:
 
     name: str
     file: Path
-    dtype: str  # storage dtype: "F32", "F16", "BF16" or "F64"
+    dtype: str  # storage dtype, a name of weights.codecs.CODECS
     shape: tuple[int, ...]
     _mapped: _MappedFile = field(repr=False, compare=False)
     _start: int = field(repr=False)
@@ -374,16 +363,14 @@ class StoredTensor:
         return self._stop - self._start
 
     def stored(self) -> np.ndarray:
-        """The tensor exactly as stored, shape ``self.shape``, a read-only view of the mapping.
+        """The tensor exactly as stored, a read-only view of the mapping (``Codec.view``).
 
-        BF16 comes back as its uint16 bit pattern, since NumPy has no bfloat16. The file is
-        checked unchanged first (CheckpointError otherwise).
+        For the float codecs its shape is ``self.shape``; BF16 comes back as its uint16 bit
+        pattern, since NumPy has no bfloat16. The file is checked unchanged first
+        (CheckpointError otherwise).
         """
-        storage = STORAGE_DTYPES[self.dtype]
-        if self.nbytes == 0:  # nothing to map; np.frombuffer rejects empty buffers
-            return np.empty(self.shape, dtype=storage)
-        raw = self._mapped.bytes[self._start : self._stop]
-        return raw.view(storage).reshape(self.shape)
+        raw = self._mapped.bytes[self._start : self._stop] if self.nbytes else np.empty(0, np.uint8)
+        return CODECS[self.dtype].view(raw, self.shape)
 
     def numpy(self, dtype=np.float32) -> np.ndarray:
         """The tensor widened to the compute dtype (float32 or float64), shape ``self.shape``.
@@ -401,13 +388,7 @@ class StoredTensor:
         # Checked once per tensor and dtype: check_unchanged guarantees the bytes are the same later.
         unchecked = (self.name, compute) not in self._mapped.finite
         what = f"tensor {self.name!r} in {self.file}"
-        if self.dtype in ("F16", "BF16"):  # exact, tile by tile on every core, checked in the tiles
-            widened = widen(stored, self.dtype, compute, what if unchecked else None)
-        else:
-            with np.errstate(over="ignore"):  # F64 beyond float32's range: inf, refused below
-                widened = stored.astype(compute, copy=False)
-            if unchecked:
-                check_finite(widened, what, compute)
+        widened = CODECS[self.dtype].decode(stored, compute, what if unchecked else None)
         self._mapped.finite.add((self.name, compute))
         return widened
 
@@ -507,7 +488,7 @@ class Checkpoint:
 
     @property
     def storage_dtypes(self) -> set[str]:
-        """The stored dtypes present, e.g. {"F16"} for a Llama 2 hub checkpoint."""
+        """The stored dtypes present, e.g. {F16} for a Llama 2 hub checkpoint (names of CODECS)."""
         return {tensor.dtype for tensor in self.tensors.values()}
 
     @property
@@ -626,13 +607,6 @@ def _no_weights_error(directory: Path) -> CheckpointError:
 # Writing
 # --------------------------------------------------------------------------------------------
 
-SAVED_DTYPES = {
-    np.dtype(np.float64): "F64",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-}
-
-
 def save_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, np.ndarray],
@@ -654,12 +628,12 @@ def save_safetensors(
     dtypes = {name: _saved_dtype(path, name, array, bf16) for name, array in tensors.items()}
     # Widest dtype first, then by name, like the safetensors library: with the data section
     # starting 8-byte aligned, every tensor then starts aligned to its own item size.
-    order = sorted(tensors, key=lambda name: (-STORAGE_DTYPES[dtypes[name]].itemsize, name))
+    order = sorted(tensors, key=lambda name: (-CODECS[dtypes[name]].stored_dtype.itemsize, name))
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = dict(metadata)
     for name in order:
-        nbytes = np.size(tensors[name]) * STORAGE_DTYPES[dtypes[name]].itemsize
+        nbytes = CODECS[dtypes[name]].nbytes(np.shape(tensors[name]))
         header[name] = {
             "dtype": dtypes[name],
             "shape": list(np.shape(tensors[name])),
@@ -674,12 +648,13 @@ def _saved_dtype(path: Path, name: object, array: np.ndarray, bf16: bool) -> str
     if not isinstance(name, str) or name == "__metadata__":
         raise CheckpointError(f"cannot save a tensor named {name!r} in {path}")
     dtype = np.asarray(array).dtype
-    if dtype not in SAVED_DTYPES:
+    codec = codec_for_numpy(dtype)
+    if codec is None:
         raise CheckpointError(
             f"cannot save {name!r} of dtype {dtype} in {path}; expected float64, float32 or "
             "float16"
         )
-    return "BF16" if bf16 and dtype == np.float32 else SAVED_DTYPES[dtype]
+    return BF16.name if bf16 and dtype == np.float32 else codec.name
 
 
 def _encode_header(header: dict) -> bytes:
@@ -691,11 +666,7 @@ def _encode_header(header: dict) -> bytes:
 
 def _stored_bytes(array: np.ndarray, dtype: str) -> np.ndarray:
     """The little-endian bytes of ``array`` in the given safetensors dtype, C order, as uint8."""
-    array = np.asarray(array)
-    if dtype == "BF16":
-        stored = float32_to_bf16_bits(array)
-    else:
-        stored = array.astype(STORAGE_DTYPES[dtype], copy=False)
+    stored = CODECS[dtype].encode(np.asarray(array))
     return np.ascontiguousarray(stored).reshape(-1).view(np.uint8)
 
 

@@ -31,7 +31,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_np.formats.safetensors import STORAGE_DTYPES, Checkpoint, FileIdentity, StoredTensor, _MappedFile, _read_index
+from llama_np.weights.codecs import BF16, CODECS, F16, F32, F64
+from llama_np.formats.safetensors import Checkpoint, FileIdentity, StoredTensor, _MappedFile, _read_index
 from llama_np.formats.files import is_file
 from llama_np.errors import CheckpointError
 
@@ -61,7 +62,7 @@ class StorageType:
     """What ``torch.FloatStorage`` and friends stand for: a storage dtype, or None if unsupported."""
 
     torch_name: str
-    dtype: str | None  # "F32", "F16", "BF16", "F64", or None for integer and bool storages
+    dtype: str | None  # a name of weights.codecs.CODECS, or None for integer and bool storages
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ def _ordered_dict(*args):
 
 
 def _storage_types() -> dict[str, StorageType]:
-    supported = {"FloatStorage": "F32", "HalfStorage": "F16", "BFloat16Storage": "BF16",
-                 "DoubleStorage": "F64"}
+    supported = {"FloatStorage": F32.name, "HalfStorage": F16.name, "BFloat16Storage": BF16.name,
+                 "DoubleStorage": F64.name}
     unsupported = ("LongStorage", "IntStorage", "ShortStorage", "CharStorage", "ByteStorage",
                    "BoolStorage")
     types = {f"torch.{name}": StorageType(f"torch.{name}", dtype) for name, dtype in supported.items()}
@@ -424,7 +425,7 @@ def _stored_tensor(path: Path, f, file_size: int, entries: dict, prefix: str, na
     if storage.type.dtype is None:
         raise CheckpointError(f"{where} is stored as {storage.type.torch_name}; llama_np reads "
                               "float tensors only (F32, F16, BF16, F64)")
-    itemsize = STORAGE_DTYPES[storage.type.dtype].itemsize
+    itemsize = CODECS[storage.type.dtype].stored_dtype.itemsize
     shape = reference.shape
     elements = math.prod(shape)
     if len(shape) > MAX_TENSOR_RANK or math.prod(max(n, 1) for n in shape) > MAX_TENSOR_ELEMENTS:

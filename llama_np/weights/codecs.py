@@ -1,7 +1,21 @@
 """How stored bytes become float32 numbers: one codec per storage dtype a file may declare.
+
+    name    bytes per value   stored as (NumPy)      widened by
+    F64     8                 float64                a cast (a reference computation's weights)
+    F32     4                 float32                nothing: used as the memory-mapped view
+    F16     2                 float16                its bits, tile by tile (``widen_into``)
+    BF16    2                 uint16 (the bits)      its bits shifted 16 up, tile by tile
+
+``CODECS`` maps the name a file declares (safetensors' ``dtype``; torch storages are mapped onto
+these names) to its ``Codec``; every reader, the streamer, ``llama-np inspect`` and conversion
+ask it rather than spelling dtype names. A new storage type — a block-quantised one whose bytes
+hold scales and packed integers — is one more ``Codec`` subclass (``nbytes``, ``view``,
+``decode_rows``, ``decode``, ``encode``) and one more entry in ``CODECS``.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -9,6 +23,7 @@ from llama_np.errors import CheckpointError
 from llama_np.weights import workers
 from llama_np.weights.workers import cpu_count, run_parallel, split
 
+COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # float16 -> float32 by bits, for a sign-extended int32 copy of the float16 bits shifted left 13:
 # keep the sign (bit 31), the 5 exponent bits (now 23..27) and the 10 mantissa bits (13..22).
@@ -28,7 +43,7 @@ F16_LARGEST_FINITE = np.float32(65504.0)
 
 def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_special: bool = True,
                scaled: bool = False) -> bool:
-    """Widen float16 (``"F16"``) or bfloat16 bits (``"BF16"``, uint16) into the float32 ``out``, exactly.
+    """Widen float16 (F16) or bfloat16 bits (BF16, uint16) into the float32 ``out``, exactly.
 
     stored and out have the same shape. bfloat16 is the top half of a float32, so it is shifted
     16 bits up. float16 is rebuilt from its bits: shift the exponent and mantissa into float32's
@@ -41,7 +56,7 @@ def widen_into(stored: np.ndarray, storage_dtype: str, out: np.ndarray, check_sp
     # Each step is one pass of a single-type ufunc over the tile: a shift that also casts
     # (int16 in, int32 out) runs through NumPy's buffered loop at little more than half the speed.
     bits = out.view(np.int32)
-    if storage_dtype == "BF16":
+    if storage_dtype == BF16.name:
         np.copyto(bits.view(np.uint32), stored.view(np.uint16))
         np.left_shift(bits.view(np.uint32), 16, out=bits.view(np.uint32))
         return False
@@ -120,18 +135,13 @@ def non_finite_error(what: str, nans: int, infinities: int, first: tuple, comput
     )
 
 
-# The largest magnitude bits (sign bit cleared) of a finite value: one more is inf, anything above
-# it NaN.
-LARGEST_FINITE_BITS = {"F16": 0x7BFF, "BF16": 0x7F7F}
-
-
 def stored_non_finite_error(stored: np.ndarray, storage_dtype: str, what: str) -> CheckpointError | None:
     """The CheckpointError for a stored F16/BF16 matrix holding NaN or inf, or None if it holds none.
 
     Counted on the stored bits, a block of rows at a time, so nothing as large as the matrix is
     allocated: exponent all ones is inf (mantissa 0) or NaN.
     """
-    largest = LARGEST_FINITE_BITS[storage_dtype]
+    largest = CODECS[storage_dtype].largest_finite_bits
     infinity = largest + 1
     rows = max(1, workers.TILE_ELEMENTS // max(1, stored.shape[1]))
     nans = infinities = 0
@@ -161,3 +171,113 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     rounded = ((bits + 0x7FFF + lowest_kept_bit) >> 16).astype(np.uint16)
     quiet_nan = ((bits >> 16) | 0x0040).astype(np.uint16)
     return np.where(np.isnan(values), quiet_nan, rounded)
+
+
+# ---------------------------------------------------------------------------- the codecs
+
+
+class Codec:
+    """How one storage dtype's bytes become numbers, and numbers become its bytes.
+
+    ``name`` is how a file declares it, ``torch_name`` how config.json's ``torch_dtype`` and
+    Transformers say it. ``streamed``: a 2-D tensor of this type may stay in the memory map and
+    be widened tile by tile where it is multiplied (weights/streaming.py).
+    """
+
+    name: str
+    torch_name: str
+    stored_dtype: np.dtype  # what its bytes are viewed as
+    streamed = False
+    largest_finite_bits: int | None = None  # the bits of the largest finite magnitude (sign cleared)
+
+    def __init__(self, name: str, torch_name: str, stored_dtype):
+        self.name, self.torch_name, self.stored_dtype = name, torch_name, np.dtype(stored_dtype)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+    @property
+    def bits(self) -> int:
+        """Bits per value as stored."""
+        return self.stored_dtype.itemsize * 8
+
+    def nbytes(self, shape) -> int:
+        """Bytes a tensor of ``shape`` takes in a file."""
+        return math.prod(shape) * self.stored_dtype.itemsize
+
+    def view(self, raw: np.ndarray, shape) -> np.ndarray:
+        """The stored array behind ``raw`` (uint8, ``nbytes(shape)`` of them), shape ``shape``."""
+        if raw.size == 0:  # nothing to view; np.frombuffer rejects empty buffers
+            return np.empty(shape, dtype=self.stored_dtype)
+        return raw.view(self.stored_dtype).reshape(shape)
+
+    def decode(self, stored: np.ndarray, dtype=np.float32, what: str | None = None) -> np.ndarray:
+        """The values of ``stored`` as ``dtype`` (float32 or float64): the array itself when it
+        already is, else a new one. With ``what`` (the tensor and its file), NaN or inf among
+        them is a CheckpointError naming it."""
+        with np.errstate(over="ignore"):  # F64 beyond float32's range: inf, refused below
+            values = stored.astype(dtype, copy=False)
+        if what is not None:
+            check_finite(values, what, dtype)
+        return values
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """float values (any shape) -> the stored array, rounded to nearest even (too large: inf)."""
+        with np.errstate(over="ignore"):
+            return np.asarray(values).astype(self.stored_dtype, copy=False)
+
+
+class HalfCodec(Codec):
+    """A 16-bit float widened exactly from its bits (F16, BF16), tile by tile on every core."""
+
+    streamed = True
+
+    def __init__(self, name: str, torch_name: str, stored_dtype, largest_finite_bits: int):
+        super().__init__(name, torch_name, stored_dtype)
+        self.largest_finite_bits = largest_finite_bits
+
+    def decode(self, stored: np.ndarray, dtype=np.float32, what: str | None = None) -> np.ndarray:
+        return widen(stored, self.name, dtype, what)
+
+    def decode_rows(self, stored: np.ndarray, out: np.ndarray, check_special: bool = True,
+                    scaled: bool = False) -> bool:
+        """Widen rows of ``stored`` into the float32 ``out`` (F16 times 2**-112 if ``scaled``).
+
+        Returns whether they may hold inf or NaN (only asked with ``check_special``): a float16
+        tile says so by the range check of ``widen_into``, a bfloat16 one by its sum, since
+        widening keeps its inf and NaN as they are.
+        """
+        special = widen_into(stored, self.name, out, check_special=check_special, scaled=scaled)
+        if check_special and self is BF16:
+            special = not sum_is_finite(out)
+        return special
+
+    @property
+    def scales_through_x(self) -> bool:
+        """Whether a streamed product may leave out the 2**112 of ``widen_into`` and scale x."""
+        return self is F16
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        if self is BF16:
+            return float32_to_bf16_bits(values)
+        return super().encode(values)
+
+
+F64 = Codec("F64", "float64", "<f8")
+F32 = Codec("F32", "float32", "<f4")
+F16 = HalfCodec("F16", "float16", "<f2", largest_finite_bits=0x7BFF)
+BF16 = HalfCodec("BF16", "bfloat16", "<u2", largest_finite_bits=0x7F7F)  # NumPy has no bfloat16
+
+# name a file declares -> codec
+CODECS = {codec.name: codec for codec in (F64, F32, F16, BF16)}
+
+
+def codec_for_numpy(dtype) -> Codec | None:
+    """The codec that stores NumPy arrays of ``dtype`` as they are (float64, float32, float16)."""
+    dtype = np.dtype(dtype)
+    return next((codec for codec in (F64, F32, F16) if codec.stored_dtype == dtype.newbyteorder("<")), None)
+
+
+def codec_for_torch_name(torch_name: str) -> Codec | None:
+    """The codec of a ``torch_dtype`` spelling ("float16"), or None."""
+    return next((codec for codec in CODECS.values() if codec.torch_name == torch_name), None)

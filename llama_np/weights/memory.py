@@ -58,3 +58,11 @@ def check_fits(needed: int, what: str, advice: str) -> None:
     if available is not None and needed > available:
         raise InputError(f"{what} needs about {needed / 2**30:,.1f} GiB; {available / 2**30:.1f} GiB "
                          f"are available. {advice}")
+
+
+def human_bytes(count: float) -> str:
+    """A byte count as people read it: '512 B', '7.2 MiB', '12.0 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from llama_np.weights.codecs import CODECS
 from llama_np.weights.streaming import StreamedMatrix
 
 # progress(done, total): told as each of ``total`` steps (decoder layers) is about to run
@@ -97,7 +98,7 @@ class Weights:
 
     def _streams(self, stored) -> bool:
         """Whether a tensor that is not kept is streamed (else widened on every use)."""
-        return len(stored.shape) == 2 and stored.dtype in ("F16", "BF16") and self.dtype == np.float32
+        return len(stored.shape) == 2 and CODECS[stored.dtype].streamed and self.dtype == np.float32
 
     def get(self, name: str):
         return self[name] if name in self.tensors else None

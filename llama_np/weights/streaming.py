@@ -41,7 +41,7 @@ import threading
 import numpy as np
 
 from llama_np.weights import workers
-from llama_np.weights.codecs import F16_EXPONENT_SCALE, stored_non_finite_error, sum_is_finite, widen, widen_into
+from llama_np.weights.codecs import CODECS, F16_EXPONENT_SCALE, stored_non_finite_error, sum_is_finite
 from llama_np.weights.workers import one_blas_thread, product_workers, run_parallel
 
 F16_SCALED_INPUT_LIMIT = 2.0**15  # see StreamedMatrix.product
@@ -80,10 +80,13 @@ class StreamedMatrix:
 
     def __init__(self, stored: np.ndarray, storage_dtype: str, name: str = "", dtype=np.float32,
                  source: str = ""):
-        if storage_dtype not in ("F16", "BF16") or stored.ndim != 2:
-            raise ValueError(f"StreamedMatrix holds a 2-D F16 or BF16 tensor, not {storage_dtype} {stored.shape}")
-        self.stored = stored  # (out, in) float16, or uint16 bfloat16 bits
+        codec = CODECS.get(storage_dtype)
+        if codec is None or not codec.streamed or stored.ndim != 2:
+            streamed = ", ".join(name for name, codec in CODECS.items() if codec.streamed)
+            raise ValueError(f"StreamedMatrix holds a 2-D tensor of {streamed}, not {storage_dtype} {stored.shape}")
+        self.stored = stored  # (out, in) as stored: float16, or uint16 bfloat16 bits
         self.storage_dtype = storage_dtype
+        self.codec = codec
         self.name = name
         self.source = source or f"tensor {name!r}"
         self.dtype = np.dtype(dtype)
@@ -102,12 +105,11 @@ class StreamedMatrix:
         return self.size * self.dtype.itemsize
 
     def __array__(self, dtype=None, copy=None):
-        value = self.refuse_non_finite(widen(self.stored, self.storage_dtype, self.dtype))
+        value = self.refuse_non_finite(self.codec.decode(self.stored, self.dtype))
         return value if dtype is None else value.astype(dtype, copy=False)
 
     def __getitem__(self, index) -> np.ndarray:
-        return self.refuse_non_finite(widen(np.ascontiguousarray(self.stored[index]), self.storage_dtype,
-                                            self.dtype))
+        return self.refuse_non_finite(self.codec.decode(np.ascontiguousarray(self.stored[index]), self.dtype))
 
     def refuse_non_finite(self, widened: np.ndarray) -> np.ndarray:
         """``widened`` (some of this matrix's values) if finite, else the matrix's CheckpointError."""
@@ -144,7 +146,7 @@ class StreamedMatrix:
         # float16 tiles skip their last pass (times 2**112) when x can take it instead: then
         # (x · 2**112) · (w · 2**-112) is the same product x · w, rounded the same, as long as
         # x · 2**112 stays finite (|x| < 2**16) — so only below 2**15, to leave a margin.
-        scaled = (self.storage_dtype == "F16" and dtype == np.float32 and x2.size > 0
+        scaled = (self.codec.scales_through_x and dtype == np.float32 and x2.size > 0
                   and float(np.abs(x2).max()) < F16_SCALED_INPUT_LIMIT)
         if scaled:
             x2 = x2 * F16_EXPONENT_SCALE
@@ -195,13 +197,10 @@ class StreamedMatrix:
         range check of ``widen_into``, a bfloat16 one by its sum (inf and NaN stay themselves).
         """
         checked = self._all_checked or bool(self._checked[start:stop].all())
-        special = widen_into(self.stored[start:stop], self.storage_dtype, tile, check_special=not checked,
-                             scaled=scaled)
+        special = self.codec.decode_rows(self.stored[start:stop], tile, check_special=not checked, scaled=scaled)
         if checked:
             return
-        if self.storage_dtype == "BF16":
-            special = not sum_is_finite(tile)  # a finite sum can overflow: counted exactly below
-        if special:
+        if special:  # a bfloat16 tile's sum may also overflow with finite values: counted exactly here
             error = stored_non_finite_error(self.stored, self.storage_dtype, self.source)
             if error is not None:
                 raise error
