@@ -120,3 +120,71 @@ def test_save_pretrained_keeps_the_chat_template(tmp_path):
     tokenizer = load("chat_zephyr", "slow")
     tokenizer.save_pretrained(tmp_path)
     assert LlamaTokenizer.from_pretrained(tmp_path).chat_template == tokenizer.chat_template
+
+
+# A chat template comes with a downloaded tokenizer_config.json: whatever it does while it
+# renders is one TokenizerError, in bounded time and memory.
+HOSTILE_TEMPLATES = {
+    "division by zero": ("{{ 1/0 }}", "ZeroDivisionError"),
+    "include": ("{% include 'other.jinja' %}", "TypeError"),
+    "extends": ("{% extends 'base.jinja' %}", "TypeError"),
+    "import": ("{% import 'macros.jinja' as m %}", "TypeError"),
+    "str + int": ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+    "sort of an int": ("{{ 5|sort }}", "TypeError"),
+    "sum of an int": ("{{ 5|sum }}", "TypeError"),
+    "recursive macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    "range(10**12)": ("{{ range(10**12)|list }}", "passes 1000000000000"),
+    "'a' * 10**10": ("{{ 'a' * 10**10 }}", "repeats a str"),
+    "[1] * 10**8": ("{{ [1] * 10**8 }}", "repeats a list"),
+    "center(10**10)": ("{{ 'a'|center(10**10) }}", "passes 10000000000"),
+    "tojson(indent=10**10)": ("{{ messages|tojson(indent=10**10) }}", "passes 10000000000 to tojson"),
+    "lipsum(10**6)": ("{{ lipsum(10**6) }}", "passes 1000000"),
+    "2 ** 10**8": ("{{ 2 ** 100000000 }}", "to the power 100000000"),
+    "a string doubled 40 times": ("{% set x = namespace(s='a') %}{% for i in range(40) %}"
+                                  "{% set x.s = x.s ~ x.s %}{% endfor %}{{ x.s|length }}", "a variable holds"),
+    "100 MB of output": ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "writes more than"),
+}
+
+
+@pytest.mark.parametrize("template, expected", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
+def test_a_hostile_chat_template_is_one_tokenizer_error(template, expected):
+    from llama_np.text.chat import render_chat_template
+
+    with pytest.raises(TokenizerError, match=r"the chat template \(tokenizer_config.json's chat_template\)") as error:
+        render_chat_template(template, [{"role": "user", "content": "hi"}], True, {"bos_token": "<s>"})
+    assert expected in str(error.value)
+
+
+def test_a_chat_template_that_loops_for_ever_is_stopped_at_the_deadline(monkeypatch):
+    from llama_np.text import chat
+
+    monkeypatch.setattr(chat, "MAX_RENDER_SECONDS", 0.2)
+    nested = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(TokenizerError, match="ran for more than 0.2 seconds"):
+        chat.render_chat_template(nested, [{"role": "user", "content": "hi"}], True, {})
+
+
+def test_a_hostile_chat_template_in_a_checkpoint_is_one_error_line_in_llama_np_chat(tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from llama_np.cli.main import main
+
+    directory = tmp_path / "hostile-chat"
+    shutil.copytree(DATA / "chat_llama2", directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = "{{ 1/0 }}"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert LlamaTokenizer.from_pretrained(directory).chat_template == "{{ 1/0 }}"
+    with pytest.raises(TokenizerError, match="ZeroDivisionError"):
+        LlamaTokenizer.from_pretrained(directory).apply_chat_template([{"role": "user", "content": "hi"}])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    # the bundled model's weights with the hostile tokenizer files beside them
+    from llama_np.formats.locate import resolve_model_path
+
+    for file in resolve_model_path("tiny-shakespeare").iterdir():
+        if not (directory / file.name).exists():
+            shutil.copy(file, directory / file.name)
+    assert main(["chat", "--model", str(directory), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llama-np: error:") and "ZeroDivisionError" in err and "Traceback" not in err

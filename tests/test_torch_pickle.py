@@ -17,7 +17,7 @@ from llama_np import LlamaForCausalLM
 from llama_np.errors import CheckpointError
 from llama_np.formats.torch_pickle import ALLOWED_GLOBALS, read_torch_file
 from tolerance import assert_close_to_reference
-from torch_files import Tensor, bf16_bits, global_, write_torch_file
+from torch_files import Tensor, bf16_bits, global_, state_dict_pickle, write_torch_file
 
 META = Path(__file__).resolve().parent / "data" / "meta"
 ONE_SHARD = META / "mha_1shard" / "consolidated.00.pth"
@@ -358,3 +358,22 @@ def test_an_oversized_pickle_is_refused_before_it_is_read(tmp_path, monkeypatch)
     monkeypatch.setattr(torch_pickle, "MAX_PICKLE_BYTES", 100)
     with pytest.raises(CheckpointError, match="more than the 100-byte limit"):
         read_torch_file(ONE_SHARD)
+
+
+@pytest.mark.parametrize("dimensions", [9, 40_000, 900_000])
+def test_a_shape_of_a_million_dimensions_is_refused_before_any_arithmetic(tmp_path, dimensions):
+    # 900,000 dimensions of 2: their product has 270,000 digits, which took an hour to multiply
+    # out before the rank was checked.
+    shape = (2,) * dimensions
+    payload = state_dict_pickle({"w": ("F32", "0", 4, 0, shape, shape)})
+    write_torch_file(tmp_path / "w.pth", {}, pickle_bytes=payload)
+    with pytest.raises(CheckpointError, match=rf"size of {dimensions:,} dimensions; a weight has at most 8"):
+        read_torch_file(tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("dimension", [2**41, 10**400])
+def test_a_dimension_beyond_any_weight_is_refused(tmp_path, dimension):
+    payload = state_dict_pickle({"w": ("F32", "0", 4, 0, (dimension, 1), (1, 1))})
+    write_torch_file(tmp_path / "w.pth", {"x": Tensor("F32", (1,), bytes(4), storage="0")}, pickle_bytes=payload)
+    with pytest.raises(CheckpointError, match="beyond the 8 dimensions and"):
+        read_torch_file(tmp_path / "w.pth")

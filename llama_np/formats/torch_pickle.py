@@ -90,6 +90,12 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if not isinstance(storage, StorageRef):
         raise _PickleProblem(f"_rebuild_tensor_v2 got {type(storage).__name__} for a storage")
     for name, value in (("size", size), ("stride", stride)):
+        # The rank first, before anything walks or multiplies the dimensions: a few megabytes of
+        # pickle can declare a million of them, and their product is a number of a million digits.
+        if isinstance(value, tuple) and len(value) > MAX_TENSOR_RANK:
+            raise _PickleProblem(f"_rebuild_tensor_v2 got a {name} of {len(value):,} dimensions; a "
+                                 f"weight has at most {MAX_TENSOR_RANK}")
+    for name, value in (("size", size), ("stride", stride)):
         if not (isinstance(value, tuple) and all(_is_int(n) and n >= 0 for n in value)):
             raise _PickleProblem(f"_rebuild_tensor_v2 got {name} {describe(value)}; expected a tuple "
                                  "of non-negative ints")
@@ -427,10 +433,11 @@ def _stored_tensor(path: Path, f, file_size: int, entries: dict, prefix: str, na
                               "float tensors only (F32, F16, BF16, F64)")
     itemsize = CODECS[storage.type.dtype].stored_dtype.itemsize
     shape = reference.shape
-    elements = math.prod(shape)
-    if len(shape) > MAX_TENSOR_RANK or math.prod(max(n, 1) for n in shape) > MAX_TENSOR_ELEMENTS:
+    if len(shape) > MAX_TENSOR_RANK or any(n > MAX_TENSOR_ELEMENTS for n in shape) or \
+            math.prod(max(n, 1) for n in shape) > MAX_TENSOR_ELEMENTS:
         raise CheckpointError(f"{where} has shape {describe(shape)}, beyond the {MAX_TENSOR_RANK} "
                               f"dimensions and {MAX_TENSOR_ELEMENTS} elements a weight can have")
+    elements = math.prod(shape)
     if not _is_contiguous(shape, reference.stride):
         raise CheckpointError(f"{where} has shape {shape} and strides {reference.stride}: it is a "
                               "non-contiguous view, which llama_np does not read; save "
