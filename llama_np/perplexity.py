@@ -18,9 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from llama_np.errors import InputError
+from llama_np.formats.files import read_bytes
 from llama_np.inputs import is_integer
 
 IGNORE_INDEX = -100  # a label the loss skips, as in Transformers
+
+# The largest text perplexity reads: 256 MiB is about 60 million tokens, days of scoring here.
+MAX_TEXT_BYTES = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -108,20 +112,17 @@ def perplexity(model, input_ids, context: int, stride: int, progress=None) -> Pe
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=weight_sum)
 
 
-def read_text_file(path) -> str:
+def read_text_file(path, max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The whole of a UTF-8 text file, exactly as stored (no newline translation).
 
-    InputError naming the file when it is missing, unreadable, empty or not UTF-8.
+    InputError naming the file when it is missing, unreadable, not a regular file (a FIFO, a
+    device: refused rather than waited on or read for ever), larger than ``max_bytes``, empty
+    or not UTF-8.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory, not a text file") from None
-    except OSError as error:
-        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    data = read_bytes(path, InputError, max_bytes)
     if not data:
         raise InputError(f"{path} is empty: there is no text to score")
     try:

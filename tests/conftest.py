@@ -17,7 +17,7 @@ def deny_access(monkeypatch):
     anything whatever its mode.
     """
     denied = []
-    real_open, real_stat = io.open, os.stat
+    real_open, real_os_open, real_stat = io.open, os.open, os.stat
 
     def refused(path) -> bool:
         if isinstance(path, int):  # an already open descriptor
@@ -30,6 +30,11 @@ def deny_access(monkeypatch):
             raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
         return real_open(file, *args, **kwargs)
 
+    def guarded_os_open(file, *args, **kwargs):  # llama_np opens files with os.open (open_regular)
+        if refused(file):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_os_open(file, *args, **kwargs)
+
     def guarded_stat(path, *args, **kwargs):
         if not isinstance(path, int) and any(
                 os.path.abspath(os.fspath(path)).startswith(d + os.sep) for d in denied):
@@ -38,5 +43,6 @@ def deny_access(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", guarded_open)
     monkeypatch.setattr(io, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_os_open)
     monkeypatch.setattr(os, "stat", guarded_stat)
     return lambda path: denied.append(os.path.abspath(os.fspath(path)))

@@ -326,3 +326,13 @@ def test_chat_on_a_llama2_chat_model_without_a_template_does_not_warn(capsys, mo
     status, _, err = run(capsys, "chat", "--model", directory, "--greedy", "--max-new-tokens", 2)
     assert status == 0, err
     assert "warning" not in err
+
+
+def test_a_fifo_in_place_of_a_cache_ref_is_refused_not_waited_on(in_hub_cache, json_lm_dir):
+    repo = "llama-np-test/fifo-ref"
+    add_to_hub_cache(in_hub_cache, repo, json_lm_dir)
+    ref = in_hub_cache / ("models--" + repo.replace("/", "--")) / "refs" / "main"
+    ref.unlink()
+    os.mkfifo(ref)
+    with pytest.raises(CheckpointError, match=r"refs/main is not a regular file"):
+        resolve_model_path(repo)

@@ -6,6 +6,7 @@ models.
 """
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -776,3 +777,11 @@ def test_the_package_ships_a_py_typed_marker_for_type_checkers():
     assert (REPO / "llama_np" / "py.typed").is_file()
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["llama_np"]
+
+
+def test_a_fifo_given_as_a_reference_npz_is_refused_not_waited_on(tmp_path, capsys):
+    fifo = tmp_path / "golden.npz"
+    os.mkfifo(fifo)
+    assert main(["compare", str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llama-np: error:") and "is a FIFO" in err

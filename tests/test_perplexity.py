@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -25,7 +26,7 @@ import llama_np
 from llama_np.cli.main import main
 from llama_np.errors import InputError
 from llama_np.losses import log_softmax
-from llama_np.perplexity import perplexity, sliding_windows
+from llama_np.perplexity import perplexity, read_text_file, sliding_windows
 from tolerance import PERPLEXITY_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
 DATA = Path(__file__).parent / "data" / "perplexity"
@@ -276,3 +277,29 @@ def test_a_text_of_one_token_is_one_line_error(capsys, tmp_path):
     assert len(llama_np.LlamaTokenizer.from_pretrained(model_dir).encode("a")) == 1
     status, out, err = run(capsys, "perplexity", path, "--model", model_dir)
     assert_one_line_error(status, out, err, path, "1 token")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_text_that_is_a_fifo_or_a_device_is_refused_not_read_for_ever(tmp_path, kind, capsys):
+    from llama_np.cli.main import main
+
+    if kind == "fifo":
+        path = tmp_path / "text.txt"
+        os.mkfifo(path)
+        expected = "is a FIFO"
+    else:
+        path = Path("/dev/zero")
+        expected = "is a device"
+    with pytest.raises(InputError, match=expected):
+        read_text_file(path)
+    assert main(["perplexity", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llama-np: error:") and expected in err
+
+
+def test_a_text_larger_than_the_bound_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("x" * 1000)
+    with pytest.raises(InputError, match="larger than the 999 bytes"):
+        read_text_file(path, max_bytes=999)
+    assert read_text_file(path, max_bytes=1000) == "x" * 1000

@@ -6,6 +6,7 @@ zips entry by entry, or with tests/torch_files.py, which writes torch.save's for
 opcode.
 """
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -377,3 +378,9 @@ def test_a_dimension_beyond_any_weight_is_refused(tmp_path, dimension):
     write_torch_file(tmp_path / "w.pth", {"x": Tensor("F32", (1,), bytes(4), storage="0")}, pickle_bytes=payload)
     with pytest.raises(CheckpointError, match="beyond the 8 dimensions and"):
         read_torch_file(tmp_path / "w.pth")
+
+
+def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth is a FIFO \(named pipe\); llama_np reads regular files only"):
+        read_torch_file(tmp_path / "consolidated.00.pth")

@@ -30,7 +30,7 @@ import numpy as np
 
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, InputError
-from llama_np.formats.files import atomic_write, atomic_write_text, is_file
+from llama_np.formats.files import atomic_write, atomic_write_text, is_file, open_regular
 from llama_np.formats.meta import VOCAB_FILE_NAME, MetaTensor, is_meta_checkpoint, open_meta_checkpoint
 from llama_np.formats.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, _encode_header
 from llama_np.weights.codecs import BF16, CODECS, F16, F32
@@ -208,7 +208,7 @@ def read_into_memory(tensor) -> np.ndarray:
     codec = CODECS[tensor.dtype]
     count = codec.nbytes(tensor.shape)
     try:
-        with open(tensor.file, "rb") as f:
+        with open_regular(tensor.file) as f:
             f.seek(tensor._start)
             raw = np.fromfile(f, dtype=np.uint8, count=count)
     except OSError as error:

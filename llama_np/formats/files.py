@@ -1,20 +1,28 @@
 """Reading files a model directory holds, and writing files whole or not at all.
 
 ``is_file``/``is_dir`` and the readers turn an unreadable path into one error naming it (the
-caller's error type: CheckpointError, ConfigError, TokenizerError). ``atomic_write`` writes to a
-locked temporary file beside the target and renames it into place, so a crash, a full disk or
-a second writer never leaves a half-written file.
+caller's error type: CheckpointError, ConfigError, TokenizerError). Every file is opened with
+``open_regular``: a FIFO, a device or a socket where a file was expected is refused before
+anything waits on it, and the readers read at most ``MAX_READ_BYTES``. ``atomic_write`` writes
+to a locked temporary file beside the target and renames it into place, so a crash, a full disk
+or a second writer never leaves a half-written file.
 """
 
 from __future__ import annotations
+
 import json
 import os
 import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
+
 from llama_np.errors import CheckpointError
+
+# The most read_bytes and read_json_object read: side files (config.json, tokenizer.json,
+# tokenizer.model, an index) are kilobytes to tens of megabytes.
+MAX_READ_BYTES = 1024**3
 
 
 try:  # POSIX: a writer holds a lock on its temporary file, so stale ones can be told apart
@@ -45,12 +53,51 @@ def _status_or_none(path, error: type[Exception]) -> os.stat_result | None:
         raise error(f"cannot look for {path}: {problem.strerror or problem}") from None
 
 
-def read_bytes(path, error: type[Exception] = CheckpointError) -> bytes:
-    """The bytes of a file, or ``error`` naming it if it cannot be read (e.g. no permission)."""
+def open_regular(path, error: type[Exception] = CheckpointError) -> BinaryIO:
+    """``open(path, "rb")`` for a regular file only; ``error`` naming the path otherwise.
+
+    The file is opened without blocking and then asked what it is (``fstat`` of the open file,
+    so it cannot be swapped in between): opening a FIFO for reading would wait for a writer for
+    ever, and a device such as /dev/zero never ends.
+    """
     try:
-        return Path(path).read_bytes()
+        handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not a file") from None
     except OSError as problem:
         raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+    try:
+        mode = os.fstat(handle).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+            raise error(f"{path} is {kind}; llama_np reads regular files only")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(handle, True)
+        return os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
+
+
+def read_bytes(path, error: type[Exception] = CheckpointError, max_bytes: int = MAX_READ_BYTES) -> bytes:
+    """The bytes of a regular file, or ``error`` naming it if it cannot be read (no permission,
+    a FIFO or device, more than ``max_bytes``)."""
+    too_large = error(f"{path} is larger than the {max_bytes:,} bytes llama_np reads from such a file")
+    with open_regular(path, error) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise too_large
+            data = f.read(size)  # read(n) allocates n bytes first: the file's size, never the bound
+            while len(data) <= max_bytes and (more := f.read(1)):  # it grew since fstat: read on
+                data += more + f.read(min(16 * 1024**2, max_bytes - len(data)))
+        except OSError as problem:
+            raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+    if len(data) > max_bytes:
+        raise too_large
+    return data
 
 
 def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
@@ -58,9 +105,7 @@ def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
     unreadable, not JSON, or not an object."""
     path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as problem:
-        raise error(f"cannot read {path}: {problem.strerror or problem}") from None
+        value = json.loads(read_bytes(path, error).decode("utf-8"))
     except (ValueError, RecursionError) as problem:  # bad JSON or UTF-8; nested thousands deep
         raise error(f"{path} is not valid JSON: {problem}") from None
     if not isinstance(value, dict):

@@ -5,6 +5,7 @@ Hugging Face cache (never downloaded).
 from __future__ import annotations
 import os
 import re
+import stat
 from pathlib import Path
 from llama_np.errors import CheckpointError
 from llama_np.formats.files import _status_or_none, is_dir
@@ -78,6 +79,7 @@ def hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path:
             "pip install 'llama-np[hub]'"
         ) from None
     cache = constants.HF_HUB_CACHE
+    _check_ref_is_a_file(Path(cache), repo_id, revision)
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
                                                       local_files_only=True))
@@ -91,3 +93,18 @@ def hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path:
             f"`huggingface-cli download {repo_id}{flag}` (`hf download {repo_id}{flag}` with "
             "huggingface_hub 1.0 or later) and try again"
         ) from None
+
+
+def _check_ref_is_a_file(cache: Path, repo_id: str, revision: str | None) -> None:
+    """CheckpointError if the cache's ``refs/<revision>`` is there but not a regular file.
+
+    huggingface_hub reads that file to learn the snapshot's commit; a FIFO in its place would
+    make it wait for ever.
+    """
+    if not REPO_ID.fullmatch(repo_id) or (revision is not None and ("/" in revision or revision.startswith("."))):
+        return  # not a name in the cache's layout: huggingface_hub says what is wrong with it
+    ref = cache / ("models--" + repo_id.replace("/", "--")) / "refs" / (revision or "main")
+    status = _status_or_none(ref, CheckpointError)
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{ref} is not a regular file (the Hugging Face cache keeps a commit hash "
+                              "there); the cache is damaged: delete that entry and download again")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_np.errors import InputError
-from llama_np.formats.files import atomic_write
+from llama_np.formats.files import atomic_write, open_regular
 from llama_np.weights.memory import human_bytes, keep_widened_limit
 
 NPY_MAGIC = b"\x93NUMPY"  # how an .npy file starts
@@ -53,17 +53,21 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     a few bytes to terabytes (a deflate bomb) is refused on its declared size, before reading.
     Pickled object arrays are refused (allow_pickle=False): loading one could run code.
     """
-    if not path.is_file():
-        raise InputError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            start = f.read(len(NPY_MAGIC))
-        if start == NPY_MAGIC:
-            raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
-        raise InputError(f"{path} is not an .npz file: an .npz is a zip archive of .npy arrays, and this "
-                         "file is not a zip archive")
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    with open_regular(path, InputError) as f:  # a FIFO or a device is refused, not waited on
+        if not zipfile.is_zipfile(f):
+            f.seek(0)
+            if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
+                raise InputError(f"{path} holds a single array, not an .npz archive of named arrays")
+            raise InputError(f"{path} is not an .npz file: an .npz is a zip archive of .npy arrays, and this "
+                             "file is not a zip archive")
+        return _read_npz_archive(path, f)
+
+
+def _read_npz_archive(path: Path, f) -> dict[str, np.ndarray]:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(f) as archive:
             sizes = {info.filename: npy_member_size(path, archive, info) for info in archive.infolist()}
             total, limit = sum(sizes.values()), npz_size_limit()
             if total > limit:

@@ -38,7 +38,7 @@ import numpy as np
 from safetensors import safe_open
 
 from llama_np.errors import CheckpointError
-from llama_np.formats.files import atomic_write, is_dir, is_file, read_json_object
+from llama_np.formats.files import atomic_write, is_dir, is_file, open_regular, read_json_object
 from llama_np.weights.codecs import BF16, CODECS, COMPUTE_DTYPES, codec_for_numpy
 
 
@@ -117,8 +117,8 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Fil
     it refuses one, the checks here usually say more exactly what is wrong, naming the tensor;
     when they find nothing, its message is the error.
     """
+    header_bytes, identity = _read_header_bytes(path)  # first: a FIFO or device is refused here
     library_problem = _safetensors_library_problem(path)
-    header_bytes, identity = _read_header_bytes(path)
     header = _parse_header_json(path, header_bytes)
     metadata = _validate_metadata(path, header.pop("__metadata__", {}))
     data_start = HEADER_LENGTH_BYTES + len(header_bytes)
@@ -149,7 +149,7 @@ def _safetensors_library_problem(path: Path) -> str | None:
 def _read_header_bytes(path: Path) -> tuple[bytes, FileIdentity]:
     """The N JSON bytes after the 8-byte length, and the identity of the file they came from."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             identity = FileIdentity.of(os.fstat(f.fileno()))
             file_size = identity.size
             if file_size < HEADER_LENGTH_BYTES:
@@ -320,7 +320,7 @@ class _MappedFile:
 
     def _map(self) -> np.ndarray:
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 now = FileIdentity.of(os.fstat(f.fileno()))
                 if now != self.identity:  # replaced between the os.stat above and this open
                     raise _changed_since_opened(self.path, self.identity, now)

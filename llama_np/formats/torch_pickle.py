@@ -33,7 +33,7 @@ from pathlib import Path
 
 from llama_np.weights.codecs import BF16, CODECS, F16, F32, F64
 from llama_np.formats.safetensors import Checkpoint, FileIdentity, StoredTensor, _MappedFile, _read_index
-from llama_np.formats.files import is_file
+from llama_np.formats.files import is_file, open_regular
 from llama_np.errors import CheckpointError
 
 # A state dict's pickle names its tensors only: about 150 bytes and 30 opcodes per tensor, so even
@@ -341,7 +341,7 @@ def read_torch_file(path) -> dict[str, StoredTensor]:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO named consolidated.00.pth would block open() for ever
             head = f.read(4)
             size = f.seek(0, io.SEEK_END)
             if head != LOCAL_FILE_SIGNATURE:
