@@ -39,6 +39,7 @@ import warnings
 
 from llama_np.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 from llama_np.cli.parser import build_parser
+from llama_np.weights.memory import available_memory, human_bytes
 from llama_np.errors import LlamaNPError
 
 
@@ -106,6 +107,12 @@ def _run(argv) -> int:
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         return _fail(f"{where}{error.strerror or error}")
+    except MemoryError as error:  # what the checks before each allocation did not foresee
+        wanted = f" ({error})" if str(error) else ""
+        room = available_memory()
+        left = f"; {human_bytes(room)} are available to this process" if room is not None else ""
+        return _fail(f"out of memory{wanted}{left}: try a shorter input, or a machine or limit "
+                     "(ulimit -v, a container's memory limit) with more memory")
 
 
 def _silence_stdout() -> None:

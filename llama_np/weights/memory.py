@@ -1,9 +1,19 @@
 """How much memory there is, and how much of it widened weights may take.
+
+"Available" is the least of what the machine has free (Linux's MemAvailable), what the
+process's address-space limit leaves (``ulimit -v``, RLIMIT_AS, against the address space it
+already holds) and what its control group may still take (a container's ``memory.max`` against
+``memory.current``, or cgroup v1's limit and usage).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from llama_np.errors import InputError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")  # which groups this process is in
 
 
 # The least memory for widened weights that from_pretrained keeps by default (see keep_widened_limit).
@@ -37,11 +47,85 @@ def streamed_widened_budget(stored_bytes: int) -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available right now (Linux's MemAvailable), or None where unknown."""
+    """Bytes of memory this process may still use right now, or None where nothing is known:
+    the least of the machine's MemAvailable, the room under RLIMIT_AS and the cgroup's room."""
+    known = [room for room in (machine_available(), address_space_room(), cgroup_room()) if room is not None]
+    return min(known) if known else None
+
+
+def machine_available() -> int | None:
+    """Linux's MemAvailable (/proc/meminfo), in bytes."""
+    return _proc_kib("/proc/meminfo", "MemAvailable")
+
+
+def address_space_room() -> int | None:
+    """What RLIMIT_AS (``ulimit -v``) leaves beyond the address space already in use (VmSize),
+    or None without a limit. Every allocation counts against it, mapped files included."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
+        import resource  # POSIX only: without it there is no limit to read
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    used = _proc_kib("/proc/self/status", "VmSize") or 0
+    return max(0, soft - used)
+
+
+def cgroup_room() -> int | None:
+    """What the process's control group, or any group above it, may still take (cgroup v2
+    memory.max − memory.current, v1 memory.limit_in_bytes − memory.usage_in_bytes), or None
+    without a limit."""
+    rooms = []
+    for directory, root, limit_name, usage_name in _cgroup_directories():
+        while True:
+            limit, usage = _read_number(directory / limit_name), _read_number(directory / usage_name)
+            if limit is not None and limit < 2**60:  # v1 writes a huge number for "no limit"
+                rooms.append(max(0, limit - (usage or 0)))
+            if directory == root or root not in directory.parents:
+                break
+            directory = directory.parent
+    return min(rooms) if rooms else None
+
+
+def _cgroup_directories():
+    """(the process's memory cgroup directory, its hierarchy's root, limit file, usage file)
+    for each hierarchy in /proc/self/cgroup: v2's "0::/path", v1's "N:...memory...:/path"."""
+    try:
+        text = PROC_CGROUP.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        relative = path.lstrip("/")
+        if controllers == "":
+            for root in (CGROUP_ROOT, CGROUP_ROOT / "unified"):
+                found.append((root / relative, root, "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            root = CGROUP_ROOT / "memory"
+            found.append((root / relative, root, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    return found
+
+
+def _read_number(path: Path) -> int | None:
+    """The integer in a cgroup file, or None if it is absent, "max" or unreadable."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """A "Field:  1234 kB" line of a /proc file, in bytes."""
+    try:
+        with open(path, encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -57,7 +141,7 @@ def check_fits(needed: int, what: str, advice: str) -> None:
     available = available_memory()
     if available is not None and needed > available:
         raise InputError(f"{what} needs about {needed / 2**30:,.1f} GiB; {available / 2**30:.1f} GiB "
-                         f"are available. {advice}")
+                         f"are available to this process. {advice}")
 
 
 def human_bytes(count: float) -> str:
