@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -195,7 +196,8 @@ def progress_held_back(model):
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_sample=None,
              temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None,
-             eos_token_id=None, pad_token_id=None, streamer=None, stats=None) -> np.ndarray:
+             eos_token_id=None, pad_token_id=None, streamer=None, stats=None,
+             allow_past_context: bool = False) -> np.ndarray:
     """Continue each prompt; returns prompt + new tokens, shape (B, T + new).
 
     Arguments left as None come from ``model.generation_config`` (the checkpoint's
@@ -211,6 +213,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     receives only the new tokens (B,). ``stats``, a dict if given, receives ``new_tokens``,
     ``prompt_seconds`` (the pass over the prompt, which also yields the first new token) and
     ``decode_seconds`` for the ``decode_steps`` = new_tokens − 1 cached steps after it.
+
+    Generation stops at the model's context length (``max_position_embeddings``), with a
+    warning, unless ``allow_past_context=True`` or the RoPE type is ``dynamic`` (made to stretch
+    at run time): past it the model has never seen its positions and writes gibberish, as
+    llama.cpp stops at its context size. Transformers goes on (and warns).
     """
     settings = model.generation_config
     do_sample = settings.do_sample if do_sample is None else do_sample
@@ -228,6 +235,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
         max_new_tokens = max(settings.max_length - ids.shape[-1], 0)
     _check_generation_arguments(model.config.vocab_size, max_new_tokens, do_sample, temperature, top_k,
                                 top_p, repetition_penalty, eos_token_id, pad_token_id, seed)
+    if not isinstance(allow_past_context, bool):
+        raise InputError(f"allow_past_context must be True or False, got {allow_past_context!r}")
+    if not allow_past_context:
+        max_new_tokens = _within_context(model.config, ids.shape[-1], max_new_tokens)
     _check_callbacks(streamer, stats)
     eos_ids = np.array([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
     if pad_token_id is None and eos_ids.size:
@@ -293,6 +304,19 @@ def _infer_attention_mask(ids, pad_token_id, eos_ids) -> np.ndarray:
     if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in eos_ids:
         return (ids != pad_token_id).astype(np.int64)
     return np.ones(ids.shape, dtype=np.int64)
+
+
+def _within_context(config, prompt_length: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, cut (with a warning) so that prompt + new tokens fit the context."""
+    context = config.max_position_embeddings
+    if config.rope_parameters["rope_type"] == "dynamic" or prompt_length + max_new_tokens <= context:
+        return max_new_tokens
+    room = max(0, context - prompt_length)
+    warnings.warn(f"generation stops at the context length, max_position_embeddings={context}: "
+                  f"{room} new tokens after a prompt of {prompt_length}, not {max_new_tokens}; "
+                  "past it the model writes from positions it was never trained on "
+                  "(allow_past_context=True, or llama-np's --allow-past-context, goes on)", stacklevel=3)
+    return room
 
 
 def _check_generation_arguments(vocab_size, max_new_tokens, do_sample, temperature, top_k, top_p,

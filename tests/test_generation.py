@@ -186,3 +186,19 @@ def test_a_temperature_that_overflows_float32_is_refused_not_turned_into_nan(lm,
         lm.generate(np.array([[5, 6, 7]]), max_new_tokens=2, do_sample=True, temperature=temperature, seed=0)
     tiny = lm.generate(np.array([[5, 6, 7]]), max_new_tokens=3, do_sample=True, temperature=1e-6, seed=0)
     np.testing.assert_array_equal(tiny, lm.generate(np.array([[5, 6, 7]]), max_new_tokens=3))  # its limit
+
+
+def test_generation_stops_at_the_context_length_unless_asked_to_go_past_it():
+    model = LlamaForCausalLM.from_pretrained("tiny-shakespeare")
+    context = model.config.max_position_embeddings
+    prompt = np.array([[1, 2, 3]])
+    with pytest.warns(UserWarning, match=f"stops at the context length, max_position_embeddings={context}"):
+        out = model.generate(prompt, max_new_tokens=10**12, do_sample=False, eos_token_id=[])
+    assert out.shape == (1, context)
+    with pytest.warns(UserWarning, match="past max_position_embeddings"):
+        longer = model.generate(prompt, max_new_tokens=context, do_sample=False, eos_token_id=[],
+                                allow_past_context=True)
+    assert longer.shape == (1, 3 + context)
+    np.testing.assert_array_equal(longer[:, :context], out)
+    with pytest.raises(InputError, match="allow_past_context must be True or False"):
+        model.generate(prompt, max_new_tokens=2, allow_past_context="yes")

@@ -35,7 +35,8 @@ def sampling_settings(args) -> dict:
     check_sampling_options(args)
     do_sample = False if args.greedy else (True if given else None)
     return dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, **sampling)
+                repetition_penalty=args.repetition_penalty, seed=args.seed,
+                allow_past_context=args.allow_past_context, **sampling)
 
 
 def check_sampling_options(args) -> None:

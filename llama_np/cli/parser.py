@@ -85,6 +85,9 @@ def build_parser() -> ArgumentParser:
                             "multiplied by R when negative (R > 0; > 1 repeats less, 1 is no penalty)")
     group.add_argument("--seed", type=int, help="seed (>= 0) for sampling, for reproducible output")
     group.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    group.add_argument("--allow-past-context", action="store_true",
+                       help="go on generating past the model's context length (max_position_embeddings), "
+                            "where it was never trained; by default generation stops there, with a warning")
 
     def add_verb(name, help, example, parents=(), description=None):
         return verbs.add_parser(
