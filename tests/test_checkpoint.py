@@ -965,3 +965,13 @@ def test_an_unreadable_index_or_shard_is_an_error_naming_it(tmp_path, deny_acces
     with pytest.raises(CheckpointError, match=f"cannot read {re.escape(str(tmp_path / denied))}: "
                                               "Permission denied"):
         Checkpoint.open(tmp_path)
+
+
+def test_a_header_declaring_a_million_tensors_is_refused_before_checking_each(tmp_path):
+    count = 150_000
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text)
+    with pytest.raises(CheckpointError, match=f"declares {count:,} tensors; a checkpoint file holds at most 100,000"):
+        read_safetensors_header(tmp_path / "model.safetensors")

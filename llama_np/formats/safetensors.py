@@ -52,6 +52,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # real headers are kilobytes; more means a
 # cannot even describe a shape such as (0, 2**70).
 MAX_TENSOR_RANK = 32  # NumPy 1.x's limit
 MAX_TENSOR_ELEMENTS = 2**40  # the product of the dimensions, counting a 0 as 1
+MAX_TENSORS = 100_000  # per file: a 100 MB header of a million empty tensors took a minute to check
 IGNORED_TENSOR_SUFFIX = "rotary_emb.inv_freq"  # a buffer old conversions saved; recomputed
 
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl")
@@ -118,8 +119,14 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Fil
     when they find nothing, its message is the error.
     """
     header_bytes, identity = _read_header_bytes(path)  # first: a FIFO or device is refused here
+    # Counted before any per-tensor work, parsing included: every entry names its data_offsets.
+    declared = max(header_bytes.count(b'"data_offsets"'), 0)
+    header = _parse_header_json(path, header_bytes) if declared <= MAX_TENSORS else {}
+    declared = max(declared, len(header) - ("__metadata__" in header))
+    if declared > MAX_TENSORS:
+        raise CheckpointError(f"{path} declares {declared:,} tensors; a checkpoint file holds at most "
+                              f"{MAX_TENSORS:,} (a 405B Llama has about 1,100), so the header is corrupt")
     library_problem = _safetensors_library_problem(path)
-    header = _parse_header_json(path, header_bytes)
     metadata = _validate_metadata(path, header.pop("__metadata__", {}))
     data_start = HEADER_LENGTH_BYTES + len(header_bytes)
     data_size = identity.size - data_start
