@@ -120,7 +120,7 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], Fil
     """
     header_bytes, identity = _read_header_bytes(path)  # first: a FIFO or device is refused here
     # Counted before any per-tensor work, parsing included: every entry names its data_offsets.
-    declared = max(header_bytes.count(b'"data_offsets"'), 0)
+    declared = header_bytes.count(b'"data_offsets"')
     header = _parse_header_json(path, header_bytes) if declared <= MAX_TENSORS else {}
     declared = max(declared, len(header) - ("__metadata__" in header))
     if declared > MAX_TENSORS:
