@@ -26,7 +26,7 @@ import llama_np
 from llama_np.cli.main import main
 from llama_np.errors import InputError
 from llama_np.losses import log_softmax
-from llama_np.perplexity import perplexity, read_text_file, sliding_windows
+from llama_np.perplexity import encode_long_text, perplexity, read_text_file, sliding_windows
 from tolerance import PERPLEXITY_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_relatively_close
 
 DATA = Path(__file__).parent / "data" / "perplexity"
@@ -303,3 +303,38 @@ def test_a_text_larger_than_the_bound_is_refused_before_it_is_read(tmp_path):
     with pytest.raises(InputError, match="larger than the 999 bytes"):
         read_text_file(path, max_bytes=999)
     assert read_text_file(path, max_bytes=1000) == "x" * 1000
+
+
+LONG_TEXT_SAMPLE = (Path(__file__).parent / "reference" / "tokenizer_sample.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_long_text_tokenized_in_pieces_gives_the_whole_texts_ids(legacy):
+    tokenizer = llama_np.LlamaTokenizer.from_pretrained(Path(__file__).parent / "data" / "tokenizer", legacy=legacy)
+    text = LONG_TEXT_SAMPLE * 4 + "\n\n  indented\n\tx\n日本語 😀\n"
+    done = []
+    ids = encode_long_text(tokenizer, text, piece_characters=300, progress=lambda d, t: done.append((d, t)))
+    assert ids.tolist() == tokenizer.encode(text)
+    assert len(done) > 10 and done[-1] == (len(text), len(text))
+    assert all(a[0] < b[0] for a, b in zip(done, done[1:]))
+
+
+def test_a_cut_the_tokenizer_would_merge_across_is_not_made():
+    class MergesNewlineWithA:
+        """Characters as ids, except that "\\nA" is one token: no cut may fall before an "A"."""
+
+        def encode(self, text, add_special_tokens=True):
+            ids, i = ([1] if add_special_tokens else []), 0
+            while i < len(text):
+                if text.startswith("\nA", i):
+                    ids.append(1000)
+                    i += 2
+                else:
+                    ids.append(ord(text[i]))
+                    i += 1
+            return ids
+
+    tokenizer = MergesNewlineWithA()
+    text = "".join(f"{'A' if n % 3 == 0 else 'b'}line {n}\n" for n in range(200))
+    ids = encode_long_text(tokenizer, text, piece_characters=50)
+    assert ids.tolist() == tokenizer.encode(text)

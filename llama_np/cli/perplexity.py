@@ -11,7 +11,7 @@ from llama_np.cli.common import EXIT_OK, UsageError, load_with_tokenizer
 from llama_np.errors import InputError
 from llama_np.formats.model_files import open_model_files
 from llama_np.model import LlamaForCausalLM
-from llama_np.perplexity import perplexity, read_text_file, sliding_windows
+from llama_np.perplexity import ENCODE_PIECE_CHARACTERS, encode_long_text, perplexity, read_text_file, sliding_windows
 
 # llama.cpp's default window for its perplexity tool; attention costs grow as the window squared.
 DEFAULT_PERPLEXITY_CONTEXT = 512
@@ -33,7 +33,7 @@ def run_perplexity(args) -> int:
         raise UsageError(f"--stride must be in [1, {context}] (at most --context), got {stride}")
     text = read_text_file(args.file)
     model, tokenizer = load_with_tokenizer(LlamaForCausalLM, args.model)
-    input_ids = tokenizer.encode(text)  # bos once, at the start
+    input_ids = encode_long_text(tokenizer, text, progress=tokenizing_progress(len(text)))  # bos once
     if len(input_ids) < 2:
         raise InputError(f"{args.file} gives {len(input_ids)} token(s); perplexity needs at least 2")
     windows = len(sliding_windows(len(input_ids), context, stride))
@@ -64,4 +64,20 @@ def window_progress(total: int):
         bar.update(1)
         if done == total:
             bar.close()
+    return show
+
+
+def tokenizing_progress(characters: int):
+    """progress(done, total) for tokenizing a long text: a percentage line on a terminal, and
+    off one a single line saying what takes the time; None for a text tokenized in one go."""
+    if characters <= ENCODE_PIECE_CHARACTERS:
+        return None
+    if not sys.stderr.isatty():
+        print(f"tokenizing {characters:,} characters in pieces of {ENCODE_PIECE_CHARACTERS:,}",
+              file=sys.stderr, flush=True)
+        return None
+
+    def show(done, total):
+        print(f"\rtokenizing {100 * done // total}%", end="\r\033[K" if done == total else "",
+              file=sys.stderr, flush=True)
     return show
