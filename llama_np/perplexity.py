@@ -109,7 +109,9 @@ def perplexity(model, input_ids, context: int, stride: int, progress=None) -> Pe
         if progress is not None:
             progress(done, len(windows))
     nll = nll_sum / weight_sum
-    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=weight_sum)
+    # exp of a mean NLL above ~709 nats is beyond a float: inf, as torch.exp gives it
+    return PerplexityResult(perplexity=math.exp(nll) if nll < math.log(np.finfo(np.float64).max) else math.inf,
+                            nll=nll, tokens=weight_sum)
 
 
 # A long text is tokenized this many characters at a time (at a line boundary): one encode

@@ -263,3 +263,29 @@ def test_params_without_shards_are_named(tmp_path):
     (directory / "consolidated.00.pth").unlink()
     with pytest.raises(CheckpointError, match="no consolidated.NN.pth"):
         LlamaForCausalLM.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"dim": 10**400}, "dim must be at most 2,147,483,647, got an integer of 401 digits"),
+    ({"ffn_dim_multiplier": 1e308}, r"ffn_dim_multiplier must be at most 64, got 1e\+308"),
+    ({"multiple_of": 2**70}, "multiple_of must be at most"),
+    ({"rope_theta": 1e300}, r"rope_theta must be at most 1e\+30"),
+])
+def test_params_too_large_for_any_llama_are_a_config_error_not_an_overflow(tmp_path, edit, expected):
+    params = {**GOOD, **edit}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ConfigError, match=expected):
+        read_params(tmp_path / "params.json")
+
+
+def test_inspect_of_a_meta_checkpoint_with_an_overflowing_ffn_multiplier_is_one_error_line(tmp_path, capsys):
+    from llama_np.cli.main import main
+
+    directory = copy_case("mha_1shard", tmp_path / "m")
+    params = json.loads((directory / "params.json").read_text())
+    (directory / "params.json").write_text(json.dumps({**params, "ffn_dim_multiplier": 1e308}))
+    for verb in (["inspect", "--model", str(directory)], ["generate", "x", "--model", str(directory)],
+                 ["convert", str(directory), str(tmp_path / "out")]):
+        assert main(verb) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("llama-np: error:") and "ffn_dim_multiplier must be at most 64" in err, err

@@ -338,3 +338,10 @@ def test_a_cut_the_tokenizer_would_merge_across_is_not_made():
     text = "".join(f"{'A' if n % 3 == 0 else 'b'}line {n}\n" for n in range(200))
     ids = encode_long_text(tokenizer, text, piece_characters=50)
     assert ids.tolist() == tokenizer.encode(text)
+
+
+def test_a_loss_too_large_for_exp_gives_an_infinite_perplexity_not_an_overflow_error():
+    model = llama_np.LlamaForCausalLM.from_pretrained(MODEL)
+    model.weights["lm_head.weight"] = np.asarray(model.weights["lm_head.weight"]) * 1e4  # absurd logits
+    result = perplexity(model, np.arange(1, 40), context=16, stride=16)
+    assert result.nll > 710 and result.perplexity == math.inf

@@ -68,6 +68,20 @@ def compute_intermediate_size(dim: int, ffn_dim_multiplier: float = 1, multiple_
     return multiple_of * ((int(ffn_dim_multiplier * int(8 * dim / 3)) + multiple_of - 1) // multiple_of)
 
 
+# Bounds on params.json's numbers, far beyond any Llama (405B: dim 16384, 126 layers,
+# ffn_dim_multiplier 1.2), so that the sizes computed from them stay ordinary numbers: dim=10**400
+# or ffn_dim_multiplier=1e308 overflowed float arithmetic in compute_intermediate_size.
+MAX_PARAMS_INT = 2**31 - 1
+MAX_FFN_DIM_MULTIPLIER = 64.0
+
+
+def _short(value) -> str:
+    """A params.json value for an error message: a huge int by its digit count, not its digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {len(str(value)):,} digits" if value.bit_length() < 20_000 else "a huge integer"
+    return f"{value!r:.80}"
+
+
 @dataclass(frozen=True)
 class MetaParams:
     """The fields of params.json, validated; defaults are those of Meta's ModelArgs."""
@@ -100,10 +114,12 @@ def read_params(path) -> MetaParams:
             return default
         value = values[name]
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            fail(f"{name} must be a positive integer, got {value!r:.80}")
+            fail(f"{name} must be a positive integer, got {_short(value)}")
+        if value > MAX_PARAMS_INT:
+            fail(f"{name} must be at most {MAX_PARAMS_INT:,}, got {_short(value)}")
         return value
 
-    def positive_number(name, default=None):
+    def positive_number(name, default=None, largest=float(MAX_PARAMS_INT)):
         value = values.get(name)
         if value is None:
             if default is MISSING:
@@ -111,7 +127,9 @@ def read_params(path) -> MetaParams:
             return default
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                 and math.isfinite(value) and value > 0):
-            fail(f"{name} must be a positive number, got {value!r:.80}")
+            fail(f"{name} must be a positive number, got {_short(value)}")
+        if value > largest:
+            fail(f"{name} must be at most {largest:g}, got {_short(value)}")
         return float(value)
 
     if "use_scaled_rope" in values or values.get("vocab_size") == 128256:
@@ -129,9 +147,9 @@ def read_params(path) -> MetaParams:
         n_heads=positive_int("n_heads"),
         n_kv_heads=None if values.get("n_kv_heads") is None else positive_int("n_kv_heads"),
         multiple_of=positive_int("multiple_of", 256),
-        ffn_dim_multiplier=positive_number("ffn_dim_multiplier"),
+        ffn_dim_multiplier=positive_number("ffn_dim_multiplier", largest=MAX_FFN_DIM_MULTIPLIER),
         norm_eps=positive_number("norm_eps", MISSING),
-        rope_theta=positive_number("rope_theta", 10000.0),
+        rope_theta=positive_number("rope_theta", 10000.0, largest=1e30),
         vocab_size=values.get("vocab_size", -1),
     )
     if not (isinstance(params.vocab_size, int) and not isinstance(params.vocab_size, bool)
