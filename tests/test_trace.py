@@ -285,3 +285,32 @@ def test_transformerlens_shorthand_names():
     assert full_hook_name("embed") == "hook_embed"
     assert full_hook_name("scale") == "ln_final.hook_scale"
     assert full_hook_name("blocks.0.hook_mlp_out") == "blocks.0.hook_mlp_out"
+
+
+def _returns(value):
+    def hook(x, hook):
+        return value(x) if callable(value) else value
+    return hook
+
+
+@pytest.mark.parametrize("fwd_hooks, expected", [
+    (None, "fwd_hooks must be a list"),
+    ([("blocks.0.hook_resid_pre", lambda x: x)], "must take the activation and a keyword argument named 'hook'"),
+    ([("blocks.0.hook_resid_pre", _returns("no"))], "returned an array of <U2"),
+    ([("blocks.0.hook_resid_pre", _returns([[1, 2], [3]]))], "returned something that is not an array"),
+    ([("blocks.0.hook_resid_pre", _returns(lambda x: x.astype(np.complex64)))], "returned an array of complex64"),
+    ([("blocks.0.hook_resid_pre", _returns(lambda x: x.astype(object)))], "returned an array of object"),
+    ([(lambda name: np.array([True, False]), _returns(None))], "predicate must return True or False"),
+])
+def test_a_bad_hook_is_one_input_error_naming_it(fwd_hooks, expected):
+    model = LlamaForCausalLM.from_pretrained("tiny-shakespeare")
+    with pytest.raises(InputError, match=expected):
+        model.run_with_hooks(np.array([[1, 2, 3]]), fwd_hooks=fwd_hooks)
+
+
+def test_logit_attrs_of_a_token_outside_the_vocabulary_is_an_input_error():
+    model = LlamaForCausalLM.from_pretrained("tiny-shakespeare")
+    _, cache = model.run_with_cache(np.array([[1, 2, 3]]))
+    stack = cache.accumulated_resid()
+    with pytest.raises(InputError, match=r"tokens must be ids in \[0, 2000\)"):
+        cache.logit_attrs(stack, tokens=[10**9])

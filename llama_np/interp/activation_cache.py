@@ -248,12 +248,12 @@ class ActivationCache:
             raise InputError("logit_attrs needs the cache of a LlamaForCausalLM run (its lm_head)")
         scaled = residual_stack / _positions(self["ln_final.hook_scale"], pos_slice, axis=-2)
         unembed = model.lm_head_weight()  # (V, D): row t is token t's direction in the stream
-        directions = unembed[np.asarray(tokens)]
+        directions = unembed[_token_ids(tokens, "tokens", unembed.shape[0])]
         if incorrect_tokens is not None:
             if np.shape(incorrect_tokens) != np.shape(tokens):
                 raise InputError(f"incorrect_tokens has shape {np.shape(incorrect_tokens)}; tokens has "
                                  f"{np.shape(tokens)}")
-            directions = directions - unembed[np.asarray(incorrect_tokens)]
+            directions = directions - unembed[_token_ids(incorrect_tokens, "incorrect_tokens", unembed.shape[0])]
         if directions.ndim == 2 and scaled.ndim == 4:  # one token per row: (B, D) -> (B, 1, D)
             directions = directions[:, None, :]
         return (scaled * directions).sum(axis=-1)
@@ -265,6 +265,19 @@ class ActivationCache:
 
     def __repr__(self):
         return f"ActivationCache({len(self)} activations, {self.num_layers} layers)"
+
+
+def _token_ids(tokens, name: str, vocab_size: int) -> np.ndarray:
+    """``tokens`` as an integer array of ids in [0, vocab_size), or InputError naming ``name``."""
+    try:
+        ids = np.asarray(tokens)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{name} must be token ids, got {tokens!r:.60} ({error})") from None
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise InputError(f"{name} must be ids in [0, {vocab_size}), got {int(ids.min())}..{int(ids.max())}")
+    return ids
 
 
 def _positions(array: np.ndarray, pos_slice, axis: int) -> np.ndarray:

@@ -26,6 +26,7 @@ KV key/value heads, hd head_dim, I intermediate size, V vocabulary size, L layer
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -180,10 +181,14 @@ def hooks_tap(model, fwd_hooks) -> Tap:
     """
     known = model_hook_names(model)
     checked = []
+    if fwd_hooks is None or isinstance(fwd_hooks, (str, bytes)) or not hasattr(fwd_hooks, "__iter__"):
+        raise InputError(f"fwd_hooks must be a list of (hook name or predicate, function) pairs, got "
+                         f"{fwd_hooks!r:.80}")
     for entry in fwd_hooks:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and callable(entry[1])):
-            raise InputError(f"fwd_hooks must be (hook name or predicate, function) pairs, got {entry!r}")
+            raise InputError(f"fwd_hooks must be (hook name or predicate, function) pairs, got {entry!r:.80}")
         where, fn = entry
+        _check_hook_signature(fn, where)
         if isinstance(where, str):
             if where not in known:
                 close = difflib.get_close_matches(where, known, n=3)
@@ -198,19 +203,49 @@ def hooks_tap(model, fwd_hooks) -> Tap:
 
     def tap(name: str, x: np.ndarray) -> np.ndarray:
         for matches, fn in checked:
-            if not matches(name):
+            found = matches(name)
+            if not isinstance(found, (bool, np.bool_)):
+                raise InputError(f"a hook's predicate must return True or False for a hook name; for "
+                                 f"{name!r} it returned {type(found).__name__} {found!r:.60}")
+            if not found:
                 continue
             replaced = fn(x, hook=HookPoint(name))  # by keyword, as TransformerLens calls hooks
             if replaced is None:
                 continue
-            replaced = np.asarray(replaced)
-            if replaced.shape != x.shape:
-                raise InputError(f"the hook on {name} returned shape {replaced.shape}; the activation "
-                                 f"has shape {x.shape} (return None to keep it)")
-            x = replaced.astype(x.dtype, copy=False)
+            x = _checked_replacement(replaced, x, name, fn)
         return x
 
     return tap
+
+
+def _check_hook_signature(fn, where) -> None:
+    """InputError unless ``fn`` can be called as ``fn(activation, hook=...)``, TransformerLens' way."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call say
+        return
+    try:
+        signature.bind(np.zeros(1), hook=HookPoint("x"))
+    except TypeError:
+        label = getattr(fn, "__name__", repr(fn))
+        raise InputError(f"the hook {label} on {where!r:.60} must take the activation and a keyword "
+                         f"argument named 'hook', as TransformerLens calls hooks: def {label}(x, hook)") from None
+
+
+def _checked_replacement(replaced, x: np.ndarray, name: str, fn) -> np.ndarray:
+    """What a hook returned, as an array of the activation's shape and dtype, or InputError."""
+    label = getattr(fn, "__name__", "a hook")
+    try:
+        array = np.asarray(replaced)
+    except ValueError as error:  # a ragged list
+        raise InputError(f"the hook {label} on {name} returned something that is not an array ({error})") from None
+    if array.dtype.kind not in "fiub":  # strings, objects, complex numbers: nothing to cast silently
+        raise InputError(f"the hook {label} on {name} returned an array of {array.dtype}; the activation "
+                         f"is {x.dtype} (return real numbers, or None to keep it)")
+    if array.shape != x.shape:
+        raise InputError(f"the hook on {name} returned shape {array.shape}; the activation "
+                         f"has shape {x.shape} (return None to keep it)")
+    return array.astype(x.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------- TransformerLens' modes
