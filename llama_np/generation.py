@@ -10,6 +10,8 @@ repetition penalty -> temperature -> top-k -> top-p -> softmax -> sample (or arg
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -197,7 +199,7 @@ def progress_held_back(model):
 def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_sample=None,
              temperature=None, top_k=None, top_p=None, repetition_penalty=None, seed=None,
              eos_token_id=None, pad_token_id=None, streamer=None, stats=None,
-             allow_past_context: bool = False) -> np.ndarray:
+             allow_past_context: bool = False, max_length=None) -> np.ndarray:
     """Continue each prompt; returns prompt + new tokens, shape (B, T + new).
 
     Arguments left as None come from ``model.generation_config`` (the checkpoint's
@@ -214,6 +216,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     ``prompt_seconds`` (the pass over the prompt, which also yields the first new token) and
     ``decode_seconds`` for the ``decode_steps`` = new_tokens − 1 cached steps after it.
 
+    ``max_length``, as in Transformers, counts the prompt: max_new_tokens = max_length − T.
     Generation stops at the model's context length (``max_position_embeddings``), with a
     warning, unless ``allow_past_context=True`` or the RoPE type is ``dynamic`` (made to stretch
     at run time): past it the model has never seen its positions and writes gibberish, as
@@ -229,6 +232,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=None, do_samp
     pad_token_id = settings.pad_token_id if pad_token_id is None else pad_token_id
 
     ids = check_input_ids(input_ids, model.config.vocab_size)  # (B, T) int64
+    if max_length is not None:  # Transformers' older spelling: the prompt counts in it
+        if max_new_tokens is not None:
+            raise InputError("give max_new_tokens or max_length, not both")
+        if not is_integer(max_length) or max_length < 0:
+            raise InputError(f"max_length must be a non-negative integer, got {max_length!r}")
+        max_new_tokens = max(int(max_length) - ids.shape[-1], 0)
     if max_new_tokens is None:
         max_new_tokens = settings.max_new_tokens
     if max_new_tokens is None:
@@ -304,6 +313,16 @@ def _infer_attention_mask(ids, pad_token_id, eos_ids) -> np.ndarray:
     if pad_token_id is not None and (ids == pad_token_id).any() and pad_token_id not in eos_ids:
         return (ids != pad_token_id).astype(np.int64)
     return np.ones(ids.shape, dtype=np.int64)
+
+
+def check_generate_arguments(kwargs: dict) -> None:
+    """InputError for a keyword ``generate`` does not take, with the nearest one it does."""
+    known = [name for name in inspect.signature(generate).parameters if name not in ("model", "input_ids")]
+    for name in kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; it takes {', '.join(known)}"
+            raise InputError(f"generate() has no argument {name!r}{hint}")
 
 
 def _within_context(config, prompt_length: int, max_new_tokens: int) -> int:

@@ -56,6 +56,9 @@ def _as_2d(value, name: str) -> np.ndarray:
 def check_input_ids(input_ids, vocab_size: int) -> np.ndarray:
     """input_ids as an int64 (B, T) array of token ids in [0, vocab_size)."""
     ids = _as_2d(input_ids, "input_ids")
+    if ids.dtype.kind in "US" or isinstance(input_ids, str):
+        raise InputError(f"input_ids must be integers (token ids), got text ({input_ids!r:.40}): tokenize it first, "
+                         "e.g. np.array([tokenizer.encode(text)])")
     if not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
         raise InputError(f"input_ids must be integers, got dtype {ids.dtype}")
     if ids.ndim != 2:

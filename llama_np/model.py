@@ -30,7 +30,7 @@ from llama_np import inputs, layers
 from llama_np.cache import KVCache
 from llama_np.config import LlamaConfig
 from llama_np.errors import InputError
-from llama_np.generation import generate
+from llama_np.generation import check_generate_arguments, generate
 from llama_np.layers import Tap, no_tap
 from llama_np.losses import causal_lm_loss, classification_loss
 from llama_np.pretrained import LlamaPreTrainedModel, expected_base_shapes
@@ -266,6 +266,7 @@ class LlamaForCausalLM(LlamaStack):
 
     def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
         """Prompt + new tokens (B, T + new); see ``llama_np.generation.generate``."""
+        check_generate_arguments(kwargs)
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
 

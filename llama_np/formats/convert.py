@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import sys
 import time
@@ -30,6 +31,7 @@ import numpy as np
 
 from llama_np.config import CONFIG_FILE, LlamaConfig
 from llama_np.errors import CheckpointError, InputError
+from llama_np.inputs import is_integer
 from llama_np.formats.files import atomic_write, atomic_write_text, is_file, open_regular
 from llama_np.formats.meta import VOCAB_FILE_NAME, MetaTensor, is_meta_checkpoint, open_meta_checkpoint
 from llama_np.formats.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, _encode_header
@@ -68,6 +70,9 @@ def convert_meta_checkpoint(meta_dir, out_dir, dtype: str | None = None, *,
     started = time.perf_counter()
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     target = _output_dtype(dtype)
+    if not is_integer(max_shard_bytes) or max_shard_bytes < 1:
+        raise InputError(f"max_shard_bytes must be a positive number of bytes (an int, e.g. 5 * 10**9), "
+                         f"got {max_shard_bytes!r:.40}")
     if not is_meta_checkpoint(meta_dir):
         raise CheckpointError(f"{meta_dir} is not a Meta checkpoint directory: it needs params.json "
                               f"and consolidated.NN.pth files (and no {CONFIG_FILE})")
@@ -128,8 +133,16 @@ def _output_dtype(dtype) -> str | None:
 
 def _check_output_directory(out_dir: Path) -> None:
     """A new or empty directory: never overwrite or mix with another model's files."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise CheckpointError(f"{out_dir} is a symbolic link to {os.readlink(out_dir)}, which does not exist; "
+                              "convert into a new or empty directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir} is a file; the output of a conversion is a directory")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{parent} is a file, so {out_dir} cannot be made in it")
+            break
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} is not empty; convert into a new or empty directory, so "
                               "that no file of another model is mixed in or overwritten")

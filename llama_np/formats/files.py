@@ -45,6 +45,8 @@ def is_dir(path, error: type[Exception] = CheckpointError) -> bool:
 
 
 def _status_or_none(path, error: type[Exception]) -> os.stat_result | None:
+    if "\0" in os.fspath(path):
+        raise error(f"{os.fspath(path)!r} holds a NUL byte, which no file name can")
     try:
         return os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -60,6 +62,8 @@ def open_regular(path, error: type[Exception] = CheckpointError) -> BinaryIO:
     so it cannot be swapped in between): opening a FIFO for reading would wait for a writer for
     ever, and a device such as /dev/zero never ends.
     """
+    if "\0" in os.fspath(path):
+        raise error(f"{os.fspath(path)!r} holds a NUL byte, which no file name can")
     try:
         handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except IsADirectoryError:

@@ -34,6 +34,9 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
             f"a model is named by a path or a bundled model name (a str), got "
             f"{type(name_or_path).__name__} {name_or_path!r:.80}"
         )
+    if "\0" in os.fspath(name_or_path):
+        raise CheckpointError(f"{os.fspath(name_or_path)!r:.120} holds a NUL byte: it names no directory, "
+                              "bundled model or repo id")
     path = Path(name_or_path).expanduser()
     if is_dir(path) and revision is None:
         return path

@@ -219,6 +219,9 @@ class TokenizerBase:
             raise TokenizerError(
                 f"batch_decode takes a (B, T) batch of ids, got an array of shape {sequences.shape}"
             )
+        if not isinstance(sequences, (list, tuple, np.ndarray)):
+            raise TokenizerError(f"batch_decode takes a (B, T) batch of ids (a list of lists or an array), "
+                                 f"got {type(sequences).__name__} {sequences!r:.60}")
         return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in sequences]
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):

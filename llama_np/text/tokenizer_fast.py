@@ -282,6 +282,9 @@ class LlamaTokenizerFast(TokenizerBase):
         """A token -> its id, a list of tokens -> a list of ids; unknown strings give unk's id."""
         if isinstance(tokens, str):
             return self._token_to_id(tokens)
+        if not isinstance(tokens, (list, tuple)):
+            raise TokenizerError(f"convert_tokens_to_ids takes a token (str) or a list of them, got "
+                                 f"{type(tokens).__name__} {tokens!r:.60}")
         return [self._token_to_id(_check_token_string("token", token)) for token in tokens]
 
     # ----------------------------------------------------------------------------------------
