@@ -408,3 +408,35 @@ def test_converting_a_unigram_model_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(TokenizerError, match="not BPE"):
         convert_sentencepiece(path)
+
+
+def _tokenizer_json_variant(tmp_path, edit):
+    directory = tmp_path / "variant"
+    shutil.copytree(DATA / "json_legacy_false", directory)
+    data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    edit(data)
+    (directory / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    return directory
+
+
+def test_a_garbage_precompiled_charsmap_is_refused_on_load_with_no_rust_panic_text(tmp_path, capfd):
+    directory = _tokenizer_json_variant(tmp_path, lambda t: t.__setitem__(
+        "normalizer", {"type": "Precompiled", "precompiled_charsmap": "AAAAAAAAAAAAAAAAAAAA"}))
+    with pytest.raises(TokenizerError, match="tokenizer.json is not a tokenizers file .*index out of bounds"):
+        LlamaTokenizerFast.from_pretrained(directory)
+    assert "panicked" not in capfd.readouterr().err
+
+
+def test_a_split_regex_that_backtracks_for_ever_is_a_tokenizer_error_not_a_panic(tmp_path):
+    directory = _tokenizer_json_variant(tmp_path, lambda t: t.__setitem__(
+        "pre_tokenizer", {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False}))
+    tokenizer = LlamaTokenizerFast.from_pretrained(directory)
+    with pytest.raises(TokenizerError, match="cannot encode this input .*PanicException"):
+        tokenizer.encode("a" * 5000 + "b")
+
+
+def test_a_tokenizer_json_without_a_decoder_joins_tokens_as_the_library_decodes(tmp_path):
+    tokenizer = LlamaTokenizerFast.from_pretrained(_tokenizer_json_variant(tmp_path, lambda t: t.__setitem__("decoder", None)))
+    assert tokenizer.convert_tokens_to_string(["▁hello", "▁world"]) == "▁hello ▁world"
+    ids = tokenizer.encode("hello world", add_special_tokens=False)
+    assert tokenizer.decode(ids) == " ".join(tokenizer.convert_ids_to_tokens(ids))

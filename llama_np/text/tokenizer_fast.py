@@ -24,15 +24,30 @@ The ``tokenizers`` library is the optional extra ``llama-np[fast]``; without it,
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
-from llama_np.text.bpe import BPE_MODEL, CONTROL, USER_DEFINED, read_model
+from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.formats.files import atomic_write, atomic_write_text, is_file, read_bytes
 from llama_np.formats.locate import resolve_model_path
-from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.inputs import is_integer
-from llama_np.text.base import SPECIAL_TOKEN_NAMES, TOKENIZER_CONFIG_NAME, VERY_LARGE_INTEGER, TokenizerBase, _check_ids, _check_settings, _check_side, _check_text, _check_token_string, check_added_tokens, clean_up_tokenization, read_pretrained_settings
+from llama_np.text.base import (
+    SPECIAL_TOKEN_NAMES,
+    TOKENIZER_CONFIG_NAME,
+    VERY_LARGE_INTEGER,
+    TokenizerBase,
+    _check_ids,
+    _check_settings,
+    _check_side,
+    _check_text,
+    _check_token_string,
+    check_added_tokens,
+    clean_up_tokenization,
+    read_pretrained_settings,
+)
+from llama_np.text.bpe import BPE_MODEL, CONTROL, USER_DEFINED, read_model
 
 TOKENIZER_FILE_NAME = "tokenizer.json"
 VOCAB_FILE_NAME = "tokenizer.model"
@@ -120,6 +135,21 @@ def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: boo
 # the tokenizer
 
 
+@contextlib.contextmanager
+def _rust_panics_silenced():
+    """stderr (file descriptor 2) pointed at /dev/null for a moment: a Rust panic inside the
+    tokenizers library prints its own message there before it becomes a Python exception."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class LlamaTokenizerFast(TokenizerBase):
     """Llama's tokenizer on the ``tokenizers`` library, matching Transformers 4.45.2's
     ``LlamaTokenizerFast``.
@@ -191,8 +221,13 @@ class LlamaTokenizerFast(TokenizerBase):
                 raise TokenizerError(f"{path} does not exist")
             data = read_bytes(path, TokenizerError)
             try:
-                return tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-            except Exception as error:  # the library raises a plain Exception for a bad file
+                backend = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+                with _rust_panics_silenced():  # a garbage normalizer panics on any text: say so now
+                    backend.encode("Hello, world! 123 日本語")
+                return backend
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as error:  # plain Exceptions, and a Rust panic (PanicException, a BaseException)
                 raise TokenizerError(
                     f"{path} is not a tokenizers file the 'tokenizers' library can read "
                     f"({len(data)} bytes): {error}"
@@ -376,8 +411,13 @@ class LlamaTokenizerFast(TokenizerBase):
         """The backend's encode_batch; its errors (e.g. truncation) become TokenizerErrors."""
         try:
             return self._tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens)
-        except Exception as error:  # the library raises plain Exceptions
-            raise TokenizerError(f"the tokenizers library cannot encode this input: {error}") from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # plain Exceptions, and a Rust panic (a garbage Precompiled charsmap, a
+            # Split regex that backtracks for ever) raised as PanicException, a BaseException
+            raise TokenizerError(f"the tokenizers library cannot encode this input with "
+                                 f"{self.tokenizer_file or 'this tokenizer'}: {type(error).__name__}: "
+                                 f"{str(error)[:200]}") from None
 
     def __call__(
         self,
@@ -443,9 +483,24 @@ class LlamaTokenizerFast(TokenizerBase):
                 if i not in special_ids]
 
     def convert_tokens_to_string(self, tokens) -> str:
-        """Join tokens into text with the backend's decoder."""
-        return self._tokenizer.decoder.decode(
-            [_check_token_string("token", token) for token in tokens])
+        """Join tokens into text with the backend's decoder (a tokenizer.json with ``"decoder":
+        null`` has none: its tokens are joined by spaces, as the library's own decode does)."""
+        tokens = [_check_token_string("token", token) for token in tokens]
+        if self._tokenizer.decoder is None:
+            return " ".join(tokens)
+        return self._guarded(lambda: self._tokenizer.decoder.decode(tokens), "decode these tokens")
+
+    def _guarded(self, work, what: str):
+        """``work()``, with whatever the tokenizers library raises (a Rust panic included) as one
+        TokenizerError."""
+        try:
+            return work()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:
+            raise TokenizerError(f"the tokenizers library cannot {what} with "
+                                 f"{self.tokenizer_file or 'this tokenizer'}: {type(error).__name__}: "
+                                 f"{str(error)[:200]}") from None
 
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None) -> str:
         """Text of a sequence of ids (or of one id). Out-of-vocabulary ids raise TokenizerError.
@@ -456,7 +511,8 @@ class LlamaTokenizerFast(TokenizerBase):
         if is_integer(token_ids):
             token_ids = [token_ids]
         ids = _check_ids(token_ids, len(self))
-        text = self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self._guarded(lambda: self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens),
+                             "decode these ids")
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return clean_up_tokenization(text) if clean_up_tokenization_spaces else text
