@@ -785,3 +785,22 @@ def test_a_fifo_given_as_a_reference_npz_is_refused_not_waited_on(tmp_path, caps
     assert main(["compare", str(fifo)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llama-np: error:") and "is a FIFO" in err
+
+
+@pytest.mark.parametrize("argv, nearest", [
+    (["generate", "x", "--max_new_tokens", "3"], "--max-new-tokens"),
+    (["generate", "x", "--temprature", "0.5"], "--temperature"),
+    (["generate", "x", "--max-new-token", "3"], "--max-new-tokens"),
+    (["diff", "a.npz", "b.npz", "--atl", "1"], "--atol"),
+])
+def test_an_unknown_or_abbreviated_flag_names_the_nearest_one_of_its_verb(argv, nearest, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"did you mean {nearest}?" in err and f"llama-np {argv[0]} --help" in err
+
+
+def test_generate_piped_into_head_ends_with_status_0():
+    command = f"{sys.executable} -m llama_np generate ROMEO. --max-new-tokens 200 --seed 0 | head -c 20"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "error" not in result.stderr

@@ -38,7 +38,7 @@ import sys
 import warnings
 
 from llama_np.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
-from llama_np.cli.parser import build_parser
+from llama_np.cli.parser import parse_arguments
 from llama_np.weights.memory import available_memory, human_bytes
 from llama_np.errors import LlamaNPError
 
@@ -93,15 +93,15 @@ def _run(argv) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer()
-            args = build_parser().parse_args(argv)
+            args = parse_arguments(argv)
             return args.run(args)
     except SystemExit as exit_request:  # --help and --version
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+    except BrokenPipeError:  # piped into `head`, which has read what it wanted: a normal end
         _silence_stdout()
-        return EXIT_FAILED
+        return EXIT_OK
     except (UsageError, LlamaNPError) as error:
         return _fail(str(error))
     except OSError as error:

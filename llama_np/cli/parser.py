@@ -8,6 +8,7 @@ A bad argument raises ``UsageError`` rather than printing argparse's usage text 
 from __future__ import annotations
 
 import argparse
+import difflib
 import textwrap
 
 import llama_np
@@ -23,11 +24,31 @@ from llama_np.formats.convert import OUTPUT_DTYPES
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument raises UsageError instead of printing usage and exiting.
 
-    argparse's own report is the usage text plus a line; ``main`` prints just one line.
+    argparse's own report is the usage text plus a line; ``main`` prints just one line. An
+    unknown flag gets the nearest known one ("--max_new_tokens": did you mean
+    --max-new-tokens?), and abbreviations are off: ``--max-new-token`` is a typo, not a flag.
     """
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        raise UsageError(f"{message}{self._nearest_flags(message)} (see '{self.prog} --help')")
+
+    def _nearest_flags(self, message: str) -> str:
+        """"; did you mean --x?" for each unknown flag of an "unrecognized arguments" message."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [flag for action in self._actions for flag in action.option_strings]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("-"):
+                flag = word.split("=", 1)[0]
+                close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{flag}: did you mean {close[0]}?")
+        return "; " + "; ".join(hints) if hints else ""
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -42,6 +63,17 @@ class HelpFormatter(argparse.HelpFormatter):
                 lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent,
                                            break_on_hyphens=False))
         return "\n".join(lines)
+
+
+def parse_arguments(argv) -> argparse.Namespace:
+    """``argv`` parsed by ``build_parser()``; an unknown flag is reported by its verb's parser,
+    which knows that verb's flags (and so the nearest one)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        verbs = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        verbs.choices.get(args.verb, parser).error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
 
 
 def build_parser() -> ArgumentParser:
@@ -92,7 +124,7 @@ def build_parser() -> ArgumentParser:
     def add_verb(name, help, example, parents=(), description=None):
         return verbs.add_parser(
             name, help=help, description=description or help, parents=list(parents),
-            epilog="example:\n  " + example, formatter_class=HelpFormatter)
+            epilog="example:\n  " + example, formatter_class=HelpFormatter, allow_abbrev=False)
 
     generate = add_verb(
         "generate", "continue a prompt, printing the text as it is generated",
@@ -215,7 +247,7 @@ def build_parser() -> ArgumentParser:
 
     diff = add_verb(
         "diff", "compare two activation dumps and name the first divergence (exit 1 if any)",
-        "llama-np diff golden.npz my_port.npz --atol 1e-4",
+        "llama-np diff my_port.npz golden.npz --atol 1e-4",
         description="Compare the arrays two .npz dumps share, in the order the forward pass "
                     "computes them, print max |Δ| for each, and name the first one outside the "
                     "tolerance: |a - b| <= ATOL * max(1, |b|). Exit 0 when all agree, 1 otherwise. "
