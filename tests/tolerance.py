@@ -17,6 +17,10 @@
 - elementwise float32 maths with no summation (RoPE frequencies, cos/sin tables, a mean row):
   relative 1e-6, a few units in the last place (`assert_relatively_close`).
 
+- float64 finite differences (FINITE_DIFFERENCE_TOLERANCE): a directional derivative from a
+  backward function, <gradient, d>, against the central difference (f(x + εd) − f(x − εd)) / 2ε,
+  relative 1e-6.
+
 Only positions that carry meaning are compared: callers pass `where` to select the rows whose
 attention_mask is 1 (a padded query row has no defined output; docs/reference.md §3.9).
 """
@@ -28,6 +32,7 @@ LOSS_TOLERANCE = 1e-5
 REPEATED_TOLERANCE = 1e-5
 ELEMENTWISE_TOLERANCE = 1e-6
 PERPLEXITY_TOLERANCE = 1e-4  # relative, for perplexity and the mean NLL of a long text
+FINITE_DIFFERENCE_TOLERANCE = 1e-6  # relative, float64 directional derivatives
 
 
 def scaled_deviation(ours, reference):
@@ -105,3 +110,13 @@ def assert_same_token_ids(ours, reference, what):
             f"{what}: {len(differ)} token ids differ, first at row {row} position {column}: ours "
             f"{ours[row, column]}, reference {reference[row, column]}\nours:\n{ours}\nreference:\n{reference}"
         )
+
+
+def assert_directional_derivative(analytic, central_difference, what, tolerance=FINITE_DIFFERENCE_TOLERANCE):
+    """|analytic - central difference| <= tolerance * |central difference| (two scalars)."""
+    analytic, central_difference = float(analytic), float(central_difference)
+    gap = abs(analytic - central_difference)
+    if not gap <= tolerance * abs(central_difference):
+        raise AssertionError(f"{what}: <gradient, d> = {analytic!r}, central difference {central_difference!r}, "
+                             f"relative gap {gap / max(abs(central_difference), 1e-300):.3e} > {tolerance:g}")
+    return gap / max(abs(central_difference), 1e-300)

@@ -1,0 +1,230 @@
+"""Training: every backward function.
+
+- Each function of llama_np/training/backward.py against float64 central differences of its
+  forward twin in layers.py / losses.py (a directional derivative along a random direction,
+  FINITE_DIFFERENCE_TOLERANCE), on small random inputs: GQA and MQA, causal and padding masks,
+  ignored labels, the padding row of the embedding.
+"""
+
+import numpy as np
+import pytest
+
+from llama_np import layers, losses
+from llama_np.training import backward
+from tolerance import assert_directional_derivative
+
+EPSILON = 1e-6  # the step of the central differences, in float64
+
+rng = np.random.default_rng(2024)
+
+
+def assert_backward_matches_central_differences(forward, inputs, grads, cotangent, what):
+    """For each input named in ``grads``: <grad, d> against the central difference along d of
+    <cotangent, forward(**inputs)>, d a random direction. ``grads`` is what the backward
+    function returned for the upstream gradient ``cotangent``."""
+    for name, grad in grads.items():
+        direction = rng.normal(size=np.shape(inputs[name]))
+
+        def objective(sign):
+            moved = dict(inputs, **{name: inputs[name] + sign * EPSILON * direction})
+            return np.sum(cotangent * forward(**moved))
+
+        central = (objective(1) - objective(-1)) / (2 * EPSILON)
+        assert_directional_derivative(np.sum(grad * direction), central, f"{what}: d/d{name}")
+
+
+def normal(*shape):
+    return rng.normal(size=shape)
+
+
+def causal_mask(padding, batch, length):
+    """The additive mask of a batch: None, "right" or "left" padding of the second row."""
+    padding_mask = None
+    if padding is not None:
+        padding_mask = np.ones((batch, length), dtype=np.int64)
+        if padding == "right":
+            padding_mask[1, -2:] = 0
+        else:
+            padding_mask[1, :2] = 0
+    return layers.attention_mask(padding_mask, length, 0, batch, np.float64), padding_mask
+
+
+# ---------------------------------------------------------------------------- each backward function
+
+
+def test_embedding_backward_matches_finite_differences_with_repeated_tokens():
+    input_ids = np.array([[3, 1, 3, 0], [2, 3, 5, 1]])  # token 3 three times: its row sums three gradients
+    table = normal(6, 4)
+    cotangent = normal(2, 4, 4)
+    grad = backward.embedding_backward(cotangent, input_ids, 6)
+    assert_backward_matches_central_differences(lambda table: layers.embedding(input_ids, table),
+                                                {"table": table}, {"table": grad}, cotangent, "embedding")
+
+
+def test_embedding_backward_gives_the_padding_row_no_gradient():
+    input_ids = np.array([[0, 0, 4, 2]])
+    cotangent = normal(1, 4, 3)
+    plain = backward.embedding_backward(cotangent, input_ids, 5)
+    padded = backward.embedding_backward(cotangent, input_ids, 5, padding_idx=0)
+    assert np.all(padded[0] == 0) and np.any(plain[0] != 0)
+    np.testing.assert_array_equal(padded[1:], plain[1:])
+
+
+def test_rms_norm_backward_matches_finite_differences_through_the_rms():
+    x, weight, eps = normal(2, 5, 8), normal(8), 1e-5
+    cotangent = normal(2, 5, 8)
+    seen = {}
+    layers.rms_norm(x, weight, eps, layers.recorder(seen))
+    grad_x, grad_weight = backward.rms_norm_backward(cotangent, seen["hook_normalized"], seen["hook_scale"], weight)
+    assert_backward_matches_central_differences(lambda x, weight: layers.rms_norm(x, weight, eps),
+                                                {"x": x, "weight": weight}, {"x": grad_x, "weight": grad_weight},
+                                                cotangent, "rms_norm")
+
+
+@pytest.mark.parametrize("attention_factor", [1.0, 1.25], ids=["plain", "yarn_factor"])
+def test_apply_rope_backward_matches_finite_differences(attention_factor):
+    inv_freq, _ = layers.default_rope_frequencies(8, 10000.0, np.float64)
+    positions = np.array([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
+    cos, sin = layers.rope_cos_sin(positions, inv_freq, attention_factor, np.float64)
+    x, cotangent = normal(2, 3, 5, 8), normal(2, 3, 5, 8)
+    grad = backward.apply_rope_backward(cotangent, cos, sin)
+    assert_backward_matches_central_differences(lambda x: layers.apply_rope(x, cos, sin), {"x": x}, {"x": grad},
+                                                cotangent, "apply_rope")
+
+
+def test_apply_rope_backward_of_a_plain_rotation_is_the_rotation_by_minus_the_angle():
+    inv_freq, _ = layers.default_rope_frequencies(8, 10000.0, np.float64)
+    cos, sin = layers.rope_cos_sin(np.array([[0, 5, 17]]), inv_freq, 1.0, np.float64)
+    x = normal(1, 2, 3, 8)
+    np.testing.assert_allclose(backward.apply_rope_backward(layers.apply_rope(x, cos, sin), cos, sin), x,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_rep", [1, 2, 4])
+def test_repeat_kv_backward_sums_each_group_and_matches_finite_differences(n_rep):
+    x = normal(2, 2, 5, 4)
+    cotangent = normal(2, 2 * n_rep, 5, 4)
+    grad = backward.repeat_kv_backward(cotangent, n_rep)
+    assert grad.shape == x.shape
+    assert_backward_matches_central_differences(lambda x: layers.repeat_kv(x, n_rep), {"x": x}, {"x": grad},
+                                                cotangent, f"repeat_kv n_rep={n_rep}")
+
+
+def test_softmax_backward_matches_finite_differences():
+    scores, cotangent = normal(2, 3, 6), normal(2, 3, 6)
+    grad = backward.softmax_backward(cotangent, layers.softmax(scores))
+    assert_backward_matches_central_differences(lambda scores: layers.softmax(scores), {"scores": scores},
+                                                {"scores": grad}, cotangent, "softmax")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_attention_scores_backward_matches_finite_differences(heads, kv_heads):
+    # The additive mask is a constant (test_attention_backward… covers it): its finfo.min
+    # entries would only overflow the objective here.
+    q, k, scaling = normal(2, heads, 5, 8), normal(2, kv_heads, 5, 8), 8 ** -0.5
+    cotangent = normal(2, heads, 5, 5)
+    grad_q, grad_k = backward.attention_scores_backward(cotangent, q, k, scaling)
+    assert_backward_matches_central_differences(lambda q, k: layers.attention_scores(q, k, None, scaling),
+                                                {"q": q, "k": k}, {"q": grad_q, "k": grad_k}, cotangent,
+                                                "attention_scores")
+
+
+@pytest.mark.parametrize("padding", [None, "right", "left"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_attention_backward_matches_finite_differences_with_causal_and_padding_masks(heads, kv_heads, padding):
+    batch, length, head_dim = 2, 6, 8
+    q, k, v = normal(batch, heads, length, head_dim), normal(batch, kv_heads, length, head_dim), normal(
+        batch, kv_heads, length, head_dim)
+    mask, padding_mask = causal_mask(padding, batch, length)
+    cotangent = normal(batch, heads, length, head_dim)
+    if padding_mask is not None:
+        # A left-padding query row sees no key: its weights are uniform and meaningless, and its
+        # float64 scores round to finfo.min whatever q and k are, so nothing reads it.
+        cotangent *= padding_mask[:, None, :, None]
+    seen = {}
+    layers.attention(q, k, v, mask, head_dim ** -0.5, layers.recorder(seen))
+    grad_q, grad_k, grad_v = backward.attention_backward(cotangent, q, k, v, seen["hook_pattern"], head_dim ** -0.5)
+    assert grad_k.shape == k.shape and grad_v.shape == v.shape
+    assert_backward_matches_central_differences(
+        lambda q, k, v: layers.attention(q, k, v, mask, head_dim ** -0.5), {"q": q, "k": k, "v": v},
+        {"q": grad_q, "k": grad_k, "v": grad_v}, cotangent, f"attention {heads}/{kv_heads} padding={padding}")
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("pretraining_tp", [1, 2])
+def test_linear_backward_matches_finite_differences(with_bias, pretraining_tp):
+    x, weight, bias = normal(2, 3, 6), normal(5, 6), normal(5)
+    cotangent = normal(2, 3, 5)
+    grad_x, grad_weight, grad_bias = backward.linear_backward(cotangent, x, weight, with_bias)
+    inputs, grads = {"x": x, "weight": weight}, {"x": grad_x, "weight": grad_weight}
+    if with_bias:
+        inputs["bias"], grads["bias"] = bias, grad_bias
+    else:
+        assert grad_bias is None
+    assert_backward_matches_central_differences(
+        lambda x, weight, bias=None: layers.linear(x, weight, bias, pretraining_tp), inputs, grads, cotangent,
+        f"linear pretraining_tp={pretraining_tp}")
+
+
+def test_silu_backward_matches_finite_differences():
+    x, cotangent = 3 * normal(4, 7), normal(4, 7)
+    assert_backward_matches_central_differences(layers.silu, {"x": x}, {"x": backward.silu_backward(cotangent, x)},
+                                                cotangent, "silu")
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_swiglu_backward_matches_finite_differences(with_bias):
+    x, gate_proj, up_proj, down_proj = normal(2, 3, 6), normal(10, 6), normal(10, 6), normal(6, 10)
+    biases = {"gate_bias": normal(10), "up_bias": normal(10), "down_bias": normal(6)} if with_bias else {}
+    cotangent = normal(2, 3, 6)
+    seen = {}
+    layers.swiglu(x, gate_proj, up_proj, down_proj, **biases, tap=layers.recorder(seen))
+    grad_x, grads = backward.swiglu_backward(cotangent, x, seen["hook_pre"], seen["hook_pre_linear"],
+                                             seen["hook_post"], gate_proj, up_proj, down_proj, with_bias)
+    inputs = {"x": x, "gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj, **biases}
+    assert sorted(grads) == sorted(name for name in inputs if name != "x")
+    assert_backward_matches_central_differences(lambda **given: layers.swiglu(**given), inputs,
+                                                {"x": grad_x, **grads}, cotangent, "swiglu")
+
+
+# ---------------------------------------------------------------------------- the losses' gradients
+
+
+def test_cross_entropy_backward_divides_by_the_kept_targets_and_ignores_minus_100():
+    logits = normal(6, 5)
+    targets = np.array([1, -100, 4, 0, -100, 2])
+    grad = backward.cross_entropy_backward(logits, targets)
+    assert np.all(grad[targets == -100] == 0)
+    assert_backward_matches_central_differences(lambda logits: losses.cross_entropy(logits, targets),
+                                                {"logits": logits}, {"logits": grad}, 1.0, "cross_entropy")
+
+
+def test_causal_lm_loss_backward_matches_finite_differences_with_ignored_labels():
+    logits = normal(2, 5, 7)
+    labels = np.array([[-100, 3, 6, -100, 1], [2, 0, -100, 5, 5]])
+    grad = backward.causal_lm_loss_backward(logits, labels)
+    assert np.all(grad[:, -1] == 0)  # the last position predicts nothing
+    assert_backward_matches_central_differences(lambda logits: losses.causal_lm_loss(logits, labels),
+                                                {"logits": logits}, {"logits": grad}, 1.0, "causal_lm_loss")
+
+
+@pytest.mark.parametrize("problem_type,labels", [
+    ("regression", np.array([0.5, -1.0, 2.0])),
+    ("single_label_classification", np.array([2, -100, 0])),
+    ("multi_label_classification", np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])),
+], ids=["regression", "single_label", "multi_label"])
+def test_classification_loss_backward_matches_finite_differences(problem_type, labels):
+    num_labels = 1 if problem_type == "regression" else 3
+    pooled = normal(3, num_labels)
+    grad = backward.classification_loss_backward(pooled, labels, problem_type)
+    assert_backward_matches_central_differences(
+        lambda pooled: losses.classification_loss(pooled, labels, num_labels, problem_type)[0],
+        {"pooled": pooled}, {"pooled": grad}, 1.0, problem_type)
+
+
+def test_pooling_backward_puts_the_gradient_at_the_last_non_pad_token():
+    logits, index = normal(3, 5, 2), np.array([4, 2, 0])
+    cotangent = normal(3, 2)
+    grad = backward.pooling_backward(cotangent, index, 5)
+    assert_backward_matches_central_differences(lambda logits: logits[np.arange(3), index], {"logits": logits},
+                                                {"logits": grad}, cotangent, "pooling")
