@@ -48,6 +48,13 @@ LAYER_TENSOR_NAMES = {
 }
 
 
+# The order in which Transformers' modules list one layer's parameters (self_attn, mlp, then the
+# two norms), which named_parameters follows.
+PARAMETER_ORDER = ("q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj", "o_bias",
+                   "gate_proj", "gate_bias", "up_proj", "up_bias", "down_proj", "down_bias",
+                   "input_layernorm", "post_attention_layernorm")
+
+
 def layer_shapes(config: LlamaConfig) -> dict[str, tuple]:
     """The shape of every tensor of one decoder layer, by LAYER_TENSOR_NAMES field."""
     D, I, hd = config.hidden_size, config.intermediate_size, config.head_dim
@@ -214,6 +221,36 @@ class LlamaPreTrainedModel:
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(self.weights.shape(name))) for name in self.weights.tensors)
+
+    def named_parameters(self) -> list[tuple[str, np.ndarray]]:
+        """(checkpoint name, array) for every trainable tensor, in the order Transformers lists them.
+
+        Each array is the model's own weight in the compute dtype, writable: changing it in place
+        (an optimizer's step) changes what the next forward pass computes. Tied embeddings appear
+        once, as ``model.embed_tokens.weight``. A float16/bfloat16 checkpoint is widened here; a
+        model that streams its weights from the file (``keep_widened=False``) cannot be trained.
+        """
+        if not self.weights.keep_widened:
+            raise InputError(
+                f"{type(self).__name__} was loaded with keep_widened=False, so its weights are read "
+                f"from the checkpoint file as they are used and cannot be changed; training needs "
+                f"every weight widened and kept: load it with from_pretrained(..., keep_widened=True)")
+        prefix, names = self.base_prefix, [f"{self.base_prefix}embed_tokens.weight"]
+        for index in range(self.config.num_hidden_layers):
+            layer = self.layer_tensor_names(index)
+            names += [layer[field] for field in PARAMETER_ORDER if layer[field] in self.weights]
+        names.append(f"{prefix}norm.weight")
+        names += [name for name in self.weights.tensors if name not in names]  # the head's weight
+        parameters = []
+        for name in names:
+            value = self.weights[name]
+            if not (isinstance(value, np.ndarray) and value.flags.writeable and value.dtype == self.dtype):
+                # a float32 file's tensor is a read-only view of its memory map: train a copy
+                value = np.array(value, dtype=self.dtype)
+            if self.weights.tensors[name] is not value:
+                self.weights[name] = value  # the store now holds this very array, used as it is
+            parameters.append((name, value))
+        return parameters
 
     def resize_token_embeddings(self, new_num_tokens: int, pad_token_id: int | None = None) -> None:
         """Grow (or shrink) the vocabulary to ``new_num_tokens`` rows.

@@ -1,18 +1,28 @@
-"""Training: every backward function.
+"""Training: every backward function, value_and_grad and named_parameters.
 
 - Each function of llama_np/training/backward.py against float64 central differences of its
   forward twin in layers.py / losses.py (a directional derivative along a random direction,
   FINITE_DIFFERENCE_TOLERANCE), on small random inputs: GQA and MQA, causal and padding masks,
   ignored labels, the padding row of the embedding.
+- value_and_grad on the fixture checkpoints (float64) against central differences of the whole
+  model's loss, one parameter at a time.
 """
+
+import functools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from llama_np import layers, losses
-from llama_np.training import backward
-from tolerance import assert_directional_derivative
+import llama_np
+from llama_np import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, layers, losses
+from llama_np.errors import InputError
+from llama_np.training import backward, value_and_grad
+from tolerance import assert_close, assert_directional_derivative
 
+FIXTURES = Path(__file__).parent / "data" / "fixtures"
+FIXTURE_CASES = json.loads((FIXTURES / "manifest.json").read_text())["cases"]
 EPSILON = 1e-6  # the step of the central differences, in float64
 
 rng = np.random.default_rng(2024)
@@ -228,3 +238,123 @@ def test_pooling_backward_puts_the_gradient_at_the_last_non_pad_token():
     grad = backward.pooling_backward(cotangent, index, 5)
     assert_backward_matches_central_differences(lambda logits: logits[np.arange(3), index], {"logits": logits},
                                                 {"logits": grad}, cotangent, "pooling")
+
+
+# ---------------------------------------------------------------------------- value_and_grad on the fixtures
+
+
+@functools.lru_cache(maxsize=None)
+def fixture_batch(case, call):
+    with np.load(FIXTURES / case / "reference.npz") as stored:
+        return tuple(stored[f"{call}.{field}"] for field in ("input_ids", "attention_mask", "labels"))
+
+
+def load_fixture(case, dtype=np.float32):
+    model_class = getattr(llama_np, FIXTURE_CASES[case]["model_class"])
+    return model_class.from_pretrained(str(FIXTURES / case), dtype=dtype)
+
+
+FINITE_DIFFERENCE_CALLS = [
+    ("gqa_f32", "forward"), ("gqa_f32", "padded"), ("mqa_tied_f16", "forward"),
+    ("mha_bf16_sharded_4x", "forward"), ("bias_head_dim", "forward"), ("pretraining_tp2", "forward"),
+    ("rope_llama3", "forward"), ("rope_yarn", "forward"), ("rope_dynamic", "forward"),
+    ("seqcls_regression", "left"), ("seqcls_regression", "right"), ("seqcls_single_label", "left"),
+    ("seqcls_single_label", "right"), ("seqcls_multi_label", "left"), ("seqcls_multi_label", "right"),
+]
+
+
+@pytest.mark.parametrize("case,call", FINITE_DIFFERENCE_CALLS, ids=[f"{c}-{k}" for c, k in FINITE_DIFFERENCE_CALLS])
+def test_value_and_grad_matches_finite_differences_of_the_whole_model_in_float64(case, call):
+    model = load_fixture(case, np.float64)
+    input_ids, attention_mask, labels = fixture_batch(case, call)
+    if model.config.pad_token_id is None and not attention_mask.all():
+        # A left-padding row's logits are those of a query that sees no key (uniform weights whose
+        # float64 scores round to finfo.min, so a central difference cannot see q or k move them):
+        # score only real rows, as a training batch should.
+        labels = labels.copy()
+        labels[:, 1:][attention_mask[:, :-1] == 0] = -100
+    loss, grads = value_and_grad(model, input_ids, attention_mask, labels)
+    for name, parameter in model.named_parameters():
+        direction = rng.normal(size=parameter.shape)
+
+        def moved_loss(sign):
+            parameter[...] += sign * EPSILON * direction
+            try:
+                return model(input_ids, attention_mask=attention_mask, labels=labels).loss
+            finally:
+                parameter[...] -= sign * EPSILON * direction
+
+        central = (moved_loss(1) - moved_loss(-1)) / (2 * EPSILON)
+        assert_directional_derivative(np.sum(grads[name] * direction), central, f"{case} {call}: {name}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case,call", [("gqa_f32", "padded"), ("seqcls_single_label", "left")])
+def test_value_and_grad_gives_the_models_own_loss_and_the_parameters_shapes(case, call, dtype):
+    model = load_fixture(case, dtype)
+    input_ids, attention_mask, labels = fixture_batch(case, call)
+    logits = model(input_ids, attention_mask=attention_mask).logits
+    loss, grads = value_and_grad(model, input_ids, attention_mask, labels)
+    assert loss == model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    parameters = model.named_parameters()
+    assert list(grads) == [name for name, _ in parameters]
+    assert all(grads[name].shape == value.shape and grads[name].dtype == dtype for name, value in parameters)
+    np.testing.assert_array_equal(model(input_ids, attention_mask=attention_mask).logits, logits)
+
+
+def test_value_and_grad_refuses_a_model_without_a_head_and_a_call_without_labels():
+    model = load_fixture("gqa_f32")
+    input_ids = fixture_batch("gqa_f32", "forward")[0]
+    with pytest.raises(InputError, match="needs labels"):
+        value_and_grad(model, input_ids)
+    with pytest.raises(InputError, match="LlamaModel"):
+        value_and_grad(LlamaModel(model.config, model.weights), input_ids, labels=input_ids)
+
+
+# ---------------------------------------------------------------------------- named_parameters
+
+
+def test_named_parameters_lists_every_checkpoint_tensor_once_writable_in_the_compute_dtype():
+    for case in ("gqa_f32", "bias_head_dim", "seqcls_regression"):
+        model = load_fixture(case, np.float64)
+        parameters = model.named_parameters()
+        assert sorted(name for name, _ in parameters) == sorted(model.checkpoint)
+        assert all(value.dtype == np.float64 and value.flags.writeable for _, value in parameters)
+
+
+def test_named_parameters_lists_tied_embeddings_once():
+    model = load_fixture("mqa_tied_f16")
+    names = [name for name, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names and names.count("model.embed_tokens.weight") == 1
+
+
+def test_a_parameter_changed_in_place_is_what_the_next_forward_uses():
+    model = load_fixture("mqa_tied_f16")  # float16 storage: the parameters are widened copies
+    input_ids = fixture_batch("mqa_tied_f16", "forward")[0]
+    before = model(input_ids).logits
+    parameters = dict(model.named_parameters())
+    parameters["model.norm.weight"] *= 2  # the final norm's weight scales every logit
+    assert model.weights["model.norm.weight"] is parameters["model.norm.weight"]
+    assert_close(model(input_ids).logits, 2 * before, "logits after doubling the final norm")
+
+
+def test_a_float32_checkpoint_is_trained_on_a_copy_and_its_file_is_left_alone():
+    model = load_fixture("gqa_f32")
+    stored = model.checkpoint["model.norm.weight"].numpy()  # a read-only view of the memory map
+    parameters = dict(model.named_parameters())
+    parameters["model.norm.weight"] += 1
+    np.testing.assert_array_equal(load_fixture("gqa_f32").weights["model.norm.weight"], stored)
+
+
+def test_named_parameters_refuses_a_streamed_model():
+    model = LlamaForCausalLM.from_pretrained(str(FIXTURES / "mqa_tied_f16"), keep_widened=False)
+    with pytest.raises(InputError, match="keep_widened=True"):
+        model.named_parameters()
+
+
+def test_classifier_training_takes_the_problem_type_the_loss_inferred():
+    model = LlamaForSequenceClassification.from_pretrained(str(FIXTURES / "seqcls_multi_label"))
+    input_ids, attention_mask, labels = fixture_batch("seqcls_multi_label", "right")
+    assert model.config.problem_type is None
+    value_and_grad(model, input_ids, attention_mask, labels)
+    assert model.config.problem_type == "multi_label_classification"
