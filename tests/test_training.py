@@ -1,4 +1,4 @@
-"""Training: every backward function, value_and_grad and named_parameters.
+"""Training: every backward function, value_and_grad, named_parameters and the optimizers.
 
 - Each function of llama_np/training/backward.py against float64 central differences of its
   forward twin in layers.py / losses.py (a directional derivative along a random direction,
@@ -6,6 +6,10 @@
   ignored labels, the padding row of the embedding.
 - value_and_grad on the fixture checkpoints (float64) against central differences of the whole
   model's loss, one parameter at a time.
+- value_and_grad (float32) against torch autograd's gradients, and 5 AdamW steps against torch's
+  losses, stored by tests/reference/make_training_reference.py in tests/data/training/.
+- The optimizers, clipping and the schedule against torch's, stored in the same place.
+Neither torch nor transformers is needed here.
 """
 
 import functools
@@ -18,11 +22,19 @@ import pytest
 import llama_np
 from llama_np import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, layers, losses
 from llama_np.errors import InputError
-from llama_np.training import backward, value_and_grad
-from tolerance import assert_close, assert_directional_derivative
+from llama_np.training import SGD, AdamW, backward, clip_grad_norm, cosine_with_warmup, value_and_grad
+from tolerance import (
+    TRAINING_LOSS_TOLERANCE,
+    assert_close,
+    assert_directional_derivative,
+    assert_gradient_close,
+    assert_loss_close_to_reference,
+)
 
 FIXTURES = Path(__file__).parent / "data" / "fixtures"
 FIXTURE_CASES = json.loads((FIXTURES / "manifest.json").read_text())["cases"]
+TRAINING = Path(__file__).parent / "data" / "training"
+TRAINING_MANIFEST = json.loads((TRAINING / "manifest.json").read_text())
 EPSILON = 1e-6  # the step of the central differences, in float64
 
 rng = np.random.default_rng(2024)
@@ -350,6 +362,92 @@ def test_named_parameters_refuses_a_streamed_model():
     model = LlamaForCausalLM.from_pretrained(str(FIXTURES / "mqa_tied_f16"), keep_widened=False)
     with pytest.raises(InputError, match="keep_widened=True"):
         model.named_parameters()
+
+
+# ---------------------------------------------------------------------------- against torch autograd
+
+
+def training_reference(case):
+    with np.load(TRAINING / f"{case}.npz") as stored:
+        return {key: stored[key] for key in stored.files}
+
+
+def training_model(case, dtype=np.float32):
+    return load_fixture(TRAINING_MANIFEST["cases"][case]["fixture"], dtype)
+
+
+@pytest.mark.parametrize("case", sorted(TRAINING_MANIFEST["cases"]))
+def test_gradients_match_torch_autograd(case):
+    reference = training_reference(case)
+    model = training_model(case)
+    loss, grads = value_and_grad(model, reference["inputs.input_ids"], reference["inputs.attention_mask"],
+                                 reference["inputs.labels"])
+    assert_loss_close_to_reference(loss, reference["loss"], f"{case}: loss")
+    assert list(grads) == list(reference["parameter_names"]), f"{case}: parameters differ from torch's, or their order"
+    for name in grads:
+        assert_gradient_close(grads[name], reference[f"grad.{name}"], f"{case}: gradient of {name}")
+
+
+@pytest.mark.parametrize("case", sorted(TRAINING_MANIFEST["cases"]))
+def test_five_adamw_steps_track_torchs_losses(case):
+    reference = training_reference(case)
+    settings = TRAINING_MANIFEST["adamw"]
+    model = training_model(case)
+    batch = (reference["inputs.input_ids"], reference["inputs.attention_mask"], reference["inputs.labels"])
+    optimizer = AdamW(model.named_parameters(), lr=settings["lr"], betas=tuple(settings["betas"]),
+                      eps=settings["eps"], weight_decay=settings["weight_decay"])
+    losses_seen = []
+    for _ in range(settings["steps"]):
+        loss, grads = value_and_grad(model, *batch)
+        losses_seen.append(loss)
+        optimizer.step(grads)
+    losses_seen.append(model(batch[0], attention_mask=batch[1], labels=batch[2]).loss)
+    assert_close(losses_seen, reference["adamw_losses"], f"{case}: losses of {settings['steps']} AdamW steps",
+                 TRAINING_LOSS_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------- the optimizers
+
+
+@functools.lru_cache(maxsize=None)
+def optim_reference():
+    with np.load(TRAINING / "optim.npz") as stored:
+        return {key: stored[key] for key in stored.files}
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_steps_equal_torchs(name):
+    reference = optim_reference()
+    parameter = reference["start"].copy()
+    optimizer = (AdamW({"p": parameter}, lr=0.1, weight_decay=0.1) if name == "adamw"
+                 else SGD({"p": parameter}, lr=0.1, momentum=0.9, weight_decay=0.01))
+    for step, expected in enumerate(reference[f"{name}.after"]):
+        optimizer.step({"p": reference["grads"][step]})
+        assert_close(parameter, expected, f"{name} after step {step + 1}", 1e-6)
+
+
+def test_clip_grad_norm_equals_torchs():
+    reference = optim_reference()
+    grads = {"a": reference["clip.grad_a"].copy(), "b": reference["clip.grad_b"].copy()}
+    norm = clip_grad_norm(grads, max_norm=1.0)
+    assert_close(norm, reference["clip.norm"], "norm before clipping", 1e-6)
+    assert_close(grads["a"], reference["clip.clipped_a"], "clipped gradient a", 1e-6)
+    assert_close(grads["b"], reference["clip.clipped_b"], "clipped gradient b", 1e-6)
+
+
+def test_cosine_with_warmup_equals_transformers_schedule_until_the_last_step():
+    rates = [cosine_with_warmup(step, 1e-3, warmup_steps=10, total_steps=50) for step in range(60)]
+    np.testing.assert_allclose(rates[:51], optim_reference()["schedule.lr"][:51], rtol=1e-12, atol=1e-18)
+    # Past total_steps Transformers' cosine climbs back up; ours stays at min_lr.
+    assert optim_reference()["schedule.lr"][55] > 0 and rates[51:] == [0.0] * 9
+
+
+def test_a_step_without_a_parameters_gradient_is_refused():
+    optimizer = AdamW({"w": np.zeros(3)}, lr=0.1)
+    with pytest.raises(InputError, match="no gradient for parameter 'w'"):
+        optimizer.step({})
+    with pytest.raises(InputError, match="has shape"):
+        optimizer.step({"w": np.zeros(4)})
 
 
 def test_classifier_training_takes_the_problem_type_the_loss_inferred():
