@@ -16,7 +16,7 @@ from llama_np.model import (  # noqa: E402
     LlamaModel,
 )
 from llama_np.formats.convert import convert_meta_checkpoint  # noqa: E402
-from llama_np.training import value_and_grad  # noqa: E402
+from llama_np.training.model_backward import value_and_grad  # noqa: E402
 from llama_np.text.tokenizer_fast import LlamaTokenizerFast  # noqa: E402  (tokenizers is loaded on use)
 
 try:

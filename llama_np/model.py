@@ -173,6 +173,8 @@ class LlamaStack(LlamaPreTrainedModel):
             # Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
             # (docs/reference.md §3.11).
             tensors = {name: (None if name.endswith("_bias") else value) for name, value in tensors.items()}
+        if self.adapter is not None:  # a LoRA adapter: W + scaling · B · A (llama_np/training/lora.py)
+            tensors = self.adapter.adapt(tensors, self.layer_tensor_names(i))
         return LayerWeights(**tensors)
 
     def rope_tables(self, position_ids, max_position: int):

@@ -22,7 +22,9 @@ import pytest
 import llama_np
 from llama_np import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, layers, losses
 from llama_np.errors import InputError
-from llama_np.training import SGD, AdamW, backward, clip_grad_norm, cosine_with_warmup, value_and_grad
+from llama_np import value_and_grad
+from llama_np.training import backward
+from llama_np.training.optim import SGD, AdamW, clip_grad_norm, cosine_with_warmup
 from tolerance import (
     TRAINING_LOSS_TOLERANCE,
     assert_close,

@@ -120,7 +120,8 @@ def value_and_grad(model, input_ids, attention_mask=None, labels=None) -> tuple[
 
     model: a LlamaForCausalLM or LlamaForSequenceClassification; input_ids (B, T);
     attention_mask (B, T) or None; labels as the model's call takes them (required)
-    ->  (loss, {name: gradient}) with the names, shapes and dtype of ``model.named_parameters()``
+    ->  (loss, {name: gradient}) with the names, shapes and dtype of ``model.named_parameters()``:
+    every weight's, or with a LoRA adapter enabled the adapter's only (PEFT's names)
 
     The loss is ``model(input_ids, attention_mask=attention_mask, labels=labels).loss``, from the
     very same forward pass: it runs once, with a tap that records each activation.
@@ -131,6 +132,7 @@ def value_and_grad(model, input_ids, attention_mask=None, labels=None) -> tuple[
     if labels is None:
         raise InputError("value_and_grad needs labels: the loss it differentiates is model(..., labels=labels).loss")
     parameters = dict(model.named_parameters())  # widened, writable, and refused for a streamed model
+    adapter = model.adapter if model.adapter is not None and model.adapter.enabled else None
     seen = {}
     out = model(input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
                 tap=layers.recorder(seen))
@@ -140,7 +142,8 @@ def value_and_grad(model, input_ids, attention_mask=None, labels=None) -> tuple[
     if isinstance(model, LlamaForCausalLM):
         grad_logits = backward.causal_lm_loss_backward(out.logits, inputs.check_labels(labels, out.logits.shape[:2]))
         grad_hidden, grad_head, _ = backward.linear_backward(grad_logits, hidden, model.lm_head_weight())
-        head_name = "lm_head.weight" if "lm_head.weight" in parameters else f"{model.base_prefix}embed_tokens.weight"
+        tied = model.config.tie_word_embeddings or "lm_head.weight" not in model.weights
+        head_name = f"{model.base_prefix}embed_tokens.weight" if tied else "lm_head.weight"
     else:
         grad_pooled = backward.classification_loss_backward(out.logits, inputs.check_class_labels(labels),
                                                             model.config.problem_type)
@@ -151,6 +154,9 @@ def value_and_grad(model, input_ids, attention_mask=None, labels=None) -> tuple[
     grads.update(stack_backward(model, grad_hidden, run, seen))
     # Tied embeddings: the head's gradient adds to the embedding's, as the one tensor serves both.
     grads[head_name] = grads[head_name] + grad_head if head_name in grads else grad_head
+    if adapter is not None:  # the adapted weights' gradients, taken on to A and B
+        return out.loss, {name: value.astype(model.dtype, copy=False)
+                          for name, value in adapter.gradients(grads).items()}
     for name, value in parameters.items():
         if name not in grads:  # a bias the pretraining_tp > 1 forward leaves out: no effect, no gradient
             grads[name] = np.zeros_like(value)
