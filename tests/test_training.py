@@ -9,6 +9,8 @@
 - value_and_grad (float32) against torch autograd's gradients, and 5 AdamW steps against torch's
   losses, stored by tests/reference/make_training_reference.py in tests/data/training/.
 - The optimizers, clipping and the schedule against torch's, stored in the same place.
+- DPO: TRL's sigmoid loss and the summed completion log-probabilities, against torch autograd
+  and float64 central differences.
 Neither torch nor transformers is needed here.
 """
 
@@ -23,7 +25,7 @@ import llama_np
 from llama_np import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel, layers, losses
 from llama_np.errors import InputError
 from llama_np import value_and_grad
-from llama_np.training import backward
+from llama_np.training import backward, dpo
 from llama_np.training.optim import SGD, AdamW, clip_grad_norm, cosine_with_warmup
 from tolerance import (
     TRAINING_LOSS_TOLERANCE,
@@ -458,3 +460,76 @@ def test_classifier_training_takes_the_problem_type_the_loss_inferred():
     assert model.config.problem_type is None
     value_and_grad(model, input_ids, attention_mask, labels)
     assert model.config.problem_type == "multi_label_classification"
+
+
+# ---------------------------------------------------------------------------- DPO
+
+
+def test_dpo_loss_is_ln_2_when_the_policy_is_the_reference():
+    policy = rng.normal(-30.0, 5.0, size=4)
+    assert abs(dpo.dpo_loss(policy[:2], policy[2:], policy[:2], policy[2:]) - np.log(2)) < 1e-15
+
+
+def test_dpo_loss_backward_and_token_log_probs_backward_match_finite_differences():
+    arrays = [rng.normal(-20.0, 3.0, size=3) for _ in range(4)]
+    grad_chosen, grad_rejected = dpo.dpo_loss_backward(*arrays, beta=0.5)
+    assert_backward_matches_central_differences(
+        lambda chosen, rejected: dpo.dpo_loss(chosen, rejected, arrays[2], arrays[3], beta=0.5),
+        {"chosen": arrays[0], "rejected": arrays[1]}, {"chosen": grad_chosen, "rejected": grad_rejected},
+        1.0, "dpo_loss")
+    logits, input_ids = normal(2, 6, 9), rng.integers(0, 9, size=(2, 6))
+    mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=bool)
+    cotangent = normal(2)
+    grad = dpo.token_log_probs_backward(cotangent, logits, input_ids, mask)
+    assert_backward_matches_central_differences(lambda logits: dpo.token_log_probs(logits, input_ids, mask),
+                                                {"logits": logits}, {"logits": grad}, cotangent, "token_log_probs")
+
+
+def dpo_reference():
+    with np.load(TRAINING / "dpo.npz") as stored:
+        return {key: stored[key] for key in stored.files}
+
+
+def test_dpo_value_and_grad_matches_torch_autograd_on_trls_sigmoid_loss():
+    reference = dpo_reference()
+    model = load_fixture("gqa_f32")
+    ids, mask, completion = reference["input_ids"], reference["attention_mask"], reference["completion_mask"]
+    assert_close(dpo.sequence_log_probs(model, ids, completion, mask), reference["policy_log_probs"],
+                 "summed completion log-probabilities")
+    loss, grads = dpo.dpo_value_and_grad(model, ids, completion, reference["reference_log_probs"], mask,
+                                         beta=float(reference["beta"]))
+    assert_loss_close_to_reference(loss, reference["loss"], "DPO loss")
+    assert list(grads) == list(reference["parameter_names"])
+    for name in grads:
+        assert_gradient_close(grads[name], reference[f"grad.{name}"], f"DPO gradient of {name}")
+
+
+def test_dpo_value_and_grad_matches_finite_differences_in_float64():
+    reference = dpo_reference()
+    model = load_fixture("gqa_f32", np.float64)
+    ids, mask, completion = reference["input_ids"], reference["attention_mask"], reference["completion_mask"]
+    ref_log_probs = reference["reference_log_probs"].astype(np.float64)
+
+    def loss_now():
+        policy = dpo.sequence_log_probs(model, ids, completion, mask)
+        return dpo.dpo_loss(policy[:2], policy[2:], ref_log_probs[:2], ref_log_probs[2:], beta=0.1)
+
+    loss, grads = dpo.dpo_value_and_grad(model, ids, completion, ref_log_probs, mask, beta=0.1)
+    assert loss == loss_now()
+    for name, parameter in model.named_parameters():
+        direction = rng.normal(size=parameter.shape)
+        parameter += EPSILON * direction
+        plus = loss_now()
+        parameter -= 2 * EPSILON * direction
+        minus = loss_now()
+        parameter += EPSILON * direction
+        assert_directional_derivative(np.sum(grads[name] * direction), (plus - minus) / (2 * EPSILON), name)
+
+
+def test_dpo_refuses_an_odd_batch_and_a_misshapen_reference():
+    model = load_fixture("gqa_f32")
+    ids = np.ones((3, 5), dtype=np.int64)
+    with pytest.raises(InputError, match="even number of rows"):
+        dpo.dpo_value_and_grad(model, ids, np.ones_like(ids), np.zeros(3))
+    with pytest.raises(InputError, match="one value per row"):
+        dpo.dpo_value_and_grad(model, ids[:2], np.ones_like(ids[:2]), np.zeros(3))

@@ -4,6 +4,7 @@
     model_backward.py  the backward of model.py, and value_and_grad(model, input_ids, ...)
     optim.py           AdamW, SGD, clip_grad_norm, cosine_with_warmup
     lora.py            LoRA adapters with PEFT's semantics and files
+    dpo.py             direct preference optimisation, TRL's sigmoid loss
 
 Import the modules themselves (``from llama_np.training.optim import AdamW``); this package
 imports nothing, so that ``pretrained.py`` can use ``lora`` before ``model.py`` exists.

@@ -115,6 +115,58 @@ def stack_backward(model, grad, run, seen: dict) -> dict:
     return grads
 
 
+def head_backward(model, grad_output, hidden, run) -> tuple[np.ndarray, str, np.ndarray]:
+    """Back through the head: from the gradient of the model's output (logits (B, T, V), or
+    pooled class logits (B, C)) to that of the final hidden state (B, T, D).
+
+    Returns (grad_hidden, the head weight's checkpoint name, its gradient); with tied
+    embeddings the head's weight is ``model.embed_tokens.weight``.
+    """
+    if isinstance(model, LlamaForCausalLM):
+        grad_hidden, grad_head, _ = backward.linear_backward(grad_output, hidden, model.lm_head_weight())
+        tied = model.config.tie_word_embeddings or "lm_head.weight" not in model.weights
+        return grad_hidden, f"{model.base_prefix}embed_tokens.weight" if tied else "lm_head.weight", grad_head
+    index = last_non_pad_index(run.input_ids, model.config.pad_token_id)
+    grad_scores = backward.pooling_backward(grad_output, index, hidden.shape[1])  # (B, T, C)
+    grad_hidden, grad_head, _ = backward.linear_backward(grad_scores, hidden, model.weights["score.weight"])
+    return grad_hidden, "score.weight", grad_head
+
+
+def recorded_forward(model, input_ids, attention_mask=None, labels=None):
+    """The model's own forward pass, once, with a tap that records every activation.
+
+    Returns (the model's output, {hook name: activation}, the checked inputs). Refuses a model
+    whose parameters cannot be trained (a streamed model) before any work.
+    """
+    if not isinstance(model, (LlamaForCausalLM, LlamaForSequenceClassification)):
+        raise InputError(f"value_and_grad takes a LlamaForCausalLM or LlamaForSequenceClassification, "
+                         f"got {type(model).__name__}")
+    model.named_parameters()  # widened, writable, and refused for a streamed model
+    seen = {}
+    out = model(input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
+                tap=layers.recorder(seen))
+    run = inputs.check_forward(model.config, model.dtype, input_ids, attention_mask, None, None, False)
+    return out, seen, run
+
+
+def parameter_gradients(model, out, seen, run, grad_output) -> dict:
+    """{name: gradient} for ``model.named_parameters()``, from the gradient of the model's output
+    (logits (B, T, V) or pooled logits (B, C)) in a ``recorded_forward``: every weight's, or with
+    a LoRA adapter enabled the adapter's only."""
+    grad_hidden, head_name, grad_head = head_backward(model, grad_output, out.hidden_states[-1], run)
+    grads = stack_backward(model, grad_hidden, run, seen)
+    # Tied embeddings: the head's gradient adds to the embedding's, as the one tensor serves both.
+    grads[head_name] = grads[head_name] + grad_head if head_name in grads else grad_head
+    adapter = model.adapter if model.adapter is not None and model.adapter.enabled else None
+    if adapter is not None:  # the adapted weights' gradients, taken on to A and B
+        grads = adapter.gradients(grads)
+    parameters = model.named_parameters()
+    for name, value in parameters:
+        if name not in grads:  # a bias the pretraining_tp > 1 forward leaves out: no effect, no gradient
+            grads[name] = np.zeros_like(value)
+    return {name: grads[name].astype(model.dtype, copy=False) for name, _ in parameters}
+
+
 def value_and_grad(model, input_ids, attention_mask=None, labels=None) -> tuple[float, dict]:
     """The loss of one batch and its gradient with respect to every parameter.
 
@@ -126,38 +178,12 @@ def value_and_grad(model, input_ids, attention_mask=None, labels=None) -> tuple[
     The loss is ``model(input_ids, attention_mask=attention_mask, labels=labels).loss``, from the
     very same forward pass: it runs once, with a tap that records each activation.
     """
-    if not isinstance(model, (LlamaForCausalLM, LlamaForSequenceClassification)):
-        raise InputError(f"value_and_grad takes a LlamaForCausalLM or LlamaForSequenceClassification, "
-                         f"got {type(model).__name__}")
     if labels is None:
         raise InputError("value_and_grad needs labels: the loss it differentiates is model(..., labels=labels).loss")
-    parameters = dict(model.named_parameters())  # widened, writable, and refused for a streamed model
-    adapter = model.adapter if model.adapter is not None and model.adapter.enabled else None
-    seen = {}
-    out = model(input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
-                tap=layers.recorder(seen))
-    run = inputs.check_forward(model.config, model.dtype, input_ids, attention_mask, None, None, False)
-    hidden = out.hidden_states[-1]  # (B, T, D), after the final norm
-    grads = {}
+    out, seen, run = recorded_forward(model, input_ids, attention_mask, labels)
     if isinstance(model, LlamaForCausalLM):
-        grad_logits = backward.causal_lm_loss_backward(out.logits, inputs.check_labels(labels, out.logits.shape[:2]))
-        grad_hidden, grad_head, _ = backward.linear_backward(grad_logits, hidden, model.lm_head_weight())
-        tied = model.config.tie_word_embeddings or "lm_head.weight" not in model.weights
-        head_name = f"{model.base_prefix}embed_tokens.weight" if tied else "lm_head.weight"
+        grad_output = backward.causal_lm_loss_backward(out.logits, inputs.check_labels(labels, out.logits.shape[:2]))
     else:
-        grad_pooled = backward.classification_loss_backward(out.logits, inputs.check_class_labels(labels),
+        grad_output = backward.classification_loss_backward(out.logits, inputs.check_class_labels(labels),
                                                             model.config.problem_type)
-        index = last_non_pad_index(run.input_ids, model.config.pad_token_id)
-        grad_scores = backward.pooling_backward(grad_pooled, index, hidden.shape[1])  # (B, T, C)
-        grad_hidden, grad_head, _ = backward.linear_backward(grad_scores, hidden, model.weights["score.weight"])
-        head_name = "score.weight"
-    grads.update(stack_backward(model, grad_hidden, run, seen))
-    # Tied embeddings: the head's gradient adds to the embedding's, as the one tensor serves both.
-    grads[head_name] = grads[head_name] + grad_head if head_name in grads else grad_head
-    if adapter is not None:  # the adapted weights' gradients, taken on to A and B
-        return out.loss, {name: value.astype(model.dtype, copy=False)
-                          for name, value in adapter.gradients(grads).items()}
-    for name, value in parameters.items():
-        if name not in grads:  # a bias the pretraining_tp > 1 forward leaves out: no effect, no gradient
-            grads[name] = np.zeros_like(value)
-    return out.loss, {name: grads[name].astype(model.dtype, copy=False) for name in parameters}
+    return out.loss, parameter_gradients(model, out, seen, run, grad_output)

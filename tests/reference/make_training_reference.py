@@ -12,6 +12,11 @@ eager attention, as make_fixtures.py does) and, with that fixture's stored input
 - from a freshly loaded copy, runs 5 steps of ``torch.optim.AdamW`` (ADAMW below) on the same
   batch: the loss before each step and after the last, 6 values.
 
+``dpo.npz`` holds a DPO batch on gqa_f32 (2 preference pairs, right-padded: the chosen rows,
+then the rejected rows, TRL's layout) with seeded reference log-probabilities, and TRL's sigmoid
+loss written out in torch (TRL itself is not installed): the policy's summed completion
+log-probabilities, the loss with beta 0.1 and every parameter's gradient.
+
 Separately, ``optim.npz`` holds the optimizers on one small tensor: ``torch.optim.AdamW`` and
 ``torch.optim.SGD`` (momentum, weight decay) over 3 steps with given gradients,
 ``torch.nn.utils.clip_grad_norm_`` on a dict of gradients, and the learning rates of
@@ -106,6 +111,43 @@ def case_arrays(fixture, call):
     return arrays
 
 
+def dpo_arrays():
+    """TRL's sigmoid DPO loss on a batch of 2 pairs, differentiated by torch autograd."""
+    rng = np.random.default_rng(11)
+    prompt, chosen_lengths, rejected_lengths, length = 4, (5, 3), (4, 6), 10
+    rows = 2 * len(chosen_lengths)
+    input_ids = np.zeros((rows, length), dtype=np.int64)
+    attention_mask = np.zeros((rows, length), dtype=np.int64)
+    completion_mask = np.zeros((rows, length), dtype=np.int64)
+    prompts = rng.integers(1, 256, size=(len(chosen_lengths), prompt))
+    for row, completion in enumerate(chosen_lengths + rejected_lengths):
+        pair = row % len(chosen_lengths)
+        input_ids[row, :prompt] = prompts[pair]
+        input_ids[row, prompt:prompt + completion] = rng.integers(1, 256, size=completion)
+        attention_mask[row, :prompt + completion] = 1
+        completion_mask[row, prompt:prompt + completion] = 1
+    model = load("gqa_f32")
+    logits = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                   use_cache=False).logits
+    # TRL: the logits at t score the token at t + 1, on the completion's tokens only, summed.
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    picked = torch.gather(log_probs, 2, torch.from_numpy(input_ids[:, 1:, None])).squeeze(2)
+    policy = (picked * torch.from_numpy(completion_mask[:, 1:]).float()).sum(-1)
+    reference = policy.detach().numpy().astype(np.float64) + rng.normal(0.0, 2.0, size=rows)
+    reference_tensor = torch.from_numpy(reference).float()
+    pairs = rows // 2
+    beta = 0.1
+    margins = (policy[:pairs] - policy[pairs:]) - (reference_tensor[:pairs] - reference_tensor[pairs:])
+    loss = -torch.nn.functional.logsigmoid(beta * margins).mean()
+    loss.backward()
+    arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+              "reference_log_probs": reference.astype(np.float32), "policy_log_probs": policy.detach().numpy(),
+              "beta": np.float32(beta), "loss": np.float32(loss.item()),
+              "parameter_names": np.array([name for name, _ in model.named_parameters()])}
+    arrays.update({f"grad.{name}": p.grad.numpy() for name, p in model.named_parameters()})
+    return arrays
+
+
 def optim_arrays():
     """torch's optimizers, clipping and Transformers' schedule on small seeded arrays."""
     generator = torch.Generator().manual_seed(0)
@@ -161,6 +203,7 @@ def main():
                        "parameters": len(arrays["parameter_names"])}
         print(f"{case}: loss {float(arrays['loss']):.6f}, AdamW losses {np.round(arrays['adamw_losses'], 5).tolist()}")
     save(os.path.join(OUTPUT, "optim.npz"), optim_arrays())
+    save(os.path.join(OUTPUT, "dpo.npz"), dpo_arrays())
     manifest = {
         "about": "torch autograd's losses and gradients on the fixture checkpoints of tests/data/fixtures, "
                  "and torch's optimizers; written by tests/reference/make_training_reference.py "
@@ -181,6 +224,14 @@ def main():
             "sgd.after": "the parameter after each step of SGD(lr=0.1, momentum=0.9, weight_decay=0.01)",
             "clip.*": "clip_grad_norm_(max_norm=1.0) of two gradients: the norm returned and the clipped gradients",
             "schedule.lr": "get_cosine_schedule_with_warmup(warmup 10, total 50) on lr 1e-3, steps 0..59",
+        },
+        "dpo_arrays": {
+            "input_ids, attention_mask, completion_mask": "2 pairs on gqa_f32: rows 0-1 chosen, rows 2-3 "
+                                                          "rejected; a shared 4-token prompt, right padding",
+            "reference_log_probs": "the policy's own log-probabilities plus seeded N(0, 2²) offsets",
+            "policy_log_probs": "summed log-probabilities of each row's completion tokens (TRL's rule)",
+            "beta, loss": "TRL's sigmoid DPO loss with that beta",
+            "parameter_names, grad.<name>": "as in the case files",
         },
         "cases": cases,
     }
