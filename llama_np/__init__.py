@@ -16,6 +16,7 @@ from llama_np.model import (  # noqa: E402
     LlamaModel,
 )
 from llama_np.formats.convert import convert_meta_checkpoint  # noqa: E402
+from llama_np.training.model_backward import value_and_grad  # noqa: E402
 from llama_np.text.tokenizer_fast import LlamaTokenizerFast  # noqa: E402  (tokenizers is loaded on use)
 
 try:
@@ -38,5 +39,5 @@ except ModuleNotFoundError as _missing:  # sentencepiece has no wheel for some p
 __all__ = [
     "LlamaConfig", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaModel", "LlamaForCausalLM",
     "LlamaForSequenceClassification", "LlamaNPError", "ConfigError", "CheckpointError",
-    "TokenizerError", "InputError", "convert_meta_checkpoint",
+    "TokenizerError", "InputError", "convert_meta_checkpoint", "value_and_grad",
 ]

@@ -173,7 +173,20 @@ class LlamaStack(LlamaPreTrainedModel):
             # Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
             # (docs/reference.md §3.11).
             tensors = {name: (None if name.endswith("_bias") else value) for name, value in tensors.items()}
+        if self.adapter is not None:  # a LoRA adapter: W + scaling · B · A (llama_np/training/lora.py)
+            tensors = self.adapter.adapt(tensors, self.layer_tensor_names(i))
         return LayerWeights(**tensors)
+
+    def rope_tables(self, position_ids, max_position: int):
+        """cos, sin (B, T, hd) of the RoPE angles at position_ids (B, T), in the compute dtype.
+
+        ``max_position`` (the largest position + 1) matters only for dynamic RoPE. The forward
+        pass and its backward (``llama_np.training``) both take their tables from here.
+        """
+        config = self.config
+        inv_freq, attention_factor = layers.rope_frequencies(
+            config.head_dim, config.rope_parameters, config.max_position_embeddings, max_position, self.dtype)
+        return layers.rope_cos_sin(position_ids, inv_freq, attention_factor, self.dtype)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, output_hidden_states=False, output_attentions=False,
@@ -184,9 +197,7 @@ class LlamaStack(LlamaPreTrainedModel):
         run = inputs.check_forward(config, self.dtype, input_ids, attention_mask, position_ids,
                                    past_key_values, use_cache)
         batch, length = run.input_ids.shape
-        inv_freq, attention_factor = layers.rope_frequencies(
-            config.head_dim, config.rope_parameters, config.max_position_embeddings, run.max_position, self.dtype)
-        cos, sin = layers.rope_cos_sin(run.position_ids, inv_freq, attention_factor, self.dtype)  # (B, T, hd)
+        cos, sin = self.rope_tables(run.position_ids, run.max_position)  # (B, T, hd)
         mask = layers.attention_mask(run.attention_mask, length, run.past_length, batch, self.dtype)
 
         attentions = []  # output_attentions: each layer's softmax weights, as its hook_pattern gave them

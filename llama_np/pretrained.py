@@ -20,6 +20,7 @@ from llama_np.formats.safetensors import save_safetensors
 from llama_np.generation import GenerationConfig
 from llama_np.inputs import check_compute_dtype, is_integer
 from llama_np.interp import hooks
+from llama_np.training import lora
 from llama_np.weights.memory import check_fits, keep_widened_limit, streamed_widened_budget
 from llama_np.weights.store import Progress, Weights
 
@@ -46,6 +47,13 @@ LAYER_TENSOR_NAMES = {
     "up_bias": "mlp.up_proj.bias",
     "down_bias": "mlp.down_proj.bias",
 }
+
+
+# The order in which Transformers' modules list one layer's parameters (self_attn, mlp, then the
+# two norms), which named_parameters follows.
+PARAMETER_ORDER = ("q_proj", "q_bias", "k_proj", "k_bias", "v_proj", "v_bias", "o_proj", "o_bias",
+                   "gate_proj", "gate_bias", "up_proj", "up_bias", "down_proj", "down_bias",
+                   "input_layernorm", "post_attention_layernorm")
 
 
 def layer_shapes(config: LlamaConfig) -> dict[str, tuple]:
@@ -109,6 +117,7 @@ class LlamaPreTrainedModel:
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self.name_or_path = None
         self.hook_options = hooks.HookOptions()  # TransformerLens' optional hook points, all off
+        self.adapter: lora.LoraAdapter | None = None  # a LoRA adapter (add_adapter, load_adapter)
 
     # -- construction
 
@@ -214,6 +223,73 @@ class LlamaPreTrainedModel:
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(self.weights.shape(name))) for name in self.weights.tensors)
+
+    def named_parameters(self) -> list[tuple[str, np.ndarray]]:
+        """(checkpoint name, array) for every trainable tensor, in the order Transformers lists them.
+
+        Each array is the model's own weight in the compute dtype, writable: changing it in place
+        (an optimizer's step) changes what the next forward pass computes. Tied embeddings appear
+        once, as ``model.embed_tokens.weight``. A float16/bfloat16 checkpoint is widened here; a
+        model that streams its weights from the file (``keep_widened=False``) cannot be trained.
+        With a LoRA adapter enabled, the trainable parameters are the adapter's, named as in PEFT's
+        file (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``).
+        """
+        if self.adapter is not None and self.adapter.enabled:
+            return list(self.adapter.tensors.items())
+        if not self.weights.keep_widened:
+            raise InputError(
+                f"{type(self).__name__} was loaded with keep_widened=False, so its weights are read "
+                f"from the checkpoint file as they are used and cannot be changed; training needs "
+                f"every weight widened and kept: load it with from_pretrained(..., keep_widened=True)")
+        prefix, names = self.base_prefix, [f"{self.base_prefix}embed_tokens.weight"]
+        for index in range(self.config.num_hidden_layers):
+            layer = self.layer_tensor_names(index)
+            names += [layer[field] for field in PARAMETER_ORDER if layer[field] in self.weights]
+        names.append(f"{prefix}norm.weight")
+        names += [name for name in self.weights.tensors if name not in names]  # the head's weight
+        parameters = []
+        for name in names:
+            value = self.weights[name]
+            if not (isinstance(value, np.ndarray) and value.flags.writeable and value.dtype == self.dtype):
+                # a float32 file's tensor is a read-only view of its memory map: train a copy
+                value = np.array(value, dtype=self.dtype)
+            if self.weights.tensors[name] is not value:
+                self.weights[name] = value  # the store now holds this very array, used as it is
+            parameters.append((name, value))
+        return parameters
+
+    # -- LoRA adapters (llama_np/training/lora.py), with PEFT's semantics and files
+
+    def add_adapter(self, config: lora.LoraConfig, seed: int = 0) -> None:
+        """Put a new LoRA adapter on the config's target modules: A Kaiming-uniform, B zero, as PEFT."""
+        self.adapter = lora.LoraAdapter.for_model(self, config, seed=seed)
+
+    def load_adapter(self, directory) -> None:
+        """Load a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+        self.adapter = lora.load_adapter(self, directory)
+
+    def save_adapter(self, directory) -> None:
+        """Write the adapter as PEFT does, so that ``PeftModel.from_pretrained`` loads it."""
+        if self.adapter is None:
+            raise InputError("save_adapter: this model has no adapter (add_adapter or load_adapter first)")
+        lora.save_adapter(self.adapter, directory, self.name_or_path)
+
+    def merge_adapter(self) -> None:
+        """Fold the adapter into the weights (W + scaling · B · A) and drop it: PEFT's merge_and_unload."""
+        if self.adapter is None:
+            raise InputError("merge_adapter: this model has no adapter")
+        for name in self.adapter.targets:
+            self.weights[name] = self.weights[name] + self.adapter.delta(name)
+        self.adapter = None
+
+    def disable_adapters(self) -> None:
+        """Run (and train) the base model alone until ``enable_adapters``."""
+        if self.adapter is not None:
+            self.adapter.enabled = False
+
+    def enable_adapters(self) -> None:
+        if self.adapter is not None:
+            self.adapter.enabled = True
 
     def resize_token_embeddings(self, new_num_tokens: int, pad_token_id: int | None = None) -> None:
         """Grow (or shrink) the vocabulary to ``new_num_tokens`` rows.

@@ -17,6 +17,16 @@
 - elementwise float32 maths with no summation (RoPE frequencies, cos/sin tables, a mean row):
   relative 1e-6, a few units in the last place (`assert_relatively_close`).
 
+- gradients against torch autograd (GRADIENT_TOLERANCE): per tensor, relative to its largest
+  value, max |ours - reference| <= 1e-4 * max |reference|. A gradient is a sum over every
+  position and layer, so its small entries carry the rounding of its large ones: an elementwise
+  rule would fail on entries near zero that no one can get closer in float32. Losses of the
+  5 AdamW steps that follow (TRAINING_LOSS_TOLERANCE): the loss rule with 1e-4, since each step
+  moves the weights by the gradients' rounding too.
+- float64 finite differences (FINITE_DIFFERENCE_TOLERANCE): a directional derivative from a
+  backward function, <gradient, d>, against the central difference (f(x + εd) − f(x − εd)) / 2ε,
+  relative 1e-6.
+
 Only positions that carry meaning are compared: callers pass `where` to select the rows whose
 attention_mask is 1 (a padded query row has no defined output; docs/reference.md §3.9).
 """
@@ -28,6 +38,9 @@ LOSS_TOLERANCE = 1e-5
 REPEATED_TOLERANCE = 1e-5
 ELEMENTWISE_TOLERANCE = 1e-6
 PERPLEXITY_TOLERANCE = 1e-4  # relative, for perplexity and the mean NLL of a long text
+GRADIENT_TOLERANCE = 1e-4  # per tensor, relative to its largest |value|
+TRAINING_LOSS_TOLERANCE = 1e-4  # losses after optimizer steps, the loss rule's scaling
+FINITE_DIFFERENCE_TOLERANCE = 1e-6  # relative, float64 directional derivatives
 
 
 def scaled_deviation(ours, reference):
@@ -105,3 +118,32 @@ def assert_same_token_ids(ours, reference, what):
             f"{what}: {len(differ)} token ids differ, first at row {row} position {column}: ours "
             f"{ours[row, column]}, reference {reference[row, column]}\nours:\n{ours}\nreference:\n{reference}"
         )
+
+
+def assert_gradient_close(ours, reference, what, tolerance=GRADIENT_TOLERANCE):
+    """max |ours - reference| <= tolerance * max |reference| over one tensor; returns the ratio."""
+    ours = np.asarray(ours, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if ours.shape != reference.shape:
+        raise AssertionError(f"{what}: shape {ours.shape}, reference has shape {reference.shape}")
+    if not np.isfinite(ours).all():
+        raise AssertionError(f"{what}: {np.count_nonzero(~np.isfinite(ours))} values are NaN or inf")
+    scale = float(np.abs(reference).max())
+    difference = np.abs(ours - reference)
+    largest = float(difference.max()) / scale if scale else float(difference.max())
+    if largest > tolerance:
+        worst = np.unravel_index(np.argmax(difference), difference.shape)
+        raise AssertionError(
+            f"{what}: largest deviation {largest:.3e} of the largest |reference| {scale:.3e} > {tolerance:g}, "
+            f"at index {tuple(int(i) for i in worst)}: ours {ours[worst]!r}, reference {reference[worst]!r}")
+    return largest
+
+
+def assert_directional_derivative(analytic, central_difference, what, tolerance=FINITE_DIFFERENCE_TOLERANCE):
+    """|analytic - central difference| <= tolerance * |central difference| (two scalars)."""
+    analytic, central_difference = float(analytic), float(central_difference)
+    gap = abs(analytic - central_difference)
+    if not gap <= tolerance * abs(central_difference):
+        raise AssertionError(f"{what}: <gradient, d> = {analytic!r}, central difference {central_difference!r}, "
+                             f"relative gap {gap / max(abs(central_difference), 1e-300):.3e} > {tolerance:g}")
+    return gap / max(abs(central_difference), 1e-300)
