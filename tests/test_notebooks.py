@@ -19,6 +19,7 @@ PATHS = sorted(p for p in NOTEBOOKS.rglob("*.ipynb") if ".ipynb_checkpoints" not
 CELL_TIMEOUT_SECONDS = 120
 
 
+@pytest.mark.notebooks
 @pytest.mark.parametrize("path", PATHS, ids=[str(p.relative_to(NOTEBOOKS)) for p in PATHS])
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
