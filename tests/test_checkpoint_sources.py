@@ -336,3 +336,14 @@ def test_a_fifo_in_place_of_a_cache_ref_is_refused_not_waited_on(in_hub_cache, j
     os.mkfifo(ref)
     with pytest.raises(CheckpointError, match=r"refs/main is not a regular file"):
         resolve_model_path(repo)
+
+
+def test_a_snapshot_file_that_links_outside_the_cache_is_refused(in_hub_cache, json_lm_dir, tmp_path):
+    repo = "llama-np-test/escaping-link"
+    snapshot = add_to_hub_cache(in_hub_cache, repo, json_lm_dir)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text((json_lm_dir / "config.json").read_text())
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"config.json in the Hugging Face cache of .* leads to .*elsewhere.json, outside the cache"):
+        resolve_model_path(repo)

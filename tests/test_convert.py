@@ -205,3 +205,13 @@ def test_peak_memory_of_a_conversion_is_a_few_tensors_not_the_model(tmp_path, dt
     assert measured["peak"] < 8 * measured["largest"], measured
     assert measured["rss_growth"] < measured["total"] / 3, measured
     assert len(Checkpoint.open(tmp_path / "out")) == 3 + 9 * 16
+
+
+def test_a_rerun_after_an_interrupted_conversion_names_the_leftover_and_what_to_do(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(b"x")
+    (out / ".model-00001-of-00002.safetensors.ab12cd34.tmp").write_bytes(b"\0" * 100)
+    with pytest.raises(CheckpointError, match=r"is not empty \(it holds .*tmp, tokenizer.model\); "
+                                              r".*\.tmp is the temporary file of a conversion that did not finish"):
+        convert_meta_checkpoint(META / "mha_1shard", out)

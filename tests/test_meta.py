@@ -289,3 +289,12 @@ def test_inspect_of_a_meta_checkpoint_with_an_overflowing_ffn_multiplier_is_one_
         assert main(verb) == 2
         err = capsys.readouterr().err
         assert err.startswith("llama-np: error:") and "ffn_dim_multiplier must be at most 64" in err, err
+
+
+def test_two_shards_that_are_byte_copies_are_warned_about(tmp_path):
+    import shutil
+
+    directory = copy_case("gqa_2shards", tmp_path / "m")
+    shutil.copy(directory / "consolidated.00.pth", directory / "consolidated.01.pth")
+    with pytest.warns(UserWarning, match="consolidated.01.pth and consolidated.00.pth hold the same bytes"):
+        open_meta_checkpoint(directory)

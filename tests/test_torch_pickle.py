@@ -384,3 +384,14 @@ def test_a_fifo_named_like_a_shard_is_refused_not_waited_on(tmp_path):
     os.mkfifo(tmp_path / "consolidated.00.pth")
     with pytest.raises(CheckpointError, match=r"consolidated.00.pth is a FIFO \(named pipe\); llama_np reads regular files only"):
         read_torch_file(tmp_path / "consolidated.00.pth")
+
+
+def test_a_storage_whose_local_header_names_another_entry_is_refused(tmp_path):
+    path = tmp_path / "w.pth"
+    write_torch_file(path, {"w": Tensor("F32", (2,), np.array([1.0, 2.0], np.float32).tobytes())})
+    data = bytearray(path.read_bytes())
+    local = data.index(b"archive/data/0")  # the first occurrence is the entry's local header
+    data[local:local + len(b"archive/data/0")] = b"archive/data/9"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="calls itself b'archive/data/9'"):
+        read_torch_file(path)

@@ -144,8 +144,13 @@ def _check_output_directory(out_dir: Path) -> None:
                 raise CheckpointError(f"{parent} is a file, so {out_dir} cannot be made in it")
             break
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise CheckpointError(f"{out_dir} is not empty; convert into a new or empty directory, so "
-                              "that no file of another model is mixed in or overwritten")
+        present = sorted(entry.name for entry in out_dir.iterdir())
+        shown = ", ".join(present[:6]) + (f" and {len(present) - 6} more" if len(present) > 6 else "")
+        leftovers = [name for name in present if ".tmp" in name]
+        why = (f"; {leftovers[0]} is the temporary file of a conversion that did not finish (it was "
+               f"killed, or the disk filled): remove {out_dir} and convert again" if leftovers else "")
+        raise CheckpointError(f"{out_dir} is not empty (it holds {shown}){why}; convert into a new or "
+                              "empty directory, so that no file of another model is mixed in or overwritten")
 
 
 def _check_disk_space(out_dir: Path, needed: int) -> None:

@@ -84,8 +84,8 @@ def hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path:
     cache = constants.HF_HUB_CACHE
     _check_ref_is_a_file(Path(cache), repo_id, revision)
     try:
-        return Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
-                                                      local_files_only=True))
+        snapshot = Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                          local_files_only=True))
     except Exception as error:  # LocalEntryNotFoundError, a bad revision or repo id, ...
         at = "" if revision is None else f" at revision {revision!r}"
         flag = "" if revision is None else f" --revision {revision}"
@@ -96,6 +96,24 @@ def hub_cache_snapshot(repo_id: str, revision: str | None = None) -> Path:
             f"`huggingface-cli download {repo_id}{flag}` (`hf download {repo_id}{flag}` with "
             "huggingface_hub 1.0 or later) and try again"
         ) from None
+    _check_inside_cache(Path(cache), snapshot, repo_id)
+    return snapshot
+
+
+def _check_inside_cache(cache: Path, snapshot: Path, repo_id: str) -> None:
+    """CheckpointError if the snapshot, or a file in it, leads outside the cache.
+
+    A snapshot's files are links into the repo's ``blobs/``; huggingface_hub treats the cache as
+    its own tree, and a link to /etc or to another user's files is not a model of that repo.
+    """
+    root = cache.resolve()
+    for entry in [snapshot, *sorted(snapshot.iterdir())]:
+        target = entry.resolve()
+        if target != root and root not in target.parents:
+            raise CheckpointError(f"{entry} in the Hugging Face cache of {repo_id} leads to {target}, outside "
+                                  f"the cache ({root}); the cache is damaged or was tampered with: delete "
+                                  "that entry and download again")
+
 
 
 def _check_ref_is_a_file(cache: Path, repo_id: str, revision: str | None) -> None:

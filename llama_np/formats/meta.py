@@ -16,6 +16,7 @@ tensors under Hugging Face's names, without converting anything up front:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import warnings
@@ -408,6 +409,26 @@ def _warn_unused(shards, files, used) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _warn_identical_shards(shards: list[dict[str, StoredTensor]], files: list[Path]) -> None:
+    """Warn when two model-parallel shards begin with the same bytes in every tensor (checked on
+    a digest of the first 4 KiB of each): a shard copied over another loads, but as a different
+    model."""
+    if len(shards) < 2:
+        return
+    seen = {}
+    for shard, file in zip(shards, files):
+        digest = hashlib.sha256()
+        for name in sorted(shard):
+            digest.update(name.encode())
+            digest.update(shard[name].stored().reshape(-1).view(np.uint8)[:4096])
+        key = digest.digest()
+        if key in seen:
+            warnings.warn(f"{file.name} and {seen[key].name} hold the same bytes (the first 4 KiB of every "
+                          "tensor): one looks like a copy of the other, and together they are not the "
+                          "model Meta's shards make", stacklevel=4)
+        seen.setdefault(key, file)
+
+
 def is_meta_checkpoint(directory) -> bool:
     """Meta's layout: params.json beside consolidated.NN.pth, and no Hugging Face config.json."""
     directory = Path(directory)
@@ -433,6 +454,7 @@ def open_meta_checkpoint(directory, llama_version: str = DEFAULT_LLAMA_VERSION
     config = meta_config(params, vocab_size, llama_version,
                          torch_dtype=CODECS[embedding.dtype].torch_name if embedding else None)
     checkpoint = Checkpoint(directory, files, meta_tensors(config, shards, files))
+    _warn_identical_shards(shards, files)
     checkpoint.layout = (f"Meta (params.json and {len(files)} consolidated.NN.pth shard"
                          f"{'s' if len(files) != 1 else ''}; q/k rows permuted and shards joined on use)")
     return config, checkpoint

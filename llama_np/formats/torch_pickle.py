@@ -490,6 +490,13 @@ def _storage_entry(path: Path, f, file_size: int, entries: dict, entry_name: str
     method, name_length, extra_length = fields[3], fields[9], fields[10]
     if method != zipfile.ZIP_STORED:
         raise CheckpointError(f"{entry_name} in {path} is compressed (zip method {method})")
+    # The entry's own header must name the same entry, as zipfile.open checks for what it reads:
+    # otherwise the directory would make these bytes stand for another storage.
+    local_name = f.read(name_length)
+    if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+        raise CheckpointError(f"the zip directory of {path} names {entry_name}, but the entry at byte "
+                              f"{info.header_offset} calls itself {local_name[:80]!r}; the file is corrupt "
+                              "or crafted")
     start = info.header_offset + LOCAL_FILE_HEADER.size + name_length + extra_length
     if start + info.file_size > file_size:
         raise CheckpointError(f"{entry_name} in {path} runs to byte {start + info.file_size}, past "
