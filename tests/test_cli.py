@@ -172,16 +172,24 @@ def test_generate_with_the_same_seed_samples_the_same_text(capsys, lm_dir):
 def test_chat_answers_each_line_and_stops_at_exit(capsys, monkeypatch, lm_dir):
     monkeypatch.setattr(sys, "stdin", _Lines("Who art thou?\nexit\nnever read\n"))
     status, _, err = run(capsys, "chat", "--model", lm_dir, "--system", "Speak in verse.", "--greedy",
-                         "--max-new-tokens", 4)
+                         "--max-new-tokens", 4, "--speed")
     assert status == 0, err
     assert err.count("tokens/s") == 1
 
 
 def test_chat_stops_at_end_of_input(capsys, monkeypatch, lm_dir):
     monkeypatch.setattr(sys, "stdin", _Lines("Good morrow.\nAnd to thee?\n"))
-    status, _, err = run(capsys, "chat", "--model", lm_dir, "--greedy", "--max-new-tokens", 3)
+    status, out, err = run(capsys, "chat", "--model", lm_dir, "--greedy", "--max-new-tokens", 3, "--speed")
     assert status == 0, err
     assert err.count("tokens/s") == 2
+
+
+def test_piped_chat_marks_each_message_and_prints_no_speed_unless_asked(capsys, monkeypatch, lm_dir):
+    monkeypatch.setattr(sys, "stdin", _Lines("Good morrow.\nAnd to thee?\n"))
+    status, out, err = run(capsys, "chat", "--model", lm_dir, "--greedy", "--max-new-tokens", 3)
+    assert status == 0, err
+    assert out.startswith("> Good morrow.\n") and "\n> And to thee?\n" in out
+    assert "tokens/s" not in err
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -804,3 +812,27 @@ def test_generate_piped_into_head_ends_with_status_0():
     result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "error" not in result.stderr
+
+
+def test_ctrl_c_during_an_answer_returns_to_the_chat_prompt(capsys, monkeypatch, lm_dir):
+    from llama_np.cli import generate as generate_verbs
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    real = generate_verbs.stream_continuation
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(args[2])  # the prompt ids of this turn
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_verbs, "stream_continuation", interrupted_once)
+    monkeypatch.setattr(sys, "stdin", Terminal("Good morrow.\nAnd to thee?\n"))
+    status, _, err = run(capsys, "chat", "--model", lm_dir, "--greedy", "--max-new-tokens", 3)
+    assert status == 0, err
+    assert "[interrupted: this answer is left out of the conversation]" in err
+    assert len(calls) == 2 and len(calls[1]) < len(calls[0]) + 12, "the second turn's dialog lacks the first"

@@ -156,7 +156,10 @@ def run_chat(args) -> int:
     ``chat_template`` from tokenizer_config.json when it has one, else in Meta's Llama 2 format
     (``<s>[INST] <<SYS>>…<</SYS>> user [/INST] answer </s><s>[INST] …``), with one warning when
     the model is not a Llama 2 chat model. The session ends at end of input, an empty line, or
-    "exit" / "quit".
+    "exit" / "quit". In a terminal, Ctrl-C stops the answer being written and returns to the
+    prompt (the interrupted turn is left out of the dialog), as llama.cpp's chat does; at the
+    prompt it ends the chat. Off a terminal each message is echoed as "> message" before its
+    answer, so a transcript shows where each reply starts. ``--speed`` prints each turn's speed.
     """
     settings = sampling_settings(args)
     if sys.stdin is None:
@@ -175,10 +178,20 @@ def run_chat(args) -> int:
         text = line.strip()
         if not line or not text or text.lower() in CHAT_EXIT_WORDS:
             return EXIT_OK
+        if not interactive:
+            print(f"> {text}", flush=True)
         messages.append({"role": "user", "content": text})
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         stats: dict = {}
-        new_ids = stream_continuation(model, tokenizer, prompt_ids, settings, stats)
-        print(speed_report(stats, len(prompt_ids)), file=sys.stderr)
+        try:
+            new_ids = stream_continuation(model, tokenizer, prompt_ids, settings, stats)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n[interrupted: this answer is left out of the conversation]", file=sys.stderr)
+            messages.pop()
+            continue
+        if args.speed:
+            print(speed_report(stats, len(prompt_ids)), file=sys.stderr)
         answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})

@@ -138,13 +138,18 @@ def build_parser() -> ArgumentParser:
     generate.set_defaults(run=run_generate)
 
     chat = add_verb(
-        "chat", "chat in the Llama 2 chat format, one message per line of input",
+        "chat", "chat with a chat model, one message per line of input",
         'llama-np chat --model ~/models/Llama-2-7b-chat-hf --system "Answer in one sentence."',
         [model_option(DEFAULT_MODEL), sampling],
-        description="Chat with a chat checkpoint in Meta's Llama 2 format ([INST] ... [/INST]). "
-                    "Each line read from stdin is one user message; the whole dialog is the "
-                    "context of each answer. An empty line, 'exit', 'quit' or end of input stops.")
-    chat.add_argument("--system", metavar="TEXT", help="a system prompt (<<SYS>> ... <</SYS>>)")
+        description="Chat with a chat checkpoint, in its own chat format: the chat_template of its "
+                    "tokenizer_config.json (TinyLlama's Zephyr format, say), or Meta's Llama 2 format "
+                    "([INST] ... [/INST]) for a model without one. Each line read from stdin is one "
+                    "user message; the whole dialog is the context of each answer. An empty line, "
+                    "'exit', 'quit' or end of input stops; in a terminal, Ctrl-C stops an answer and "
+                    "returns to the prompt. Off a terminal each message is echoed as '> message'.")
+    chat.add_argument("--system", metavar="TEXT", help="a system prompt (the template's system message; "
+                                                       "<<SYS>> ... <</SYS>> in the Llama 2 format)")
+    chat.add_argument("--speed", action="store_true", help="print each answer's speed on stderr")
     chat.set_defaults(run=run_chat)
 
     classify = add_verb(
