@@ -975,3 +975,11 @@ def test_a_header_declaring_a_million_tensors_is_refused_before_checking_each(tm
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text)
     with pytest.raises(CheckpointError, match=f"declares {count:,} tensors; a checkpoint file holds at most 100,000"):
         read_safetensors_header(tmp_path / "model.safetensors")
+
+
+def test_a_directory_with_no_weights_names_every_layout_looked_for(tmp_path):
+    LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"model.safetensors or model.safetensors.index.json, "
+                                              r"pytorch_model.bin or its index, and Meta's consolidated"):
+        LlamaForCausalLM.from_pretrained(tmp_path)

@@ -606,7 +606,8 @@ def _no_weights_error(directory: Path) -> CheckpointError:
     others = sorted(p.name for p in directory.glob("*.safetensors"))
     hint = f"; found {', '.join(others)}: pass that file's path to open it" if others else ""
     return CheckpointError(
-        f"no weights in {directory}: looked for {SINGLE_FILE_NAME} and {INDEX_FILE_NAME}{hint}"
+        f"no weights in {directory}: looked for {SINGLE_FILE_NAME} or {INDEX_FILE_NAME}, "
+        f"pytorch_model.bin or its index, and Meta's consolidated.NN.pth beside params.json{hint}"
     )
 
 
