@@ -210,10 +210,11 @@ class LlamaStack(LlamaPreTrainedModel):
 
         x = tap("hook_embed", layers.embedding(run.input_ids, self.weights[f"{self.base_prefix}embed_tokens.weight"]))
         hidden_states = [x]
-        for i in range(config.num_hidden_layers):
-            x = decoder_layer(x, self.layer_weights(i), config, cos, sin, mask, i, run.cache,
-                              record if output_attentions else tap)
-            hidden_states.append(x)
+        with self.weights.product_threads():  # small weights multiply on one BLAS thread (weights/workers.py)
+            for i in range(config.num_hidden_layers):
+                x = decoder_layer(x, self.layer_weights(i), config, cos, sin, mask, i, run.cache,
+                                  record if output_attentions else tap)
+                hidden_states.append(x)
         x = layers.rms_norm(x, self.weights[f"{self.base_prefix}norm.weight"], config.rms_norm_eps,
                             layers.scoped(tap, "ln_final"))
         hidden_states[-1] = x  # Transformers reports the last hidden state after the final norm

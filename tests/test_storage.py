@@ -280,3 +280,28 @@ def test_f16_product_with_an_input_too_large_to_scale_is_still_exact():
     x[0, 3] = 60000.0  # x · 2**112 would overflow float32
     assert_close(x @ streaming.StreamedMatrix(stored, "F16").T, x @ stored.astype(np.float32).T,
                  "x with a large entry", tolerance=REPEATED_TOLERANCE)
+
+
+def test_a_small_models_products_run_on_one_blas_thread_and_a_large_ones_do_not(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    real = LlamaForCausalLM.from_pretrained("tiny-shakespeare")
+    original = real.weights.product_threads
+
+    def spy():
+        context = original()
+
+        class Recording:
+            def __enter__(self):
+                context.__enter__()
+                seen.append([lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"])
+
+            def __exit__(self, *exc):
+                return context.__exit__(*exc)
+        return Recording()
+
+    monkeypatch.setattr(real.weights, "product_threads", spy)
+    real(np.array([[1, 2, 3]]))
+    assert seen and all(threads == 1 for threads in seen[0]), seen
+    assert workers.blas_threads_for(workers.SMALL_PRODUCT_ELEMENTS).__class__.__name__ == "nullcontext"

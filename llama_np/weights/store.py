@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from llama_np.weights.codecs import CODECS
+from llama_np.weights import workers
 from llama_np.weights.streaming import StreamedMatrix
 
 # progress(done, total): told as each of ``total`` steps (decoder layers) is about to run
@@ -47,6 +48,9 @@ class Weights:
         self._streamed: dict[str, StreamedMatrix] = {}
         self.all_widened = False  # with keep_widened: every tensor widened (widen_all)
         self.progress = progress
+        # the most elements of any 2-D tensor: what decides the BLAS thread policy (product_threads)
+        self.largest_matrix = max((int(np.prod(t.shape)) for t in self.tensors.values() if len(t.shape) == 2),
+                                  default=0)
 
     def check_unchanged(self) -> None:
         """CheckpointError if a checkpoint file changed since it was opened (one stat per file).
@@ -132,6 +136,10 @@ class Weights:
         for name in self.tensors:  # the embedding, the final norm, the head
             self[name]
         self.all_widened = True
+
+    def product_threads(self):
+        """The BLAS thread policy for products with these weights (``workers.blas_threads_for``)."""
+        return workers.blas_threads_for(self.largest_matrix)
 
     def step(self, index: int, count: int) -> None:
         """Tell ``progress`` that step ``index`` of ``count`` is about to run."""

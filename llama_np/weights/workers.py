@@ -3,6 +3,7 @@ the process, and BLAS held at one thread while they run (threadpoolctl, ``llama-
 """
 
 from __future__ import annotations
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -67,6 +68,22 @@ def product_workers() -> int:
 def one_blas_thread():
     """A context in which BLAS runs single-threaded (the caller's threads share the cores)."""
     return blas_controller().limit(limits=1, user_api="blas")
+
+
+# Products with weights below this many elements run on one BLAS thread. Measured here with the
+# bundled model (256 x 688 matrices), a 128-token forward took 22-30 ms on one thread and 92-105
+# ms on two while the other core was busy: OpenBLAS's second thread spins waiting for a core, and
+# at these sizes it saved nothing on a quiet machine either (0.99x at 288 x 288). From TinyLlama's
+# shapes up (2048 x 5632) two threads take 0.47-0.67x the time (docs/checkpoints.md).
+SMALL_PRODUCT_ELEMENTS = 1024 * 1024
+
+
+def blas_threads_for(largest_matrix_elements: int):
+    """The BLAS thread policy of a forward pass whose largest weight has this many elements: one
+    thread for small products, BLAS's own choice for large ones."""
+    if largest_matrix_elements < SMALL_PRODUCT_ELEMENTS and blas_controller() is not None:
+        return one_blas_thread()
+    return contextlib.nullcontext()
 
 
 def run_parallel(tasks: list) -> list:
