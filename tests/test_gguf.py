@@ -1,16 +1,30 @@
-"""GGUF: llama.cpp's block codecs, bit for bit against its own Python package, ``gguf`` (a dev
-dependency), and streamed products of quantised matrices.
+"""GGUF: llama.cpp's block codecs bit for bit, the header reader against hostile files, the
+config and tensor names, and stored GGUF files' logits against Transformers' ``gguf_file=``.
+
+The oracle for the codecs and the metadata is llama.cpp's own Python package, ``gguf`` (a
+dev dependency); the logits and token ids are those Transformers 5.23 computes loading the
+stored files (tests/reference/make_gguf_reference.py, tests/data/gguf/manifest.json).
 """
 
+import json
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from llama_np import LlamaForCausalLM
 from llama_np.errors import CheckpointError
-from llama_np.weights import streaming, workers
+from llama_np.formats import gguf as gguf_format
+from llama_np.formats.safetensors import Checkpoint
+from llama_np.weights import codecs, streaming, workers
 from llama_np.weights.codecs import CODECS, BlockCodec
-from tolerance import REPEATED_TOLERANCE, assert_close
+from tolerance import FLOAT32_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_same_token_ids
 
+DATA = Path(__file__).resolve().parent / "data"
+GGUF_DATA = DATA / "gguf"
+MANIFEST = json.loads((GGUF_DATA / "manifest.json").read_text(encoding="utf-8"))
+REFERENCE = np.load(GGUF_DATA / "reference.npz")
 BLOCK_CODECS = [codec for codec in CODECS.values() if isinstance(codec, BlockCodec)]
 # Where each type keeps its float16 scales (d, and m or dmin), by byte offset in a block.
 F16_SCALE_OFFSETS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
@@ -97,3 +111,207 @@ def test_a_nan_scale_in_a_streamed_quantised_matrix_is_a_checkpoint_error_naming
     matrix = streaming.StreamedMatrix(raw, "Q4_0", "w", source="tensor 'w' in test.gguf")
     with pytest.raises(CheckpointError, match="'w' in test.gguf holds 32 NaN"):
         np.ones((1, 64), np.float32) @ matrix.T
+
+
+# ---------------------------------------------------------------------------- the header
+
+
+def string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def kv(key: str, value_type: int, payload: bytes) -> bytes:
+    return string(key) + struct.pack("<I", value_type) + payload
+
+
+def tensor_info(name: str, ne: list, ggml_type: int, offset: int) -> bytes:
+    return (string(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+            + struct.pack("<IQ", ggml_type, offset))
+
+
+def gguf_bytes(kvs: list[bytes], infos: list[bytes], data: bytes = b"", version: int = 3, alignment: int = 32) -> bytes:
+    head = b"GGUF" + struct.pack("<IQQ", version, len(infos), len(kvs)) + b"".join(kvs) + b"".join(infos)
+    return head + bytes(-len(head) % alignment) + data
+
+
+def small_file() -> bytes:
+    """A valid file: an architecture, a string array, and one 2 × 4 F32 tensor."""
+    values = np.arange(8, dtype="<f4").tobytes()
+    return gguf_bytes([kv("general.architecture", 8, string("llama")),
+                       kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + string("a") + string("b"))],
+                      [tensor_info("t", [4, 2], 0, 0)], values)
+
+
+def write(tmp_path, raw: bytes) -> Path:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(raw)
+    return path
+
+
+def test_a_small_file_reads_with_dims_reversed_into_numpy_shape(tmp_path):
+    gguf = gguf_format.read_gguf(write(tmp_path, small_file()))
+    assert gguf.version == 3
+    assert gguf.metadata == {"general.architecture": "llama", "tokenizer.ggml.tokens": ["a", "b"]}
+    info = gguf.tensors["t"]
+    assert (info.dtype, info.shape, info.stop - info.start) == ("F32", (2, 4), 32)
+
+
+def test_all_13_metadata_value_types_read_as_the_gguf_package_writes_them(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "types.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    expected = {"u8": 255, "i8": -128, "u16": 65535, "i16": -32768, "u32": 2**32 - 1, "i32": -2**31,
+                "f32": 0.25, "b": True, "s": "héllo", "u64": 2**64 - 1, "i64": -2**63, "f64": 1e-300}
+    for key, add in [("u8", writer.add_uint8), ("i8", writer.add_int8), ("u16", writer.add_uint16),
+                     ("i16", writer.add_int16), ("u32", writer.add_uint32), ("i32", writer.add_int32),
+                     ("f32", writer.add_float32), ("b", writer.add_bool), ("s", writer.add_string),
+                     ("u64", writer.add_uint64), ("i64", writer.add_int64), ("f64", writer.add_float64)]:
+        add(key, expected[key])
+    writer.add_array("numbers", [1, 2, 3])
+    writer.add_array("words", ["x", "yz", ""])
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    metadata = gguf_format.read_gguf(path).metadata
+    for key, value in expected.items():
+        assert metadata[key] == value and type(metadata[key]) is type(value), key
+    np.testing.assert_array_equal(metadata["numbers"], [1, 2, 3])
+    assert metadata["words"] == ["x", "yz", ""]
+    assert [list(item) for item in metadata["nested"]] == [[1, 2], [3]]
+    fields = {key: field for key, field in gguf.GGUFReader(path).fields.items() if not key.startswith("GGUF.")}
+    assert set(metadata) == set(fields)
+    for key, field in fields.items():
+        contents = field.contents()
+        ours = metadata[key]
+        ours = [int(v) for item in ours for v in item] if key == "nested" else ours  # gguf flattens nesting
+        assert np.array_equal(ours, contents) if key in ("numbers", "f32") else ours == contents, key
+
+
+HOSTILE = {
+    "not GGUF": (lambda: b"GGML" + small_file()[4:], "not a GGUF file"),
+    "version 1": (lambda: b"GGUF" + struct.pack("<I", 1) + small_file()[8:], "version 1"),
+    "big-endian": (lambda: b"GGUF" + struct.pack(">I", 3) + small_file()[8:], "big-endian"),
+    "huge tensor count": (lambda: b"GGUF" + struct.pack("<IQQ", 3, 2**62, 0), "tensor_count is 4611686018427387904"),
+    "huge string": (lambda: gguf_bytes([struct.pack("<Q", 2**60) + b"key"], []), "length of the key of metadata entry 0"),
+    "huge array": (lambda: gguf_bytes([kv("a", 9, struct.pack("<IQ", 12, 2**40))], []), "length of metadata key 'a'"),
+    "unknown value type": (lambda: gguf_bytes([kv("a", 13, b"")], []), "value type 13"),
+    "bool 2": (lambda: gguf_bytes([kv("a", 7, b"\x02")], []), "BOOL of value 2"),
+    "arrays too deep": (lambda: gguf_bytes([kv("a", 9, struct.pack("<IQ", 9, 1) * 4 + struct.pack("<IQ", 0, 0))], []),
+                        "nests arrays 4 deep"),
+    "duplicate key": (lambda: gguf_bytes([kv("a", 0, b"\x01"), kv("a", 0, b"\x02")], []), "'a' appears twice"),
+    "not UTF-8": (lambda: gguf_bytes([kv("a", 8, struct.pack("<Q", 1) + b"\xff")], []), "not UTF-8"),
+    "alignment 24": (lambda: gguf_bytes([kv("general.alignment", 4, struct.pack("<I", 24))], []), "power of two"),
+    "unknown ggml type": (lambda: gguf_bytes([], [tensor_info("t", [32], 10, 0)], bytes(84)), "ggml type 10"),
+    "5 dims": (lambda: gguf_bytes([], [tensor_info("t", [1] * 5, 0, 0)], bytes(4)), "n_dims 5"),
+    "misaligned": (lambda: gguf_bytes([], [tensor_info("t", [1], 0, 4)], bytes(8)), "not a multiple of the alignment 32"),
+    "past the end": (lambda: gguf_bytes([], [tensor_info("t", [16], 0, 0)], bytes(60)), "past the end of the file"),
+    "overlap": (lambda: gguf_bytes([], [tensor_info("t", [16], 0, 0), tensor_info("u", [16], 0, 32)], bytes(96)),
+                "'t' and 'u' overlap"),
+    "duplicate tensor": (lambda: gguf_bytes([], [tensor_info("t", [8], 0, 0), tensor_info("t", [8], 0, 32)], bytes(64)),
+                         "'t' appears twice"),
+    "row not a multiple of the block": (lambda: gguf_bytes([], [tensor_info("t", [48, 1], 8, 0)], bytes(68)),
+                                        "ne\\[0\\] = 48"),
+    "absurd dimensions": (lambda: gguf_bytes([], [tensor_info("t", [2**40, 2**40], 0, 0)]), "more numbers than"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_a_hostile_file_is_one_checkpoint_error_naming_the_file_and_the_field(tmp_path, case):
+    make, message = HOSTILE[case]
+    path = write(tmp_path, make())
+    with pytest.raises(CheckpointError, match=message) as raised:
+        gguf_format.read_gguf(path)
+    assert str(path) in str(raised.value)
+
+
+def test_every_truncation_and_every_flipped_byte_of_a_header_is_a_checkpoint_error_or_a_read(tmp_path):
+    raw = small_file()
+    for cut in range(len(raw)):
+        with pytest.raises(CheckpointError):
+            gguf_format.read_gguf(write(tmp_path, raw[:cut]))
+    rng = np.random.default_rng(0)
+    for position in range(len(raw) - 32):  # the header, not the tensor's bytes
+        flipped = bytearray(raw)
+        flipped[position] ^= int(rng.integers(1, 256))
+        try:
+            gguf_format.read_gguf(write(tmp_path, bytes(flipped)))
+        except CheckpointError:
+            pass
+
+
+# ---------------------------------------------------------------------------- config and names
+
+
+def test_config_comes_from_the_llama_keys_as_the_fixtures_config():
+    config, checkpoint = gguf_format.open_gguf_checkpoint(GGUF_DATA / "gqa_f32-F32.gguf")
+    fixture = json.loads((DATA / "fixtures" / "gqa_f32" / "config.json").read_text())
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size",
+                  "tie_word_embeddings"):
+        assert getattr(config, field) == fixture[field], field
+    assert config.rms_norm_eps == float(np.float32(fixture["rms_norm_eps"]))  # stored as FLOAT32
+    assert config.rope_parameters["rope_theta"] == 10000.0
+    assert checkpoint.layout == "GGUF (llama.cpp)"
+
+
+@pytest.mark.parametrize("source", ["gqa_f32", "mqa_tied_f16"])
+def test_an_f32_file_holds_the_fixtures_tensors_with_q_and_k_rows_permuted_back(source):
+    _, checkpoint = gguf_format.open_gguf_checkpoint(GGUF_DATA / f"{source}-F32.gguf")
+    fixture = Checkpoint.open(DATA / "fixtures" / source)
+    assert set(checkpoint) == set(fixture)
+    for name in fixture:
+        np.testing.assert_array_equal(checkpoint[name].numpy(), fixture[name].numpy(), err_msg=name)
+
+
+def test_embeddings_are_tied_when_output_weight_is_absent():
+    config, checkpoint = gguf_format.open_gguf_checkpoint(GGUF_DATA / "mqa_tied_f16-Q8_0.gguf")
+    assert config.tie_word_embeddings and "lm_head.weight" not in checkpoint
+    assert checkpoint["model.embed_tokens.weight"].dtype == "Q8_0"
+
+
+def test_tensor_names_map_to_hugging_faces():
+    assert gguf_format.hf_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert gguf_format.hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
+    assert gguf_format.hf_name("output.weight") == "lm_head.weight"
+    assert gguf_format.hf_name("rope_freqs.weight") == "rope_freqs.weight"
+
+
+def test_another_architecture_is_refused_by_name(tmp_path):
+    path = write(tmp_path, gguf_bytes([kv("general.architecture", 8, string("qwen2"))], []))
+    with pytest.raises(CheckpointError, match="'qwen2' model"):
+        gguf_format.open_gguf_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------- against Transformers
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST["files"]))
+def test_logits_and_greedy_ids_match_transformers_loading_the_gguf_file(name):
+    stem, source = name[: -len(".gguf")], MANIFEST["files"][name]["source"]
+    source = stem.rsplit("-", 1)[0]
+    model = LlamaForCausalLM.from_pretrained(GGUF_DATA / name)
+    assert_close(model(REFERENCE[f"{source}/input_ids"]).logits, REFERENCE[f"{stem}/logits"],
+                 f"{name} logits", FLOAT32_TOLERANCE)
+    generated = model.generate(REFERENCE[f"{source}/prompt_ids"], max_new_tokens=8)
+    assert_same_token_ids(generated, REFERENCE[f"{stem}/generated"], f"{name} greedy ids")
+
+
+def test_gguf_file_names_the_file_inside_a_directory_as_in_transformers():
+    by_path = LlamaForCausalLM.from_pretrained(GGUF_DATA / "gqa_f32-Q4_0.gguf")
+    by_directory = LlamaForCausalLM.from_pretrained(GGUF_DATA, gguf_file="gqa_f32-Q4_0.gguf")
+    input_ids = REFERENCE["gqa_f32/input_ids"]
+    np.testing.assert_array_equal(by_path(input_ids).logits, by_directory(input_ids).logits)
+
+
+def test_a_streamed_quantised_model_keeps_its_matrices_quantised_and_gives_the_kept_logits():
+    name = "tiny-shakespeare-Q4_0.gguf"
+    streamed = LlamaForCausalLM.from_pretrained(GGUF_DATA / name, keep_widened=False)
+    input_ids = REFERENCE["tiny-shakespeare/input_ids"]
+    logits = streamed(input_ids).logits
+    q_proj = streamed.weights["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q_proj, streaming.StreamedMatrix) and q_proj.storage_dtype == "Q4_0"
+    assert q_proj.stored.dtype == np.uint8 and q_proj.stored.nbytes == 256 * 256 * 18 // 32
+    assert_close(logits, REFERENCE["tiny-shakespeare-Q4_0/logits"], f"streamed {name}", FLOAT32_TOLERANCE)
