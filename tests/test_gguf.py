@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama_np import LlamaForCausalLM
-from llama_np.errors import CheckpointError
+from llama_np import LlamaForCausalLM, LlamaTokenizer
+from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.formats import gguf as gguf_format
 from llama_np.formats.safetensors import Checkpoint
 from llama_np.weights import codecs, streaming, workers
@@ -315,3 +315,52 @@ def test_a_streamed_quantised_model_keeps_its_matrices_quantised_and_gives_the_k
     assert isinstance(q_proj, streaming.StreamedMatrix) and q_proj.storage_dtype == "Q4_0"
     assert q_proj.stored.dtype == np.uint8 and q_proj.stored.nbytes == 256 * 256 * 18 // 32
     assert_close(logits, REFERENCE["tiny-shakespeare-Q4_0/logits"], f"streamed {name}", FLOAT32_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------- the tokenizer
+
+
+TEXTS = MANIFEST["texts"]
+LEADING_SPACES = 2  # TEXTS[2] starts with two spaces: see the test below
+
+
+@pytest.mark.parametrize("index", [i for i in range(len(TEXTS)) if i != LEADING_SPACES])
+def test_the_tokenizer_of_a_gguf_file_gives_transformers_ids(index):
+    tokenizer = LlamaTokenizer.from_pretrained(GGUF_DATA / "tiny-shakespeare-Q4_0.gguf")
+    assert tokenizer(TEXTS[index])["input_ids"] == REFERENCE[f"tokenizer/{index}"].tolist()
+
+
+def test_leading_spaces_are_merged_as_sentencepiece_merges_them():
+    """For "  two …" sentencepiece sees "▁▁▁two" (its dummy prefix and the two spaces) and gives
+    "▁▁", "▁two"; Transformers 5.23 gives "▁", "▁two", one space fewer — for the bundled
+    tokenizer.model as well as for the GGUF file, so this is its tokenizers-backed LlamaTokenizer,
+    not GGUF. llama_np follows sentencepiece (and Transformers 4.45.2's slow LlamaTokenizer,
+    which tests/test_tokenizer.py pins)."""
+    text = TEXTS[LEADING_SPACES]
+    tokenizer = LlamaTokenizer.from_pretrained(GGUF_DATA, gguf_file="tiny-shakespeare-Q4_0.gguf")
+    ids = tokenizer(text)["input_ids"]
+    assert ids == LlamaTokenizer.from_pretrained("tiny-shakespeare", legacy=False)(text)["input_ids"]
+    transformers_ids = REFERENCE[f"tokenizer/{LEADING_SPACES}"].tolist()
+    assert tokenizer.convert_ids_to_tokens(ids[1:3]) == ["▁▁", "▁two"]
+    assert tokenizer.convert_ids_to_tokens(transformers_ids[1:3]) == ["▁", "▁two"]
+    assert ids[3:] == transformers_ids[3:]
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_the_gguf_vocabulary_encodes_and_decodes_as_the_tokenizer_model_it_came_from(legacy):
+    texts = json.loads((DATA / "tokenizer" / "encodings.json").read_text(encoding="utf-8"))["texts"] + TEXTS
+    from_gguf = LlamaTokenizer.from_pretrained(GGUF_DATA / "tiny-shakespeare-Q4_0.gguf", legacy=legacy)
+    original = LlamaTokenizer.from_pretrained("tiny-shakespeare", legacy=legacy)
+    assert from_gguf.get_vocab() == original.get_vocab()
+    for text in texts:
+        ids = original(text)["input_ids"]
+        assert from_gguf(text)["input_ids"] == ids, text
+        assert from_gguf.decode(ids) == original.decode(ids), text
+
+
+def test_a_gguf_file_without_a_llama_vocabulary_is_a_tokenizer_error(tmp_path):
+    path = write(tmp_path, gguf_bytes([kv("general.architecture", 8, string("llama")),
+                                       kv("tokenizer.ggml.model", 8, string("gpt2"))], []))
+    with pytest.raises(TokenizerError, match="tokenizer.ggml.model is 'gpt2'"):
+        LlamaTokenizer.from_pretrained(path)
+

@@ -43,7 +43,8 @@ import numpy as np
 
 from llama_np import layers
 from llama_np.config import LlamaConfig
-from llama_np.errors import CheckpointError
+from llama_np.errors import CheckpointError, TokenizerError
+from llama_np.formats import sentencepiece_model
 from llama_np.formats.files import is_file
 from llama_np.formats.safetensors import Checkpoint, FileIdentity, StoredTensor, _MappedFile
 from llama_np.weights.codecs import CODECS, GGML_TYPES
@@ -348,6 +349,65 @@ def gguf_config(gguf: GGUFFile) -> LlamaConfig:
     return LlamaConfig(**fields)
 
 
+# ---------------------------------------------------------------------------- the tokenizer
+
+
+def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
+    """A sentencepiece model (serialized ModelProto) and LlamaTokenizer settings from
+    ``tokenizer.ggml.*``: tokens, scores, token types, bos/eos/unk/pad ids, ``add_bos_token``,
+    ``add_eos_token`` and ``add_space_prefix`` (sentencepiece's dummy prefix).
+
+    Only ``tokenizer.ggml.model == "llama"`` (sentencepiece BPE) is read; a missing
+    ``add_bos_token`` means True, as in llama.cpp and Transformers.
+    """
+    def error(what: str) -> TokenizerError:
+        return TokenizerError(f"{gguf.path}: {what}")
+
+    model = gguf.metadata.get("tokenizer.ggml.model")
+    if model != "llama":
+        raise error(f"tokenizer.ggml.model is {model!r}; llama_np reads 'llama' (sentencepiece) vocabularies")
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise error("tokenizer.ggml.tokens is missing or not an array of strings")
+    count = len(tokens)
+    scores = gguf.metadata.get("tokenizer.ggml.scores", np.zeros(count))
+    types = gguf.metadata.get("tokenizer.ggml.token_type", np.full(count, sentencepiece_model.NORMAL))
+    for key, values in (("scores", scores), ("token_type", types)):
+        if not isinstance(values, np.ndarray) or values.shape != (count,):
+            raise error(f"tokenizer.ggml.{key} should hold one number per token ({count})")
+    if len(set(tokens)) != count:
+        raise error("tokenizer.ggml.tokens holds the same token twice")
+    if not np.isin(types, range(1, 7)).all():
+        raise error(f"tokenizer.ggml.token_type holds {sorted(set(types.tolist()) - set(range(1, 7)))}; "
+                    "token types are 1 to 6")
+
+    def token_id(name: str, required: bool):
+        key = f"tokenizer.ggml.{name}_token_id"
+        value = gguf.metadata.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
+            raise error(f"{key} is {value!r}; expected a token id below {count}")
+        return value
+
+    unknown = [i for i, t in enumerate(types.tolist()) if t == sentencepiece_model.UNKNOWN]
+    unk_id = token_id("unknown", False)
+    unk_id = unk_id if unk_id is not None else unknown[0] if unknown else None
+    if unk_id is None:
+        raise error("the vocabulary has no unknown token (tokenizer.ggml.unknown_token_id, or a token of type 2)")
+    bos_id, eos_id, pad_id = token_id("bos", True), token_id("eos", True), token_id("padding", False)
+    types = types.astype(int)
+    types[unk_id] = sentencepiece_model.UNKNOWN
+    proto = sentencepiece_model.model_proto(
+        tokens, scores, types.tolist(), unk_id, bos_id, eos_id, -1 if pad_id is None else pad_id,
+        add_dummy_prefix=bool(gguf.metadata.get("tokenizer.ggml.add_space_prefix", True)))
+    settings = {"unk_token": tokens[unk_id], "bos_token": tokens[bos_id], "eos_token": tokens[eos_id],
+                "pad_token": None if pad_id is None else tokens[pad_id],
+                "add_bos_token": bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", True)),
+                "add_eos_token": bool(gguf.metadata.get("tokenizer.ggml.add_eos_token", False))}
+    return proto, settings
+
+
 # ---------------------------------------------------------------------------- tensors
 
 
@@ -403,7 +463,9 @@ def open_gguf_checkpoint(path) -> tuple[LlamaConfig, GGUFCheckpoint]:
 
 
 def is_gguf_file(path) -> bool:
-    """Whether ``path`` is a file that starts with GGUF's magic."""
+    """Whether ``path`` (a str or path; anything else is not) is a file that starts with GGUF's magic."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == MAGIC

@@ -5,8 +5,6 @@ weights, Meta's original download, a GGUF file).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from llama_np.formats.gguf import is_gguf_file, open_gguf_checkpoint
 from llama_np.formats.safetensors import INDEX_FILE_NAME, SINGLE_FILE_NAME, Checkpoint
 from llama_np.formats.files import is_file
@@ -34,7 +32,7 @@ def open_model_files(name_or_path, revision: str | None = None,
     """
     if gguf_file is not None:
         return open_gguf_checkpoint(resolve_model_path(name_or_path, revision=revision) / gguf_file)
-    if isinstance(name_or_path, (str, Path)) and is_gguf_file(name_or_path):
+    if is_gguf_file(name_or_path):
         return open_gguf_checkpoint(name_or_path)
     directory = resolve_model_path(name_or_path, revision=revision)
     if is_meta_checkpoint(directory):
