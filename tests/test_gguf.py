@@ -364,3 +364,38 @@ def test_a_gguf_file_without_a_llama_vocabulary_is_a_tokenizer_error(tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer.ggml.model is 'gpt2'"):
         LlamaTokenizer.from_pretrained(path)
 
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def run_cli(capsys, *argv):
+    from llama_np.cli.main import main  # the command line, only for these tests
+
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_inspect_shows_each_tensor_type_with_its_bits_per_weight_and_bytes(capsys):
+    path = GGUF_DATA / "tiny-shakespeare-Q4_0.gguf"
+    status, out, err = run_cli(capsys, "inspect", "--model", path, "--seq-len", 8)
+    assert status == 0, err
+    assert "layout           GGUF (llama.cpp)" in out
+    _, checkpoint = gguf_format.open_gguf_checkpoint(path)
+    q4_bytes = sum(t.nbytes for t in checkpoint.tensors.values() if t.dtype == "Q4_0")
+    assert "  Q4_0       4.5 bits/weight   26 tensors" in out and f"{q4_bytes:,} bytes" in out
+    assert "  F16         16 bits/weight    4 tensors" in out  # the four down_proj, rows of 688
+    assert "GGUF             version 3" in out
+
+
+def test_generate_runs_a_gguf_file_with_its_own_tokenizer_and_the_transformers_ids(capsys):
+    prompt_ids = REFERENCE["tiny-shakespeare/prompt_ids"][0].tolist()
+    tokenizer = LlamaTokenizer.from_pretrained(GGUF_DATA / "tiny-shakespeare-Q4_0.gguf")
+    prompt = tokenizer.decode(prompt_ids[1:] if prompt_ids[0] == 1 else prompt_ids)
+    status, out, err = run_cli(capsys, "generate", prompt, "--model", GGUF_DATA / "tiny-shakespeare-Q4_0.gguf",
+                               "--greedy", "--max-new-tokens", 4)
+    assert status == 0, err
+    model = LlamaForCausalLM.from_pretrained(GGUF_DATA / "tiny-shakespeare-Q4_0.gguf")
+    ids = tokenizer(prompt, return_tensors="np")["input_ids"]
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=4)[0, ids.shape[1]:])
+    assert expected.strip() and expected.strip() in out
