@@ -306,15 +306,19 @@ def test_gguf_file_names_the_file_inside_a_directory_as_in_transformers():
     np.testing.assert_array_equal(by_path(input_ids).logits, by_directory(input_ids).logits)
 
 
-def test_a_streamed_quantised_model_keeps_its_matrices_quantised_and_gives_the_kept_logits():
-    name = "tiny-shakespeare-Q4_0.gguf"
+@pytest.mark.parametrize("name, q_type, k_type", [("tiny-shakespeare-Q4_0.gguf", "Q4_0", "Q4_0"),
+                                                  ("kquants-Q4_K_M.gguf", "Q4_K", "Q4_K"),
+                                                  ("gqa_f32-Q5_1.gguf", "Q5_1", "Q5_1")])
+def test_a_streamed_quantised_model_keeps_its_matrices_quantised_and_gives_transformers_logits(name, q_type, k_type):
+    stem = name[: -len(".gguf")]
     streamed = LlamaForCausalLM.from_pretrained(GGUF_DATA / name, keep_widened=False)
-    input_ids = REFERENCE["tiny-shakespeare/input_ids"]
-    logits = streamed(input_ids).logits
-    q_proj = streamed.weights["model.layers.0.self_attn.q_proj.weight"]
-    assert isinstance(q_proj, streaming.StreamedMatrix) and q_proj.storage_dtype == "Q4_0"
-    assert q_proj.stored.dtype == np.uint8 and q_proj.stored.nbytes == 256 * 256 * 18 // 32
-    assert_close(logits, REFERENCE["tiny-shakespeare-Q4_0/logits"], f"streamed {name}", FLOAT32_TOLERANCE)
+    logits = streamed(REFERENCE[f"{stem.rsplit('-', 1)[0]}/input_ids"]).logits
+    for projection, codec_name in (("q_proj", q_type), ("k_proj", k_type)):
+        matrix = streamed.weights[f"model.layers.0.self_attn.{projection}.weight"]
+        assert isinstance(matrix, streaming.StreamedMatrix) and matrix.storage_dtype == codec_name
+        assert matrix.stored.dtype == np.uint8
+        assert matrix.stored.nbytes == CODECS[codec_name].nbytes(matrix.shape)
+    assert_close(logits, REFERENCE[f"{stem}/logits"], f"streamed {name}", FLOAT32_TOLERANCE)
 
 
 # ---------------------------------------------------------------------------- the tokenizer
