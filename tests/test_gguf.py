@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from llama_np import LlamaForCausalLM, LlamaTokenizer
-from llama_np.errors import CheckpointError, TokenizerError
+from llama_np.errors import CheckpointError, ConfigError, TokenizerError
 from llama_np.formats import gguf as gguf_format
 from llama_np.formats.safetensors import Checkpoint
 from llama_np.weights import codecs, streaming, workers
@@ -277,6 +277,37 @@ def test_tensor_names_map_to_hugging_faces():
     assert gguf_format.hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
     assert gguf_format.hf_name("output.weight") == "lm_head.weight"
     assert gguf_format.hf_name("rope_freqs.weight") == "rope_freqs.weight"
+
+
+def llama_header(**keys) -> list[bytes]:
+    """Metadata of a small Llama (u32 values; a float32 where the value is a float; None leaves a key out)."""
+    values = {"block_count": 1, "embedding_length": 64, "feed_forward_length": 128, "attention.head_count": 4,
+              "vocab_size": 32}
+    values.update(keys)
+    return [kv("general.architecture", 8, string("llama"))] + [
+        kv(f"llama.{key}", 6, struct.pack("<f", value)) if isinstance(value, float) else kv(f"llama.{key}", 4, struct.pack("<I", value))
+        for key, value in values.items() if value is not None]
+
+
+def test_a_header_missing_a_llama_key_or_inconsistent_is_an_error_naming_the_file_and_key(tmp_path):
+    path = write(tmp_path, gguf_bytes(llama_header(**{"attention.head_count": 3}), []))
+    with pytest.raises(ConfigError, match=r"model.gguf \(its llama.\* metadata\): num_attention_heads=3 does not divide"):
+        gguf_format.open_gguf_checkpoint(path)  # 64 is not 3 heads of a whole head_dim
+    path = write(tmp_path, gguf_bytes(llama_header(**{"attention.head_count": None}), []))
+    with pytest.raises(CheckpointError, match="no metadata key 'llama.attention.head_count'"):
+        gguf_format.open_gguf_checkpoint(path)
+    path = write(tmp_path, gguf_bytes(llama_header(**{"attention.key_length": 16, "attention.value_length": 32}), []))
+    with pytest.raises(CheckpointError, match="value_length is 32 but the key length is 16"):
+        gguf_format.open_gguf_checkpoint(path)
+
+
+def test_rope_scaling_linear_is_read_and_an_unknown_one_refused(tmp_path):
+    scaling = [kv("llama.rope.scaling.type", 8, string("linear")), kv("llama.rope.scaling.factor", 6, struct.pack("<f", 4.0))]
+    config, _ = gguf_format.open_gguf_checkpoint(write(tmp_path, gguf_bytes(llama_header() + scaling, [])))
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 4.0
+    yarn = [kv("llama.rope.scaling.type", 8, string("yarn"))]
+    with pytest.raises(CheckpointError, match="rope.scaling.type is 'yarn'"):
+        gguf_format.open_gguf_checkpoint(write(tmp_path, gguf_bytes(llama_header() + yarn, [])))
 
 
 def test_another_architecture_is_refused_by_name(tmp_path):

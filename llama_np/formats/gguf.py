@@ -43,7 +43,7 @@ import numpy as np
 
 from llama_np import layers
 from llama_np.config import LlamaConfig
-from llama_np.errors import CheckpointError, TokenizerError
+from llama_np.errors import CheckpointError, ConfigError, TokenizerError
 from llama_np.formats import sentencepiece_model
 from llama_np.formats.files import is_file
 from llama_np.formats.safetensors import Checkpoint, FileIdentity, StoredTensor, _MappedFile
@@ -336,6 +336,10 @@ def gguf_config(gguf: GGUFFile) -> LlamaConfig:
     head_dim = llama("attention.key_length", int, llama("rope.dimension_count", int))
     if head_dim is not None:
         fields["head_dim"] = head_dim
+    value_length = llama("attention.value_length", int, head_dim)
+    if value_length != head_dim:
+        raise CheckpointError(f"{gguf.path}: llama.attention.value_length is {value_length} but the key length is "
+                              f"{head_dim}; Llama's values and keys have the same head_dim")
     for token in ("bos", "eos", "pad"):
         token_id = metadata_value(gguf, f"tokenizer.ggml.{token}_token_id", int)
         if token_id is not None:
@@ -346,7 +350,10 @@ def gguf_config(gguf: GGUFFile) -> LlamaConfig:
     elif scaling != "none":
         raise CheckpointError(f"{gguf.path}: llama.rope.scaling.type is {scaling!r}; llama_np reads "
                               "'none' and 'linear' from GGUF files")
-    return LlamaConfig(**fields)
+    try:
+        return LlamaConfig(**fields)
+    except ConfigError as error:
+        raise ConfigError(f"{gguf.path} (its llama.* metadata): {error}") from None
 
 
 # ---------------------------------------------------------------------------- the tokenizer
