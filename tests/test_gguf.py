@@ -104,12 +104,20 @@ def test_streamed_quantised_product_equals_the_product_with_the_decoded_matrix(n
     np.testing.assert_array_equal(matrix[2, 5:9], decoded[2, 5:9])
 
 
+def test_an_infinite_scale_in_a_kept_quantised_tensor_is_a_checkpoint_error_naming_it():
+    codec = CODECS["Q8_0"]
+    raw = np.ones((3, 1, codec.block_bytes), dtype=np.uint8)  # every q = 1
+    raw[2, 0, 0:2] = np.array([0x7C00], dtype="<u2").view(np.uint8)  # float16 +inf
+    with pytest.raises(CheckpointError, match=r"'x' in m.gguf holds 0 NaN and 32 infinite .* index \(2, 0\)"):
+        codec.decode(raw, np.float32, "tensor 'x' in m.gguf")
+
+
 def test_a_nan_scale_in_a_streamed_quantised_matrix_is_a_checkpoint_error_naming_it():
     codec = CODECS["Q4_0"]
     raw = np.zeros((8, 2, codec.block_bytes), dtype=np.uint8)
     raw[5, 1, 0:2] = np.array([0x7E00], dtype="<u2").view(np.uint8)  # float16 NaN
     matrix = streaming.StreamedMatrix(raw, "Q4_0", "w", source="tensor 'w' in test.gguf")
-    with pytest.raises(CheckpointError, match="'w' in test.gguf holds 32 NaN"):
+    with pytest.raises(CheckpointError, match=r"'w' in test.gguf holds 32 NaN and 0 infinite .* index \(5, 32\)"):
         np.ones((1, 64), np.float32) @ matrix.T
 
 

@@ -230,7 +230,7 @@ def _read_tensor_info(reader: HeaderReader, index: int, alignment: int) -> tuple
         readable = ", ".join(f"{c.name} ({number})" for number, c in sorted(GGML_TYPES.items()))
         raise reader.error(f"tensor {name!r} has ggml type {ggml_type}, which llama_np does not read; "
                            f"it reads {readable}")
-    problem = getattr(codec, "row_problem", lambda columns: None)(ne[0])
+    problem = codec.row_problem(ne[0])
     if problem:
         raise reader.error(f"tensor {name!r} has rows of ne[0] = {ne[0]} numbers: {problem}")
     offset = reader.scalar("<Q", f"the offset of tensor {name!r}")

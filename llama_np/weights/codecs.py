@@ -209,6 +209,10 @@ class Codec:
         """The shape of the numbers ``stored`` (a ``view``) holds: its own, for a float codec."""
         return tuple(stored.shape)
 
+    def row_problem(self, columns: int) -> str | None:
+        """Why a row of ``columns`` numbers cannot be stored in this dtype, or None (a float: never)."""
+        return None
+
     def nbytes(self, shape) -> int:
         """Bytes a tensor of ``shape`` takes in a file."""
         return math.prod(shape) * self.stored_dtype.itemsize
@@ -307,17 +311,16 @@ class BlockCodec(Codec):
         return self.block_bytes * 8 / self.block_size
 
     def row_problem(self, columns: int) -> str | None:
-        """Why a row of ``columns`` numbers cannot be stored in this type, or None."""
         if columns % self.block_size:
             return f"{self.name} stores rows in blocks of {self.block_size} numbers, and {columns} is not a multiple"
         return None
 
     def nbytes(self, shape) -> int:
-        *rows, columns = shape if len(shape) else (1,)
-        problem = self.row_problem(columns)
+        """Bytes of a tensor of ``shape`` (at least 1-D; its last dimension a whole number of blocks)."""
+        problem = self.row_problem(shape[-1])
         if problem:
             raise CheckpointError(f"a tensor of shape {tuple(shape)}: {problem}")
-        return math.prod(rows) * columns // self.block_size * self.block_bytes
+        return math.prod(shape) // self.block_size * self.block_bytes
 
     def view(self, raw: np.ndarray, shape) -> np.ndarray:
         """(..., columns) numbers -> the raw blocks (..., columns / block_size, block_bytes) uint8."""
@@ -339,26 +342,44 @@ class BlockCodec(Codec):
             out[...] = self.decode_blocks(stored.reshape(-1, self.block_bytes)).reshape(out.shape)
         return check_special and not sum_is_finite(out)
 
+    def tiles(self, stored: np.ndarray):
+        """(first row, that tile's blocks) over ``stored`` (..., blocks, block_bytes) as rows of blocks,
+        ``workers.TILE_ELEMENTS`` numbers or so at a time."""
+        blocks = stored.reshape(-1, *stored.shape[-2:])  # (rows, blocks per row, block_bytes)
+        rows = max(1, workers.TILE_ELEMENTS // (blocks.shape[1] * self.block_size or 1))
+        for start in range(0, blocks.shape[0], rows):
+            yield start, blocks[start:start + rows]
+
     def decode(self, stored: np.ndarray, dtype=np.float32, what: str | None = None) -> np.ndarray:
         """All of ``stored`` (..., blocks, block_bytes) as ``dtype``, (..., columns), a tile of rows
         at a time so that no temporary much larger than a tile is made."""
         shape = self.logical_shape(stored)
         out = np.empty(shape, dtype=np.float32)
-        blocks, numbers = stored.reshape(-1, *stored.shape[-2:]), out.reshape(-1, shape[-1] if shape else 1)
-        rows = max(1, workers.TILE_ELEMENTS // max(1, numbers.shape[-1]))
-        for start in range(0, blocks.shape[0], rows):
-            self.decode_rows(blocks[start:start + rows], numbers[start:start + rows], check_special=False)
+        numbers = out.reshape(-1, shape[-1])  # (rows, columns)
+        for start, tile in self.tiles(stored):
+            self.decode_rows(tile, numbers[start:start + len(tile)], check_special=False)
         if what is not None:
             check_finite(out, what, dtype)
         return out.astype(dtype, copy=False)
 
     def non_finite_error(self, stored: np.ndarray, what: str) -> CheckpointError | None:
-        """The CheckpointError for a stored matrix holding NaN or inf after decoding, or None."""
-        try:
-            self.decode(stored, np.float32, what)
-        except CheckpointError as error:
-            return error
-        return None
+        """The CheckpointError for a stored matrix holding NaN or inf once decoded, or None.
+
+        Counted a tile at a time, so nothing as large as the decoded matrix is allocated."""
+        nans = infinities = 0
+        first = None
+        for start, tile in self.tiles(stored):
+            values = np.empty((len(tile), tile.shape[1] * self.block_size), dtype=np.float32)
+            self.decode_rows(tile, values, check_special=False)
+            bad = ~np.isfinite(values)
+            if first is None and bad.any():
+                row, column = np.unravel_index(int(np.argmax(bad)), bad.shape)
+                first = (start + int(row), int(column))
+            nans += int(np.count_nonzero(np.isnan(values)))
+            infinities += int(np.count_nonzero(bad)) - int(np.count_nonzero(np.isnan(values)))
+        if first is None:
+            return None
+        return non_finite_error(what, nans, infinities, first, np.float32)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         raise CheckpointError(f"llama_np reads {self.name} but does not write it; save as float16 or float32")
