@@ -401,6 +401,24 @@ def test_the_gguf_vocabulary_encodes_and_decodes_as_the_tokenizer_model_it_came_
         assert from_gguf.decode(ids) == original.decode(ids), text
 
 
+def test_a_small_vocabulary_with_a_chat_template_becomes_a_working_tokenizer(tmp_path):
+    tokens = ["<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab"]
+    array = lambda item_type, raw, count: struct.pack("<IQ", item_type, count) + raw  # noqa: E731
+    path = write(tmp_path, gguf_bytes(llama_header() + [
+        kv("tokenizer.ggml.model", 8, string("llama")),
+        kv("tokenizer.ggml.tokens", 9, array(8, b"".join(string(t) for t in tokens), len(tokens))),
+        kv("tokenizer.ggml.scores", 9, array(6, np.array([0, 0, 0, -3, -4, -5, -1, -2], "<f4").tobytes(), 8)),
+        kv("tokenizer.ggml.token_type", 9, array(5, np.array([2, 3, 3, 1, 1, 1, 1, 1], "<i4").tobytes(), 8)),
+        kv("tokenizer.ggml.bos_token_id", 4, struct.pack("<I", 1)),
+        kv("tokenizer.ggml.eos_token_id", 4, struct.pack("<I", 2)),
+        kv("tokenizer.chat_template", 8, string("{{ messages[0]['content'] }}")),
+    ], []))
+    tokenizer = LlamaTokenizer.from_pretrained(path)
+    assert tokenizer.chat_template == "{{ messages[0]['content'] }}"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("aab")["input_ids"]) == ["<s>", "▁a", "ab"]
+    assert tokenizer.decode(tokenizer("aab ba")["input_ids"], skip_special_tokens=True) == "aab ba"
+
+
 def test_a_gguf_file_without_a_llama_vocabulary_is_a_tokenizer_error(tmp_path):
     path = write(tmp_path, gguf_bytes([kv("general.architecture", 8, string("llama")),
                                        kv("tokenizer.ggml.model", 8, string("gpt2"))], []))
@@ -442,3 +460,18 @@ def test_generate_runs_a_gguf_file_with_its_own_tokenizer_and_the_transformers_i
     ids = tokenizer(prompt, return_tensors="np")["input_ids"]
     expected = tokenizer.decode(model.generate(ids, max_new_tokens=4)[0, ids.shape[1]:])
     assert expected.strip() and expected.strip() in out
+
+
+def test_chat_runs_a_gguf_file(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Good morrow\n"))
+    status, out, err = run_cli(capsys, "chat", "--model", GGUF_DATA / "tiny-shakespeare-Q4_0.gguf",
+                               "--greedy", "--max-new-tokens", 3)
+    assert status == 0, err
+    assert "has no chat_template" in err and "3 new tokens" in err
+
+
+def test_a_gguf_file_with_no_tokenizer_says_so(capsys):
+    status, _, err = run_cli(capsys, "generate", "hi", "--model", GGUF_DATA / "gqa_f32-Q4_0.gguf")
+    assert status == 2 and "gqa_f32-Q4_0.gguf: holds no tokenizer (no tokenizer.ggml.model key)" in err

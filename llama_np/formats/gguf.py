@@ -362,7 +362,8 @@ def gguf_config(gguf: GGUFFile) -> LlamaConfig:
 def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
     """A sentencepiece model (serialized ModelProto) and LlamaTokenizer settings from
     ``tokenizer.ggml.*``: tokens, scores, token types, bos/eos/unk/pad ids, ``add_bos_token``,
-    ``add_eos_token`` and ``add_space_prefix`` (sentencepiece's dummy prefix).
+    ``add_eos_token`` and ``add_space_prefix`` (sentencepiece's dummy prefix); and
+    ``tokenizer.chat_template`` when the file has one.
 
     Only ``tokenizer.ggml.model == "llama"`` (sentencepiece BPE) is read; a missing
     ``add_bos_token`` means True, as in llama.cpp and Transformers.
@@ -371,6 +372,8 @@ def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
         return TokenizerError(f"{gguf.path}: {what}")
 
     model = gguf.metadata.get("tokenizer.ggml.model")
+    if model is None:
+        raise error("holds no tokenizer (no tokenizer.ggml.model key); give a tokenizer of the same vocabulary")
     if model != "llama":
         raise error(f"tokenizer.ggml.model is {model!r}; llama_np reads 'llama' (sentencepiece) vocabularies")
     tokens = gguf.metadata.get("tokenizer.ggml.tokens")
@@ -412,6 +415,9 @@ def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
                 "pad_token": None if pad_id is None else tokens[pad_id],
                 "add_bos_token": bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", True)),
                 "add_eos_token": bool(gguf.metadata.get("tokenizer.ggml.add_eos_token", False))}
+    chat_template = gguf.metadata.get("tokenizer.chat_template")
+    if isinstance(chat_template, str):
+        settings["chat_template"] = chat_template
     return proto, settings
 
 
