@@ -318,6 +318,14 @@ def test_rope_scaling_linear_is_read_and_an_unknown_one_refused(tmp_path):
         gguf_format.open_gguf_checkpoint(write(tmp_path, gguf_bytes(llama_header() + yarn, [])))
 
 
+def test_two_tensors_with_one_hugging_face_name_are_refused(tmp_path):
+    infos = [tensor_info("blk.0.attn_norm.weight", [64], 0, 0),
+             tensor_info("model.layers.0.input_layernorm.weight", [64], 0, 256)]
+    path = write(tmp_path, gguf_bytes(llama_header(), infos, bytes(512)))
+    with pytest.raises(CheckpointError, match="'blk.0.attn_norm.weight' and 'model.layers.0.input_layernorm.weight'"):
+        gguf_format.open_gguf_checkpoint(path)
+
+
 def test_another_architecture_is_refused_by_name(tmp_path):
     path = write(tmp_path, gguf_bytes([kv("general.architecture", 8, string("qwen2"))], []))
     with pytest.raises(CheckpointError, match="'qwen2' model"):

@@ -469,6 +469,9 @@ def open_gguf_checkpoint(path) -> tuple[LlamaConfig, GGUFCheckpoint]:
     tensors = {}
     for info in gguf.tensors.values():
         name = hf_name(info.name)
+        if name in tensors:
+            raise CheckpointError(f"{path}: tensors {tensors[name].gguf_name!r} and {info.name!r} are both "
+                                  f"{name!r} once named as Hugging Face names them")
         heads = next((h for part, h in rope_heads.items() if f".{part}." in name), None)
         tensors[name] = GGUFTensor(name, path, info.dtype, info.shape, mapped, info.start, info.stop,
                                    gguf_name=info.name, rope_heads=heads)
