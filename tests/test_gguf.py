@@ -12,14 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tolerance import (
+    FLOAT32_TOLERANCE,
+    REPEATED_TOLERANCE,
+    assert_close,
+    assert_same_token_ids,
+)
 
 from llama_np import LlamaForCausalLM, LlamaTokenizer
 from llama_np.errors import CheckpointError, ConfigError, TokenizerError
 from llama_np.formats import gguf as gguf_format
 from llama_np.formats.safetensors import Checkpoint
-from llama_np.weights import codecs, streaming, workers
+from llama_np.weights import streaming, workers
 from llama_np.weights.codecs import CODECS, BlockCodec
-from tolerance import FLOAT32_TOLERANCE, REPEATED_TOLERANCE, assert_close, assert_same_token_ids
 
 DATA = Path(__file__).resolve().parent / "data"
 GGUF_DATA = DATA / "gguf"
@@ -337,8 +342,8 @@ def test_another_architecture_is_refused_by_name(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["files"]))
 def test_logits_and_greedy_ids_match_transformers_loading_the_gguf_file(name):
-    stem, source = name[: -len(".gguf")], MANIFEST["files"][name]["source"]
-    source = stem.rsplit("-", 1)[0]
+    stem = name[: -len(".gguf")]
+    source = stem.rsplit("-", 1)[0]  # the name of its input ids in reference.npz
     model = LlamaForCausalLM.from_pretrained(GGUF_DATA / name)
     assert_close(model(REFERENCE[f"{source}/input_ids"]).logits, REFERENCE[f"{stem}/logits"],
                  f"{name} logits", FLOAT32_TOLERANCE)
@@ -411,7 +416,7 @@ def test_the_gguf_vocabulary_encodes_and_decodes_as_the_tokenizer_model_it_came_
 
 def test_a_small_vocabulary_with_a_chat_template_becomes_a_working_tokenizer(tmp_path):
     tokens = ["<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab"]
-    array = lambda item_type, raw, count: struct.pack("<IQ", item_type, count) + raw  # noqa: E731
+    array = lambda item_type, raw, count: struct.pack("<IQ", item_type, count) + raw
     path = write(tmp_path, gguf_bytes(llama_header() + [
         kv("tokenizer.ggml.model", 8, string("llama")),
         kv("tokenizer.ggml.tokens", 9, array(8, b"".join(string(t) for t in tokens), len(tokens))),
@@ -474,8 +479,8 @@ def test_chat_runs_a_gguf_file(capsys, monkeypatch):
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Good morrow\n"))
-    status, out, err = run_cli(capsys, "chat", "--model", GGUF_DATA / "tiny-shakespeare-Q4_0.gguf",
-                               "--greedy", "--max-new-tokens", 3)
+    status, _, err = run_cli(capsys, "chat", "--model", GGUF_DATA / "tiny-shakespeare-Q4_0.gguf",
+                             "--greedy", "--max-new-tokens", 3)
     assert status == 0, err
     assert "has no chat_template" in err and "3 new tokens" in err
 

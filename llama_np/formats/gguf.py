@@ -31,12 +31,13 @@ converter permutes the rows of q_proj and k_proj into Meta's interleaved RoPE la
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,12 @@ from llama_np.config import LlamaConfig
 from llama_np.errors import CheckpointError, ConfigError, TokenizerError
 from llama_np.formats import sentencepiece_model
 from llama_np.formats.files import is_file
-from llama_np.formats.safetensors import Checkpoint, FileIdentity, StoredTensor, _MappedFile
+from llama_np.formats.safetensors import (
+    Checkpoint,
+    FileIdentity,
+    StoredTensor,
+    _MappedFile,
+)
 from llama_np.weights.codecs import CODECS, GGML_TYPES
 
 MAGIC = b"GGUF"
@@ -244,7 +250,7 @@ def _read_tensor_info(reader: HeaderReader, index: int, alignment: int) -> tuple
 
 def _check_no_overlaps(path: Path, tensors) -> None:
     ordered = sorted((t for t in tensors if t.stop > t.start), key=lambda t: t.start)
-    for before, after in zip(ordered, ordered[1:]):
+    for before, after in itertools.pairwise(ordered):
         if after.start < before.stop:
             raise CheckpointError(f"{path}: tensors {before.name!r} and {after.name!r} overlap "
                                   f"(bytes {before.start}-{before.stop} and {after.start}-{after.stop})")
