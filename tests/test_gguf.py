@@ -84,6 +84,17 @@ def test_block_codec_sizes_are_ggmls(codec):
         codec.nbytes((3, block_size + 1))
 
 
+@pytest.mark.parametrize("name", ["F16", "BF16"])
+def test_half_codecs_decode_every_bit_pattern_as_gguf_dequantize(name):
+    gguf = pytest.importorskip("gguf")
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    stored = bits.view(CODECS[name].stored_dtype)
+    raw = bits.view(np.uint8)  # (256, 512): what a GGUF file holds
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name]).astype(np.float32)
+    decoded = CODECS[name].decode(stored)
+    np.testing.assert_array_equal(decoded.view(np.uint32), expected.view(np.uint32))
+
+
 def test_float_codecs_carry_their_ggml_type_numbers():
     gguf = pytest.importorskip("gguf")
     for name in ("F32", "F16", "BF16", "F64"):
