@@ -141,12 +141,15 @@ class LlamaPreTrainedModel:
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=np.float32, keep_widened: bool | None = None,
                         revision: str | None = None, widened_budget: int | None = None,
-                        progress: Progress | None = None):
+                        progress: Progress | None = None, gguf_file: str | None = None):
         """Open a checkpoint directory or a bundled model by name. Memory-mapped and lazy.
 
         The directory may be in Hugging Face's layout (safetensors, or pickled
         ``pytorch_model*.bin`` read without running the pickle) or in Meta's original one
-        (``params.json`` and ``consolidated.NN.pth``; see ``llama_np.formats.meta``).
+        (``params.json`` and ``consolidated.NN.pth``; see ``llama_np.formats.meta``). A GGUF
+        file of llama.cpp is named by its path, or as in Transformers by its directory and
+        ``gguf_file`` (``llama_np.formats.gguf``); its quantised matrices are decoded tile by
+        tile where they are used when they are not kept widened.
 
         Only headers are read here; tensors are widened to ``dtype`` (float32 or float64) when
         first used. ``keep_widened`` keeps those widened copies; by default it is on when they
@@ -159,7 +162,7 @@ class LlamaPreTrainedModel:
         """
         dtype = check_compute_dtype(dtype)
         # config.json and the tensors' headers, in any layout: safetensors, pytorch_model*.bin, Meta's
-        config, checkpoint = open_model_files(name_or_path, revision=revision)
+        config, checkpoint = open_model_files(name_or_path, revision=revision, gguf_file=gguf_file)
         directory = checkpoint.directory
         prefix = cls.base_prefix
         if cls.prefix_optional and f"{prefix}embed_tokens.weight" not in checkpoint:

@@ -4,7 +4,8 @@
   alone stands for all its modules, which may import each other), so the imports form no circle.
 - Folders: each folder imports only what the page's folder list allows it.
 - Sizes: no module over 700 lines, at most 12 modules directly in llama_np/, and the storage
-  dtype names ("F16", "BF16", "F32", "F64") spelled as strings only in weights/codecs.py.
+  dtype names ("F16", "BF16", "F32", "F64", and llama.cpp's "Q8_0", "Q4_K" …) spelled as strings
+  only in weights/codecs.py.
 An import inside a function carries a comment saying why.
 """
 
@@ -21,7 +22,7 @@ MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py
                  or p.parent != PACKAGE)
 MAX_MODULE_LINES = 700
 MAX_TOP_LEVEL_MODULES = 12
-STORAGE_DTYPE_NAMES = {"F16", "BF16", "F32", "F64"}
+STORAGE_DTYPE_NAMES = {"F16", "BF16", "F32", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 CODEC_MODULES = {"weights.codecs"}
 
 

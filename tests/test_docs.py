@@ -27,7 +27,7 @@ PAGES = sorted(DOCS.glob("*.md"))
 EXPECTED_PAGES = {
     "index.md", "architecture.md", "embedding.md", "rmsnorm.md", "rope.md", "attention.md",
     "swiglu.md", "heads.md", "generation.md", "checkpoints.md", "testing.md", "cli.md",
-    "trace.md", "teaching.md", "training.md",
+    "trace.md", "teaching.md", "training.md", "gguf.md",
 }
 # A bundled model named in a block, as a string literal: "tiny-shakespeare", "tiny-shakespeare-genre".
 BUNDLED_NAME = re.compile(r"[\"'](tiny-shakespeare[\w-]*)[\"']")

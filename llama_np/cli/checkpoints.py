@@ -5,6 +5,7 @@ into Hugging Face's.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from llama_np.cli.common import EXIT_OK, UsageError, label_names, load_model, model_class_for, plural
@@ -81,11 +82,23 @@ def print_architecture(config, classifier: bool) -> None:
 
 
 def print_storage(checkpoint) -> None:
+    """The storage dtypes, then per dtype its bits per weight (a quantised type's scales
+    included), tensors, numbers and bytes; a GGUF file's version and metadata count."""
     counts: dict[str, int] = {}
+    numbers: dict[str, int] = {}
+    stored: dict[str, int] = {}
     for tensor in checkpoint.tensors.values():
         counts[tensor.dtype] = counts.get(tensor.dtype, 0) + 1
+        numbers[tensor.dtype] = numbers.get(tensor.dtype, 0) + math.prod(tensor.shape)
+        stored[tensor.dtype] = stored.get(tensor.dtype, 0) + tensor.nbytes
     dtypes = ", ".join(f"{name} ({plural(n, 'tensor')})" for name, n in sorted(counts.items()))
     print(f"storage dtype    {dtypes}")
+    for name in sorted(counts):
+        print(f"  {name:<6} {CODECS[name].bits:>7g} bits/weight  {plural(counts[name], 'tensor'):>11}  "
+              f"{numbers[name]:>15,} weights  {stored[name]:>15,} bytes")
+    if hasattr(checkpoint, "metadata"):  # a GGUF file
+        print(f"GGUF             version {checkpoint.version}, {plural(len(checkpoint.metadata), 'metadata key')}, "
+              f"name {checkpoint.metadata.get('general.name', '(none)')!r}")
     file_bytes = sum(Path(f).stat().st_size for f in checkpoint.files)
     files = len(checkpoint.files)
     print(f"bytes on disk    {human_bytes(file_bytes)} ({file_bytes:,} bytes in "

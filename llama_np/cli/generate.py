@@ -14,6 +14,7 @@ import numpy as np
 from llama_np.cli.common import (EXIT_OK, UsageError, load_with_tokenizer, plural, prompt_text, read_stdin,
                                  require_model_class)
 from llama_np.errors import InputError
+from llama_np.formats.gguf import is_gguf_file
 from llama_np.formats.locate import resolve_model_path
 from llama_np.model import LlamaForCausalLM
 from llama_np.text.streaming import TextStreamer
@@ -141,7 +142,8 @@ def warn_without_chat_template(tokenizer, name_or_path) -> None:
     chat model (judged by its name or path, e.g. meta-llama/Llama-2-7b-chat-hf)."""
     if tokenizer.chat_template is not None:
         return
-    names = f"{name_or_path} {resolve_model_path(name_or_path)}".lower()
+    where = name_or_path if is_gguf_file(name_or_path) else resolve_model_path(name_or_path)
+    names = f"{name_or_path} {where}".lower()
     if re.search(r"llama-?2[^/]*chat", names):
         return
     warnings.warn(f"{name_or_path} has no chat_template in its tokenizer_config.json and is not a "

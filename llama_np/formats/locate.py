@@ -51,7 +51,7 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
     if _status_or_none(path, CheckpointError) is not None:
         raise CheckpointError(
             f"{path} is a file; a model is named by the directory holding its config.json and "
-            "weights, or by a bundled model name"
+            "weights, by a GGUF file, or by a bundled model name"
         )
     available = ", ".join(names) if names else "none are installed"
     raise CheckpointError(

@@ -32,6 +32,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from llama_np.formats.files import atomic_write, is_file, read_bytes
+from llama_np.formats.gguf import gguf_tokenizer, is_gguf_file, read_gguf
 from llama_np.formats.locate import resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.inputs import is_integer
@@ -47,18 +48,21 @@ VOCAB_FILE_NAME = "tokenizer.model"
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
-def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True):
+def load_sentencepiece(path: str | os.PathLike, add_dummy_prefix: bool = True, model_bytes: bytes | None = None):
     """Load a sentencepiece ``tokenizer.model``, optionally with its dummy prefix turned off.
 
-    Returns ``(processor, model_bytes)``; the bytes are the file as stored, for saving.
-    Raises TokenizerError naming the file if it is missing or not a sentencepiece model.
+    Returns ``(processor, model_bytes)``; the bytes are the file as stored, for saving. Given
+    ``model_bytes`` (a model built from a GGUF file's vocabulary), they are loaded instead and
+    ``path`` only names where they came from. Raises TokenizerError naming the file if it is
+    missing or not a sentencepiece model.
     """
     path = Path(path)
-    if not is_file(path, TokenizerError):
+    if model_bytes is None and not is_file(path, TokenizerError):
         raise TokenizerError(
             f"{path} does not exist: a Llama tokenizer needs its sentencepiece model file"
         )
-    model_bytes = read_bytes(path, TokenizerError)
+    if model_bytes is None:
+        model_bytes = read_bytes(path, TokenizerError)
     proto = model_bytes if add_dummy_prefix else model_bytes + _NO_DUMMY_PREFIX
     processor = spm.SentencePieceProcessor()
     try:
@@ -102,6 +106,8 @@ class LlamaTokenizer(TokenizerBase):
             ("a ." -> "a."), as Transformers' option of that name does; off for Llama.
         chat_template: a Jinja chat template (as in tokenizer_config.json) for
             ``apply_chat_template``; None writes the Llama 2 chat format.
+        model_bytes: the sentencepiece model itself when it is not a file (built from a GGUF
+            file's vocabulary); ``vocab_file`` then names the file it came from.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class LlamaTokenizer(TokenizerBase):
         additional_special_tokens=None,
         clean_up_tokenization_spaces=False,
         chat_template=None,
+        model_bytes=None,
     ):
         _check_settings(dict(add_bos_token=add_bos_token, add_eos_token=add_eos_token, legacy=legacy,
                              add_prefix_space=add_prefix_space, model_max_length=model_max_length,
@@ -130,7 +137,7 @@ class LlamaTokenizer(TokenizerBase):
         # legacy=False loads the model without its dummy prefix; the prefix is then added by
         # hand at the start of the text only (docs/reference.md §5.2).
         self.sp_model, self._model_bytes = load_sentencepiece(
-            vocab_file, add_dummy_prefix=self.legacy
+            vocab_file, add_dummy_prefix=self.legacy, model_bytes=model_bytes
         )
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
@@ -575,19 +582,25 @@ class LlamaTokenizer(TokenizerBase):
     # files
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision=None, **kwargs):
+    def from_pretrained(cls, name_or_path, revision=None, gguf_file=None, **kwargs):
         """Load from a directory, a bundled model name or a repo id in the Hugging Face cache.
 
         The directory holds ``tokenizer.model``; ``tokenizer_config.json`` and
         ``special_tokens_map.json`` are read when present (the Transformers layout), and keyword
         arguments override them. A directory with ``tokenizer.json`` but no ``tokenizer.model``
         gets a ``LlamaTokenizerFast``, as Transformers' AutoTokenizer would give it.
-        ``revision`` picks a branch, tag or commit of a cached repo id.
+        ``revision`` picks a branch, tag or commit of a cached repo id. A GGUF file (its path,
+        or its directory and ``gguf_file``) gives the tokenizer of its ``tokenizer.ggml.*``
+        vocabulary (``from_gguf``).
         """
+        if gguf_file is None and is_gguf_file(name_or_path):
+            return cls.from_gguf(name_or_path, **kwargs)
         try:
             directory = resolve_model_path(name_or_path, revision=revision)
         except CheckpointError as error:
             raise TokenizerError(str(error)) from None
+        if gguf_file is not None:
+            return cls.from_gguf(directory / gguf_file, **kwargs)
         vocab_file = directory / VOCAB_FILE_NAME
         if not is_file(vocab_file, TokenizerError):
             if is_file(directory / TOKENIZER_FILE_NAME, TokenizerError):
@@ -601,6 +614,20 @@ class LlamaTokenizer(TokenizerBase):
         tokenizer = cls(vocab_file, **settings)
         check_added_tokens(tokenizer, added_tokens, directory / TOKENIZER_CONFIG_NAME)
         return tokenizer
+
+    @classmethod
+    def from_gguf(cls, path, **kwargs):
+        """The tokenizer of a GGUF file: its vocabulary as a sentencepiece model
+        (``formats.gguf.gguf_tokenizer``), bos/eos/unk/pad and ``add_bos_token`` from its
+        header, ``legacy=False`` as Transformers' tokenizer of a GGUF file behaves (keyword
+        arguments override these)."""
+        try:
+            model_bytes, settings = gguf_tokenizer(read_gguf(path))
+        except CheckpointError as error:
+            raise TokenizerError(str(error)) from None
+        settings.update(legacy=False)
+        settings.update(kwargs)
+        return cls(path, model_bytes=model_bytes, **settings)
 
     def save_vocabulary(self, save_directory, filename_prefix=None) -> tuple[str]:
         """Write the sentencepiece model to ``save_directory/[prefix-]tokenizer.model``."""

@@ -5,12 +5,13 @@
     F32     4                 float32                nothing: used as the memory-mapped view
     F16     2                 float16                its bits, tile by tile (``widen_into``)
     BF16    2                 uint16 (the bits)      its bits shifted 16 up, tile by tile
+    Q8_0 …  34 per 32 values  uint8 blocks           a decoder of weights/quants.py, tile by tile
 
-``CODECS`` maps the name a file declares (safetensors' ``dtype``; torch storages are mapped onto
-these names) to its ``Codec``; every reader, the streamer, ``llama-np inspect`` and conversion
-ask it rather than spelling dtype names. A new storage type — a block-quantised one whose bytes
-hold scales and packed integers — is one more ``Codec`` subclass (``nbytes``, ``view``,
-``decode_rows``, ``decode``, ``encode``) and one more entry in ``CODECS``.
+``CODECS`` maps the name a file declares (safetensors' ``dtype``; torch storages and GGUF's
+ggml types, ``GGML_TYPES``, are mapped onto these names) to its ``Codec``; every reader, the
+streamer, ``llama-np inspect`` and conversion ask it rather than spelling dtype names. A
+block-quantised type of llama.cpp, whose bytes hold scales and packed integers, is a
+``BlockCodec``: one decoder in weights/quants.py and one line here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import numpy as np
 
 from llama_np.errors import CheckpointError
-from llama_np.weights import workers
+from llama_np.weights import quants, workers
 from llama_np.weights.workers import cpu_count, run_parallel, split
 
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -185,13 +186,16 @@ class Codec:
     """
 
     name: str
-    torch_name: str
+    torch_name: str | None  # None: Transformers has no such dtype (a block-quantised one)
     stored_dtype: np.dtype  # what its bytes are viewed as
+    ggml_type: int  # its number in a GGUF file's tensor infos (ggml.h's enum ggml_type)
     streamed = False
+    scales_through_x = False  # see HalfCodec.scales_through_x
     largest_finite_bits: int | None = None  # the bits of the largest finite magnitude (sign cleared)
 
-    def __init__(self, name: str, torch_name: str, stored_dtype):
+    def __init__(self, name: str, torch_name: str | None, stored_dtype, ggml_type: int):
         self.name, self.torch_name, self.stored_dtype = name, torch_name, np.dtype(stored_dtype)
+        self.ggml_type = ggml_type
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r})"
@@ -200,6 +204,14 @@ class Codec:
     def bits(self) -> int:
         """Bits per value as stored."""
         return self.stored_dtype.itemsize * 8
+
+    def logical_shape(self, stored: np.ndarray) -> tuple:
+        """The shape of the numbers ``stored`` (a ``view``) holds: its own, for a float codec."""
+        return tuple(stored.shape)
+
+    def row_problem(self, columns: int) -> str | None:
+        """Why a row of ``columns`` numbers cannot be stored in this dtype, or None (a float: never)."""
+        return None
 
     def nbytes(self, shape) -> int:
         """Bytes a tensor of ``shape`` takes in a file."""
@@ -232,8 +244,8 @@ class HalfCodec(Codec):
 
     streamed = True
 
-    def __init__(self, name: str, torch_name: str, stored_dtype, largest_finite_bits: int):
-        super().__init__(name, torch_name, stored_dtype)
+    def __init__(self, name: str, torch_name: str, stored_dtype, largest_finite_bits: int, ggml_type: int):
+        super().__init__(name, torch_name, stored_dtype, ggml_type)
         self.largest_finite_bits = largest_finite_bits
 
     def decode(self, stored: np.ndarray, dtype=np.float32, what: str | None = None) -> np.ndarray:
@@ -257,19 +269,136 @@ class HalfCodec(Codec):
         """Whether a streamed product may leave out the 2**112 of ``widen_into`` and scale x."""
         return self is F16
 
+    def non_finite_error(self, stored: np.ndarray, what: str) -> CheckpointError | None:
+        """The CheckpointError for a stored matrix holding NaN or inf, or None (``stored_non_finite_error``)."""
+        return stored_non_finite_error(stored, self.name, what)
+
     def encode(self, values: np.ndarray) -> np.ndarray:
         if self is BF16:
             return float32_to_bf16_bits(values)
         return super().encode(values)
 
 
-F64 = Codec("F64", "float64", "<f8")
-F32 = Codec("F32", "float32", "<f4")
-F16 = HalfCodec("F16", "float16", "<f2", largest_finite_bits=0x7BFF)
-BF16 = HalfCodec("BF16", "bfloat16", "<u2", largest_finite_bits=0x7F7F)  # NumPy has no bfloat16
+F64 = Codec("F64", "float64", "<f8", ggml_type=28)
+F32 = Codec("F32", "float32", "<f4", ggml_type=0)
+F16 = HalfCodec("F16", "float16", "<f2", largest_finite_bits=0x7BFF, ggml_type=1)
+BF16 = HalfCodec("BF16", "bfloat16", "<u2", largest_finite_bits=0x7F7F, ggml_type=30)  # NumPy has no bfloat16
+
+
+# ---------------------------------------------------------------------------- block-quantised codecs
+
+
+class BlockCodec(Codec):
+    """llama.cpp's block-quantised storage (weights/quants.py draws each layout).
+
+    A row of ``columns`` numbers is stored as ``columns / block_size`` blocks of ``block_bytes``
+    bytes each. ``view`` gives the raw blocks, (..., blocks per row, block_bytes) uint8, so that
+    rows can be sliced and permuted while still quantised; ``decode_blocks`` (one function of
+    weights/quants.py) turns (N, block_bytes) blocks into (N, block_size) float32 numbers, equal
+    bit for bit to ggml's own dequantisation. Matrices are streamed: a product decodes a tile of
+    rows at a time into a small buffer.
+    """
+
+    streamed = True
+
+    def __init__(self, name: str, ggml_type: int, block_size: int, block_bytes: int, decode_blocks):
+        super().__init__(name, None, np.uint8, ggml_type)
+        self.block_size, self.block_bytes, self.decode_blocks = block_size, block_bytes, decode_blocks
+
+    @property
+    def bits(self) -> float:
+        """Bits per number as stored, scales included (Q4_0: 18 bytes for 32 numbers, 4.5)."""
+        return self.block_bytes * 8 / self.block_size
+
+    def row_problem(self, columns: int) -> str | None:
+        if columns % self.block_size:
+            return f"{self.name} stores rows in blocks of {self.block_size} numbers, and {columns} is not a multiple"
+        return None
+
+    def nbytes(self, shape) -> int:
+        """Bytes of a tensor of ``shape`` (at least 1-D; its last dimension a whole number of blocks)."""
+        problem = self.row_problem(shape[-1])
+        if problem:
+            raise CheckpointError(f"a tensor of shape {tuple(shape)}: {problem}")
+        return math.prod(shape) // self.block_size * self.block_bytes
+
+    def view(self, raw: np.ndarray, shape) -> np.ndarray:
+        """(..., columns) numbers -> the raw blocks (..., columns / block_size, block_bytes) uint8."""
+        *rows, columns = shape
+        return raw.reshape(*rows, columns // self.block_size, self.block_bytes)
+
+    def logical_shape(self, stored: np.ndarray) -> tuple:
+        return (*stored.shape[:-2], stored.shape[-2] * self.block_size)
+
+    def decode_rows(self, stored: np.ndarray, out: np.ndarray, check_special: bool = True,
+                    scaled: bool = False) -> bool:
+        """Decode blocks (rows, blocks per row, block_bytes) into the float32 ``out`` (rows, columns).
+
+        ``scaled`` is never asked (``scales_through_x`` is False). Returns whether the rows may
+        hold inf or NaN (a float16 scale can be either), checked by their sum with
+        ``check_special``.
+        """
+        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales: found by the caller
+            out[...] = self.decode_blocks(stored.reshape(-1, self.block_bytes)).reshape(out.shape)
+        return check_special and not sum_is_finite(out)
+
+    def tiles(self, stored: np.ndarray):
+        """(first row, that tile's blocks) over ``stored`` (..., blocks, block_bytes) as rows of blocks,
+        ``workers.TILE_ELEMENTS`` numbers or so at a time."""
+        blocks = stored.reshape(-1, *stored.shape[-2:])  # (rows, blocks per row, block_bytes)
+        rows = max(1, workers.TILE_ELEMENTS // (blocks.shape[1] * self.block_size or 1))
+        for start in range(0, blocks.shape[0], rows):
+            yield start, blocks[start:start + rows]
+
+    def decode(self, stored: np.ndarray, dtype=np.float32, what: str | None = None) -> np.ndarray:
+        """All of ``stored`` (..., blocks, block_bytes) as ``dtype``, (..., columns), a tile of rows
+        at a time so that no temporary much larger than a tile is made."""
+        shape = self.logical_shape(stored)
+        out = np.empty(shape, dtype=np.float32)
+        numbers = out.reshape(-1, shape[-1])  # (rows, columns)
+        for start, tile in self.tiles(stored):
+            self.decode_rows(tile, numbers[start:start + len(tile)], check_special=False)
+        if what is not None:
+            check_finite(out, what, dtype)
+        return out.astype(dtype, copy=False)
+
+    def non_finite_error(self, stored: np.ndarray, what: str) -> CheckpointError | None:
+        """The CheckpointError for a stored matrix holding NaN or inf once decoded, or None.
+
+        Counted a tile at a time, so nothing as large as the decoded matrix is allocated."""
+        nans = infinities = 0
+        first = None
+        for start, tile in self.tiles(stored):
+            values = np.empty((len(tile), tile.shape[1] * self.block_size), dtype=np.float32)
+            self.decode_rows(tile, values, check_special=False)
+            bad = ~np.isfinite(values)
+            if first is None and bad.any():
+                row, column = np.unravel_index(int(np.argmax(bad)), bad.shape)
+                first = (start + int(row), int(column))
+            nans += int(np.count_nonzero(np.isnan(values)))
+            infinities += int(np.count_nonzero(bad)) - int(np.count_nonzero(np.isnan(values)))
+        if first is None:
+            return None
+        return non_finite_error(what, nans, infinities, first, np.float32)
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        raise CheckpointError(f"llama_np reads {self.name} but does not write it; save as float16 or float32")
+
+
+Q8_0 = BlockCodec("Q8_0", 8, quants.QK, 34, quants.q8_0)
+Q4_0 = BlockCodec("Q4_0", 2, quants.QK, 18, quants.q4_0)
+Q4_1 = BlockCodec("Q4_1", 3, quants.QK, 20, quants.q4_1)
+Q5_0 = BlockCodec("Q5_0", 6, quants.QK, 22, quants.q5_0)
+Q5_1 = BlockCodec("Q5_1", 7, quants.QK, 24, quants.q5_1)
+Q4_K = BlockCodec("Q4_K", 12, quants.QK_K, 144, quants.q4_k)
+Q5_K = BlockCodec("Q5_K", 13, quants.QK_K, 176, quants.q5_k)
+Q6_K = BlockCodec("Q6_K", 14, quants.QK_K, 210, quants.q6_k)
 
 # name a file declares -> codec
-CODECS = {codec.name: codec for codec in (F64, F32, F16, BF16)}
+CODECS = {codec.name: codec for codec in (F64, F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)}
+
+# GGUF's tensor type number (ggml_type) -> codec
+GGML_TYPES = {codec.ggml_type: codec for codec in CODECS.values()}
 
 
 def codec_for_numpy(dtype) -> Codec | None:

@@ -1,7 +1,8 @@
 """Where the weights are while the model runs: widened once and kept, or streamed from the file.
 
-A checkpoint stores its weights in float16 or bfloat16; the maths runs in float32. A weight can be
-used in two ways, and ``pretrained.Weights`` picks one per tensor (docs/checkpoints.md):
+A checkpoint stores its weights in float16 or bfloat16 (or, in a GGUF file, in llama.cpp's
+quantised blocks: docs/gguf.md); the maths runs in float32. A weight can be used in two ways,
+and ``pretrained.Weights`` picks one per tensor (docs/checkpoints.md):
 
 - **kept** — widened to float32 once (``widen``, both cores, straight into one new array) and kept.
   A product with it is one BLAS call, ``x @ W.T``.
@@ -22,7 +23,9 @@ so a streamed matrix-vector product is bound by the widening, at about 5 G eleme
 cores, while widening a whole 7B model into fresh float32 arrays on every forward took ten
 times longer. Both ways give the same numbers: float16 and bfloat16 are exactly representable in
 float32, and a product tiled over output rows computes each output's dot product from the same
-row of W and the same x (summed by the same BLAS kernel, at most in another order).
+row of W and the same x (summed by the same BLAS kernel, at most in another order). A quantised
+tile is decoded by its codec (weights/quants.py) into the same buffer, to the same float32
+numbers decoding the whole matrix gives.
 
 Threads: NumPy's ufuncs and matrix products release the GIL, so the streamed product runs its
 row shares on a small pool of Python threads, each calling BLAS with one thread
@@ -41,7 +44,7 @@ import threading
 import numpy as np
 
 from llama_np.weights import workers
-from llama_np.weights.codecs import CODECS, F16_EXPONENT_SCALE, stored_non_finite_error, sum_is_finite
+from llama_np.weights.codecs import CODECS, F16_EXPONENT_SCALE, sum_is_finite
 from llama_np.weights.workers import one_blas_thread, product_workers, run_parallel
 
 F16_SCALED_INPUT_LIMIT = 2.0**15  # see StreamedMatrix.product
@@ -81,16 +84,18 @@ class StreamedMatrix:
     def __init__(self, stored: np.ndarray, storage_dtype: str, name: str = "", dtype=np.float32,
                  source: str = ""):
         codec = CODECS.get(storage_dtype)
-        if codec is None or not codec.streamed or stored.ndim != 2:
+        if codec is None or not codec.streamed or len(codec.logical_shape(stored)) != 2:
             streamed = ", ".join(name for name, codec in CODECS.items() if codec.streamed)
             raise ValueError(f"StreamedMatrix holds a 2-D tensor of {streamed}, not {storage_dtype} {stored.shape}")
-        self.stored = stored  # (out, in) as stored: float16, or uint16 bfloat16 bits
+        # (out, in) as stored: float16, or uint16 bfloat16 bits; or a block-quantised codec's
+        # raw blocks, (out, in / block_size, block_bytes) uint8
+        self.stored = stored
         self.storage_dtype = storage_dtype
         self.codec = codec
         self.name = name
         self.source = source or f"tensor {name!r}"
         self.dtype = np.dtype(dtype)
-        self.shape = tuple(stored.shape)
+        self.shape = codec.logical_shape(stored)  # (out, in)
         self.T = TransposedStreamedMatrix(self)
         self._checked = np.zeros(self.shape[0], dtype=bool)  # rows found free of inf and NaN
         self._all_checked = False
@@ -109,12 +114,14 @@ class StreamedMatrix:
         return value if dtype is None else value.astype(dtype, copy=False)
 
     def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple) and len(index) > 1:  # rows, then columns of the decoded rows
+            return self[index[0]][(Ellipsis, *index[1:])]
         return self.refuse_non_finite(self.codec.decode(np.ascontiguousarray(self.stored[index]), self.dtype))
 
     def refuse_non_finite(self, widened: np.ndarray) -> np.ndarray:
         """``widened`` (some of this matrix's values) if finite, else the matrix's CheckpointError."""
         if not (self._all_checked or sum_is_finite(widened) or np.isfinite(widened).all()):
-            raise stored_non_finite_error(self.stored, self.storage_dtype, self.source)
+            raise self.codec.non_finite_error(self.stored, self.source)
         return widened
 
     def __len__(self) -> int:
@@ -201,7 +208,7 @@ class StreamedMatrix:
         if checked:
             return
         if special:  # a bfloat16 tile's sum may also overflow with finite values: counted exactly here
-            error = stored_non_finite_error(self.stored, self.storage_dtype, self.source)
+            error = self.codec.non_finite_error(self.stored, self.source)
             if error is not None:
                 raise error
         self._checked[start:stop] = True

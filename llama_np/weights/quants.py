@@ -1,0 +1,193 @@
+"""llama.cpp's block-quantised weights, one decoder per type: bytes -> float32 numbers.
+
+A quantised row of a weight matrix is cut into blocks of 32 (or 256) numbers; each block is
+stored as a few bytes of scale and the numbers' small integers packed into nibbles and bits.
+Every function here takes the blocks of one type, ``blocks`` (N, bytes per block) uint8, and
+returns their numbers, (N, numbers per block) float32, computed with the same float32
+operations in the same order as ggml's ``dequantize_row_*`` and the ``gguf`` package's
+``dequantize``, so the results are equal bit for bit.
+
+Notation in the drawings: ``d`` and ``m`` are float16 (2 bytes, little-endian), ``q`` the
+small unsigned integers, one number per position ``j`` of the block. ``qs[j]`` is byte ``j`` of
+the packed integers; ``lo(b)`` and ``hi(b)`` are the low and high 4 bits of a byte.
+
+    type    numbers  bytes  bits/number   value of number j
+    Q8_0       32      34      8.5        d · q_j            q_j int8
+    Q4_0       32      18      4.5        d · (q_j − 8)      q_j in 0..15
+    Q4_1       32      20      5.0        d · q_j + m        q_j in 0..15
+    Q5_0       32      22      5.5        d · (q_j − 16)     q_j in 0..31
+    Q5_1       32      24      6.0        d · q_j + m        q_j in 0..31
+    Q4_K      256     144      4.5        (d·sc_s) · q_j − dmin·mn_s   8 sub-blocks s of 32
+    Q5_K      256     176      5.5        (d·sc_s) · q_j − dmin·mn_s   8 sub-blocks s of 32
+    Q6_K      256     210      6.5625     (d·sc_s) · (q_j − 32)        16 sub-blocks s of 16
+
+References: ggml's ``ggml-common.h`` (the block structs) and ``ggml-quants.c``
+(``dequantize_row_q4_0`` …), https://github.com/ggml-org/llama.cpp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK = 32  # numbers per block of the simple types
+QK_K = 256  # numbers per super-block of the k-quants
+K_SCALE_SIZE = 12  # bytes of the packed 6-bit scales and mins of Q4_K and Q5_K
+
+
+def f16(two_bytes: np.ndarray) -> np.ndarray:
+    """(N, 2) uint8, a float16 each  ->  (N, 1) float32 (exact: every float16 is a float32)."""
+    return np.ascontiguousarray(two_bytes).view(np.float16).astype(np.float32)
+
+
+def low_then_high_nibbles(packed: np.ndarray) -> np.ndarray:
+    """(N, k) bytes -> (N, 2k): the low 4 bits of every byte, then the high 4 bits of every byte.
+
+    This is how the 32-number blocks pack their nibbles: number j < 16 is lo(qs[j]),
+    number j + 16 is hi(qs[j]).
+    """
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+
+
+def bits_little_endian(packed: np.ndarray) -> np.ndarray:
+    """(N, k) bytes -> (N, 8k) of 0/1: bit b of byte i is number 8i + b (a little-endian bitmask)."""
+    return np.unpackbits(packed, axis=-1, bitorder="little")
+
+
+# ---------------------------------------------------------------------------- 32-number blocks
+
+
+def q8_0(blocks: np.ndarray) -> np.ndarray:
+    """Q8_0: (N, 34) -> (N, 32).   value_j = d · q_j
+
+        byte  0      2                                      34
+              [ d  ][ q_0 q_1 … q_31  (int8)                ]
+    """
+    d = f16(blocks[:, 0:2])
+    q = blocks[:, 2:34].view(np.int8).astype(np.float32)
+    return q * d
+
+
+def q4_0(blocks: np.ndarray) -> np.ndarray:
+    """Q4_0: (N, 18) -> (N, 32).   value_j = d · (q_j − 8)
+
+        byte  0      2                                      18
+              [ d  ][ qs_0 … qs_15                          ]
+        q_j = lo(qs_j) for j < 16,  q_j = hi(qs_{j−16}) for j ≥ 16
+    """
+    d = f16(blocks[:, 0:2])
+    q = low_then_high_nibbles(blocks[:, 2:18]).astype(np.int8) - np.int8(8)
+    return d * q.astype(np.float32)
+
+
+def q4_1(blocks: np.ndarray) -> np.ndarray:
+    """Q4_1: (N, 20) -> (N, 32).   value_j = d · q_j + m
+
+        byte  0      2      4                               20
+              [ d  ][ m  ][ qs_0 … qs_15                    ]      nibbles as in Q4_0
+    """
+    d, m = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
+    q = low_then_high_nibbles(blocks[:, 4:20]).astype(np.float32)
+    return (d * q) + m
+
+
+def q5_0(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0: (N, 22) -> (N, 32).   value_j = d · (q_j − 16)
+
+        byte  0      2          6                           22
+              [ d  ][ qh (32 bits) ][ qs_0 … qs_15          ]
+        q_j = (low 4 bits as in Q4_0) | (bit j of qh) << 4
+    """
+    d = f16(blocks[:, 0:2])
+    high = bits_little_endian(blocks[:, 2:6])
+    q = (low_then_high_nibbles(blocks[:, 6:22]) | (high << 4)).astype(np.int8) - np.int8(16)
+    return d * q.astype(np.float32)
+
+
+def q5_1(blocks: np.ndarray) -> np.ndarray:
+    """Q5_1: (N, 24) -> (N, 32).   value_j = d · q_j + m
+
+        byte  0      2      4          8                    24
+              [ d  ][ m  ][ qh (32 bits) ][ qs_0 … qs_15    ]      q_j as in Q5_0
+    """
+    d, m = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
+    high = bits_little_endian(blocks[:, 4:8])
+    q = (low_then_high_nibbles(blocks[:, 8:24]) | (high << 4)).astype(np.float32)
+    return (d * q) + m
+
+
+# ---------------------------------------------------------------------------- k-quants: 256 numbers
+
+
+def k_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and 8 six-bit mins of a Q4_K/Q5_K super-block: (N, 12) -> 2 × (N, 8).
+
+        bytes 0..3  (a):  sc_0..3 in bits 0-5;  bits 6-7 are bits 4-5 of sc_4..7
+        bytes 4..7  (b):  mn_0..3 in bits 0-5;  bits 6-7 are bits 4-5 of mn_4..7
+        bytes 8..11 (c):  lo(c) = bits 0-3 of sc_4..7,  hi(c) = bits 0-3 of mn_4..7
+    """
+    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
+    scales = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
+    return scales, mins
+
+
+def nibbles_by_32(packed: np.ndarray) -> np.ndarray:
+    """(N, 32·k) bytes -> (N, 2k, 32): each 32 bytes give a sub-block of low nibbles, then one of
+    high nibbles (sub-blocks 2i and 2i+1 share bytes 32i..32i+31)."""
+    n = packed.shape[0]
+    chunks = packed.reshape(n, -1, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(n, -1, 32)
+
+
+def q4_k(blocks: np.ndarray) -> np.ndarray:
+    """Q4_K: (N, 144) -> (N, 256).   value = (d · sc_s) · q_j − dmin · mn_s,  s = j // 32
+
+        byte  0      2       4                 16                          144
+              [ d  ][ dmin ][ scales, mins (12) ][ qs: 128 bytes of nibbles  ]
+        sub-blocks 2i, 2i+1 = lo, hi of qs[32i .. 32i+31]
+    """
+    n = blocks.shape[0]
+    d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
+    scales, mins = k_scales_and_mins(blocks[:, 4:16])
+    step = (d * scales.astype(np.float32)).reshape(n, 8, 1)
+    offset = (dmin * mins.astype(np.float32)).reshape(n, 8, 1)
+    q = nibbles_by_32(blocks[:, 16:144]).astype(np.float32)  # (N, 8, 32)
+    return (step * q - offset).reshape(n, QK_K)
+
+
+def q5_k(blocks: np.ndarray) -> np.ndarray:
+    """Q5_K: (N, 176) -> (N, 256).   value = (d · sc_s) · q_j − dmin · mn_s,  s = j // 32
+
+        byte  0      2       4                 16             48                       176
+              [ d  ][ dmin ][ scales, mins (12) ][ qh (32)     ][ qs: 128 bytes of nibbles ]
+        low 4 bits as in Q4_K; bit s of qh[k] is bit 4 of number k of sub-block s
+    """
+    n = blocks.shape[0]
+    d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
+    scales, mins = k_scales_and_mins(blocks[:, 4:16])
+    step = (d * scales.astype(np.float32)).reshape(n, 8, 1)
+    offset = (dmin * mins.astype(np.float32)).reshape(n, 8, 1)
+    qh = blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    q = (nibbles_by_32(blocks[:, 48:176]) | ((qh & 1) << 4)).astype(np.float32)  # (N, 8, 32)
+    return (step * q - offset).reshape(n, QK_K)
+
+
+def q6_k(blocks: np.ndarray) -> np.ndarray:
+    """Q6_K: (N, 210) -> (N, 256).   value = (d · sc_s) · (q_j − 32),  s = j // 16
+
+        byte  0                    128            192             208    210
+              [ ql: 128 bytes       ][ qh: 64 bytes ][ sc: 16 int8  ][ d  ]
+        each half h (numbers 128h ..) reads ql[64h ..] and qh[32h ..]:
+          number 32k + i of the half (k < 4, i < 32):
+            low 4 bits  = lo(ql[64h + 32(k%2) + i]) for k < 2, hi(…) for k ≥ 2
+            high 2 bits = bits 2k, 2k+1 of qh[32h + i]
+    """
+    n = blocks.shape[0]
+    d = f16(blocks[:, 208:210])
+    step = (d * blocks[:, 192:208].view(np.int8).astype(np.float32)).reshape(n, 16, 1)
+    ql = blocks[:, 0:128].reshape(n, 2, 1, 64)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, 8, 32)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    high = (qh & 3).reshape(n, 8, 32)
+    q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(np.float32)
+    return (step * q).reshape(n, QK_K)
