@@ -421,3 +421,30 @@ def test_checkers_run_on_a_bundled_style_checkpoint(bundled_style_model):
     assert check_head_ablation(without_head_by_zeroing_z, verbose=False).passed
     assert_fails_with(check_head_ablation(ablate_rows_of_o_proj, verbose=False),
                       "rows instead of columns, or after o_proj", "columns of o_proj")
+
+
+def test_rms_norm_with_a_sum_instead_of_a_mean_is_named_with_its_factor():
+    def summed(x, weight, eps):
+        return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps) * weight
+
+    assert_fails_with(check_rms_norm(summed, verbose=False), "sum instead of mean", "1/√D")
+
+
+def test_a_shape_error_from_a_missing_keepdims_gets_the_broadcasting_hint():
+    def no_keepdims(x, weight, eps):
+        return x / np.sqrt(np.mean(x * x, axis=-1) + eps) * weight
+
+    result = check_rms_norm(no_keepdims, verbose=False)
+    assert not result.passed and "keepdims=True" in result.hint, result.hint
+
+
+def test_rope_without_the_head_axis_passes_no_case_by_coincidence():
+    def no_head_axis(x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    result = check_apply_rope(no_head_axis, verbose=False)
+    assert not result.passed
+    keys = next(outcome for outcome in result.cases if "keys" in outcome.case.name)
+    assert not keys.passed, "the keys case must not pass by lining batch up with the heads"

@@ -272,8 +272,13 @@ def generic_hint(outcomes: Sequence[CaseOutcome], tag_hints: dict) -> str:
     if by_tag:
         return by_tag
     if errors:
-        return (f"Your function {errors[0].problem} (case '{errors[0].case.name}'). "
-                "Print the shapes of the arrays you combine on the line that failed.")
+        problem = errors[0].problem
+        hint = "Print the shapes of the arrays you combine on the line that failed."
+        if "broadcast" in problem:
+            hint = ("Two arrays whose shapes do not broadcast: did you keep the reduced axis "
+                    "(keepdims=True), or give a (B, T, hd) table its head axis (cos[:, None])? "
+                    "Print the shapes on the line that failed.")
+        return f"Your function {problem} (case '{errors[0].case.name}'). {hint}"
     with_problem = [o for o in failed if o.problem]
     if with_problem:
         problem = with_problem[0].problem
@@ -287,13 +292,26 @@ def generic_hint(outcomes: Sequence[CaseOutcome], tag_hints: dict) -> str:
     for outcome in failed:
         factor = looks_scaled(outcome)
         if factor is not None:
-            return (f"Your values are the expected ones times {factor:.4g} (case '{outcome.case.name}'): "
-                    "a scale factor is missing, extra or inverted.")
+            return (f"Your values are the expected ones times {factor:.4g}{_named_factor(factor, outcome)} "
+                    f"(case '{outcome.case.name}'): a scale factor is missing, extra or inverted.")
     worst = min(failed, key=lambda o: o.fraction_correct)
     return (f"{percent(1 - worst.fraction_correct)} of the values of case '{worst.case.name}' differ "
             f"(largest scaled difference {worst.worst_error:.3g} at index {worst.worst_index}). Compare "
             "your intermediate arrays with the library's on that case, one step at a time.")
 
+
+
+def _named_factor(factor: float, outcome) -> str:
+    """", that is 1/√256," when the factor is a power of the last axis's size (a sum for a mean,
+    a missing 1/√hd), else ""."""
+    size = outcome.case.expected_parts()[0].shape[-1] if outcome.case.expected_parts()[0].ndim else 0
+    if size < 2:
+        return ""
+    for value, name in ((size ** -0.5, f"1/√{size}"), (size ** 0.5, f"√{size}"),
+                        (1 / size, f"1/{size}"), (float(size), f"{size}")):
+        if abs(factor - value) <= 1e-3 * value:
+            return f", that is {name} ({size} is the size of the last axis)"
+    return ""
 
 # ---------------------------------------------------------------------------- running a check
 

@@ -38,6 +38,10 @@ def _rms_norm_over_everything(x, weight, eps):
     return x / np.sqrt(np.mean(x * x) + eps) * weight
 
 
+def _rms_norm_sum_not_mean(x, weight, eps):
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
 def _rms_norm_without_weight(x, weight, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
@@ -59,6 +63,10 @@ RMS_NORM_MISTAKES = (
     Mistake("mean over every axis",
             "Take the mean of x² over the last axis only (axis=-1, keepdims=True): every token gets "
             "its own root mean square.", (_rms_norm_over_everything,)),
+    Mistake("sum instead of mean",
+            "You divide by the root of the *sum* of squares: your values come out 1/√D of the expected "
+            "ones (D, the hidden size, is the last axis). RMSNorm takes the mean: np.mean(x * x, "
+            "axis=-1, keepdims=True), the sum divided by D.", (_rms_norm_sum_not_mean,)),
     Mistake("weight missing",
             "Multiply the normalised vector by `weight` (one learned gain per hidden dimension).",
             (_rms_norm_without_weight,)),
@@ -227,9 +235,14 @@ def apply_rope_cases(reference, prefer_bundled: bool = True) -> list[Case]:
         cos, sin = _cos_sin(position_ids, frequencies)
         return Case(name, (x, cos, sin), reference(x, cos, sin), tags=frozenset(tags))
 
+    # The keys get a batch of 3, never equal to their head count, so that a cos (B, T, hd) that
+    # is not given its head axis (cos[:, None]) cannot line up with the heads by coincidence.
+    k = np.concatenate([k, k[:1], k[:1]], axis=0)[:3] if batch < 3 else k
+    k_positions = np.arange(length)[None].repeat(k.shape[0], axis=0)
     return [
         case(f"layer-0 queries of {sample.source}, shape {q.shape}", q, positions, inv_freq),
-        case(f"layer-0 keys ({config.num_key_value_heads} key/value heads), shape {k.shape}", k, positions, inv_freq),
+        case(f"layer-0 keys ({config.num_key_value_heads} key/value heads), shape {k.shape}", k, k_positions,
+             inv_freq),
         case(f"queries at positions 100–{99 + length}, as after a cache", q, positions + 100, inv_freq),
         case("positions that differ per row (left padding counted from each row's first token)",
              q, per_row, inv_freq, tags=["per_row"]),
