@@ -226,8 +226,9 @@ def check_repeat_kv_backward(fn, verbose: bool = True, prefer_bundled: bool = Tr
     config = sample.config
     rng = np.random.default_rng(23)
     queries = sample.activation("attn.hook_rot_q", 0).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-    settings = [(f"gradient of {sample.source}'s repeated keys: {config.num_key_value_heads} key/value heads × "
-                 f"{config.num_key_value_groups}, shape {queries.shape}", queries.shape, config.num_key_value_groups),
+    model_case = (f"gradient of {sample.source}'s repeated keys: {config.num_key_value_heads} key/value heads × "
+                  f"{config.num_key_value_groups}, shape {queries.shape}")
+    settings = [(model_case, queries.shape, config.num_key_value_groups),
                 ("n_rep = 1 (multi-head attention: nothing was repeated)", (1, 4, 3, 5), 1),
                 ("3 key/value heads × 2", (2, 6, 5, 4), 2),
                 ("one key/value head × 4 (multi-query attention)", (1, 4, 3, 6), 4)]
