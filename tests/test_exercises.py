@@ -538,3 +538,69 @@ def test_backward_checkers_pass_independent_correct_versions(checker, function):
         "ce-not-divided"])
 def test_backward_mistakes_are_named(checker, function, mistake, phrase):
     assert_fails_with(checker(function, verbose=False), mistake, phrase)
+
+
+def rms_norm_backward_sum_in_rms_term(grad, normalized, scale, weight):
+    dn = grad * weight
+    dx = (dn - normalized * (dn * normalized).sum(-1, keepdims=True)) / scale  # no 1/D
+    return dx, (grad * normalized).reshape(-1, normalized.shape[-1]).sum(0)
+
+
+def rms_norm_backward_forgets_scale(grad, normalized, scale, weight):
+    dn = grad * weight
+    dx = dn - normalized * (dn * normalized).mean(-1, keepdims=True)
+    return dx, (grad * normalized).reshape(-1, normalized.shape[-1]).sum(0)
+
+
+def rms_norm_backward_projects_grad(grad, normalized, scale, weight):
+    dx = (grad * weight - normalized * (grad * normalized).mean(-1, keepdims=True)) / scale
+    return dx, (grad * normalized).reshape(-1, normalized.shape[-1]).sum(0)
+
+
+def softmax_backward_p_one_minus_p(grad, weights):
+    return grad * weights - grad * weights ** 2
+
+
+def softmax_backward_unweighted(grad, weights):
+    return weights * (grad - grad.sum(-1, keepdims=True))
+
+
+def softmax_backward_sum_over_queries(grad, weights):
+    return weights * (grad - (grad * weights).sum(-2, keepdims=True))
+
+
+def repeat_kv_backward_mean(grad, n_rep):
+    return repeat_kv_backward_by_loop(grad, n_rep) / n_rep
+
+
+def cross_entropy_backward_scores_ignored_rows(logits, targets, ignore_index=-100):
+    kept = np.count_nonzero(targets != ignore_index)
+    out = np.zeros(logits.shape, np.float64)
+    for i, t in enumerate(targets):
+        p = np.exp(logits[i] - logits[i].max())
+        p = p / p.sum()
+        p[t] -= 1  # t = −100 picks a column from the end
+        out[i] = p / kept
+    return out
+
+
+def cross_entropy_backward_onehot_minus_softmax(logits, targets, ignore_index=-100):
+    return -cross_entropy_backward_by_hand(logits, targets, ignore_index)
+
+
+@pytest.mark.parametrize("checker, function, mistake, phrase", [
+    (check_rms_norm_backward, rms_norm_backward_sum_in_rms_term, "sum instead of mean in the rms term",
+     "averages over the D features"),
+    (check_rms_norm_backward, rms_norm_backward_forgets_scale, "not divided by the rms", "Divide by the rms"),
+    (check_rms_norm_backward, rms_norm_backward_projects_grad, "weight missing in the rms term",
+     "not mean(grad · n)"),
+    (check_softmax_backward, softmax_backward_p_one_minus_p, "diagonal of the Jacobian only", "only the diagonal"),
+    (check_softmax_backward, softmax_backward_unweighted, "unweighted sum subtracted", "Weight the sum"),
+    (check_softmax_backward, softmax_backward_sum_over_queries, "sum over the wrong axis", "axis=-1"),
+    (check_repeat_kv_backward, repeat_kv_backward_mean, "group averaged", "don't average them"),
+    (check_cross_entropy_backward, cross_entropy_backward_scores_ignored_rows, "−100 labels scored",
+     "their gradient is 0"),
+    (check_cross_entropy_backward, cross_entropy_backward_onehot_minus_softmax, "sign flipped", "opposite sign"),
+], ids=lambda x: getattr(x, "__name__", None) if callable(x) else None)
+def test_every_other_backward_mistake_is_named(checker, function, mistake, phrase):
+    assert_fails_with(checker(function, verbose=False), mistake, phrase)
