@@ -13,17 +13,22 @@ from llama_np.formats.locate import bundled_model_names
 from llama_np.exercises import (
     check_apply_rope,
     check_attention,
+    check_cross_entropy_backward,
     check_head_ablation,
     check_pooling,
     check_repeat_kv,
+    check_repeat_kv_backward,
     check_rms_norm,
+    check_rms_norm_backward,
     check_rope_frequencies,
+    check_softmax_backward,
     check_swiglu,
     check_top_p,
 )
 from llama_np.exercises.samples import BUNDLED_MODEL, model_sample
 from llama_np.generation import top_p_filter
 from llama_np.model import last_non_pad_index
+from llama_np.training import backward
 
 
 def assert_fails_with(result, mistake, phrase):
@@ -448,3 +453,180 @@ def test_rope_without_the_head_axis_passes_no_case_by_coincidence():
     assert not result.passed
     keys = next(outcome for outcome in result.cases if "keys" in outcome.case.name)
     assert not keys.passed, "the keys case must not pass by lining batch up with the heads"
+
+# ---------------------------------------------------------------------------- backward checkers
+
+BACKWARD_FUNCTIONS = [
+    (check_rms_norm_backward, backward.rms_norm_backward),
+    (check_softmax_backward, backward.softmax_backward),
+    (check_repeat_kv_backward, backward.repeat_kv_backward),
+    (check_cross_entropy_backward, backward.cross_entropy_backward),
+]
+
+
+@pytest.mark.parametrize("prefer_bundled", [True, False], ids=["bundled-if-installed", "random-stand-in"])
+@pytest.mark.parametrize("checker, function", BACKWARD_FUNCTIONS, ids=lambda x: getattr(x, "__name__", ""))
+def test_each_backward_checker_passes_the_backward_that_value_and_grad_runs(checker, function, prefer_bundled):
+    result = checker(function, verbose=False, prefer_bundled=prefer_bundled)
+    assert result.passed, result.report
+    assert result.fraction_correct == 1.0 and result.hint is None and result.mistake is None
+    assert len(result.cases) >= 4
+
+
+def rms_norm_backward_by_hand(grad, normalized, scale, weight):
+    # A float32 version written from the chain rule, as a student would.
+    d = normalized.shape[-1]
+    dn = grad * weight
+    dx = dn / scale - normalized * (dn * normalized).sum(-1, keepdims=True) / (d * scale)
+    return dx, (grad * normalized).reshape(-1, d).sum(0)
+
+
+def rms_norm_backward_without_rms_term(grad, normalized, scale, weight):
+    d = normalized.shape[-1]
+    return grad * weight / scale, (grad * normalized).reshape(-1, d).sum(0)
+
+
+def softmax_backward_by_jacobian(grad, weights):
+    jacobian = weights[..., :, None] * (np.eye(weights.shape[-1]) - weights[..., None, :])  # (..., S, S)
+    return np.einsum("...i,...ij->...j", grad, jacobian)
+
+
+def softmax_backward_no_weighted_sum(grad, weights):
+    return grad * weights
+
+
+def repeat_kv_backward_by_loop(grad, n_rep):
+    batch, heads, length, head_dim = grad.shape
+    out = np.zeros((batch, heads // n_rep, length, head_dim), grad.dtype)
+    for head in range(heads):
+        out[:, head // n_rep] += grad[:, head]
+    return out
+
+
+def repeat_kv_backward_one_head_per_group(grad, n_rep):
+    return grad[:, 0::n_rep].copy()
+
+
+def repeat_kv_backward_tiled_groups(grad, n_rep):
+    kv = grad.shape[1] // n_rep
+    return sum(grad[:, r * kv:(r + 1) * kv] for r in range(n_rep))
+
+
+def cross_entropy_backward_by_hand(logits, targets, ignore_index=-100):
+    out = np.zeros(logits.shape, np.float32)
+    kept = [i for i, t in enumerate(targets) if t != ignore_index]
+    for i in kept:
+        p = np.exp(logits[i] - logits[i].max())
+        p = p / p.sum()
+        p[targets[i]] -= 1
+        out[i] = p / len(kept)
+    return out
+
+
+def cross_entropy_backward_mean_over_rows(logits, targets, ignore_index=-100):
+    out = np.zeros(logits.shape, np.float32)
+    for i, t in enumerate(targets):
+        if t != ignore_index:
+            p = np.exp(logits[i] - logits[i].max())
+            p = p / p.sum()
+            p[t] -= 1
+            out[i] = p / len(targets)  # counts the −100 rows too
+    return out
+
+
+def cross_entropy_backward_sum(logits, targets, ignore_index=-100):
+    return cross_entropy_backward_by_hand(logits, targets, ignore_index) * np.count_nonzero(targets != ignore_index)
+
+
+@pytest.mark.parametrize("checker, function", [
+    (check_rms_norm_backward, rms_norm_backward_by_hand),
+    (check_softmax_backward, softmax_backward_by_jacobian),
+    (check_repeat_kv_backward, repeat_kv_backward_by_loop),
+    (check_cross_entropy_backward, cross_entropy_backward_by_hand),
+], ids=lambda x: getattr(x, "__name__", ""))
+def test_backward_checkers_pass_independent_correct_versions(checker, function):
+    result = checker(function, verbose=False)
+    assert result.passed, result.report
+
+
+@pytest.mark.parametrize("checker, function, mistake, phrase", [
+    (check_rms_norm_backward, rms_norm_backward_without_rms_term, "term through the rms missing",
+     "misses the term through the rms"),
+    (check_softmax_backward, softmax_backward_no_weighted_sum, "weighted sum not subtracted",
+     "Subtract the weighted sum"),
+    (check_repeat_kv_backward, repeat_kv_backward_one_head_per_group, "group not summed", "*sum* of theirs"),
+    (check_repeat_kv_backward, repeat_kv_backward_tiled_groups, "summed the wrong heads", "in place (k0 k0 k1 k1)"),
+    (check_cross_entropy_backward, cross_entropy_backward_mean_over_rows, "divided by every label, −100 included",
+     "number of *kept* labels"),
+    (check_cross_entropy_backward, cross_entropy_backward_sum, "not divided by the count",
+     "divide softmax(z) − onehot(target) by their"),
+], ids=["rms-term", "softmax-weighted-sum", "gqa-group-not-summed", "gqa-wrong-heads", "ce-counts-ignored",
+        "ce-not-divided"])
+def test_backward_mistakes_are_named(checker, function, mistake, phrase):
+    assert_fails_with(checker(function, verbose=False), mistake, phrase)
+
+
+def rms_norm_backward_sum_in_rms_term(grad, normalized, scale, weight):
+    dn = grad * weight
+    dx = (dn - normalized * (dn * normalized).sum(-1, keepdims=True)) / scale  # no 1/D
+    return dx, (grad * normalized).reshape(-1, normalized.shape[-1]).sum(0)
+
+
+def rms_norm_backward_forgets_scale(grad, normalized, scale, weight):
+    dn = grad * weight
+    dx = dn - normalized * (dn * normalized).mean(-1, keepdims=True)
+    return dx, (grad * normalized).reshape(-1, normalized.shape[-1]).sum(0)
+
+
+def rms_norm_backward_projects_grad(grad, normalized, scale, weight):
+    dx = (grad * weight - normalized * (grad * normalized).mean(-1, keepdims=True)) / scale
+    return dx, (grad * normalized).reshape(-1, normalized.shape[-1]).sum(0)
+
+
+def softmax_backward_p_one_minus_p(grad, weights):
+    return grad * weights - grad * weights ** 2
+
+
+def softmax_backward_unweighted(grad, weights):
+    return weights * (grad - grad.sum(-1, keepdims=True))
+
+
+def softmax_backward_sum_over_queries(grad, weights):
+    return weights * (grad - (grad * weights).sum(-2, keepdims=True))
+
+
+def repeat_kv_backward_mean(grad, n_rep):
+    return repeat_kv_backward_by_loop(grad, n_rep) / n_rep
+
+
+def cross_entropy_backward_scores_ignored_rows(logits, targets, ignore_index=-100):
+    kept = np.count_nonzero(targets != ignore_index)
+    out = np.zeros(logits.shape, np.float64)
+    for i, t in enumerate(targets):
+        p = np.exp(logits[i] - logits[i].max())
+        p = p / p.sum()
+        p[t] -= 1  # t = −100 picks a column from the end
+        out[i] = p / kept
+    return out
+
+
+def cross_entropy_backward_onehot_minus_softmax(logits, targets, ignore_index=-100):
+    return -cross_entropy_backward_by_hand(logits, targets, ignore_index)
+
+
+@pytest.mark.parametrize("checker, function, mistake, phrase", [
+    (check_rms_norm_backward, rms_norm_backward_sum_in_rms_term, "sum instead of mean in the rms term",
+     "averages over the D features"),
+    (check_rms_norm_backward, rms_norm_backward_forgets_scale, "not divided by the rms", "Divide by the rms"),
+    (check_rms_norm_backward, rms_norm_backward_projects_grad, "weight missing in the rms term",
+     "not mean(grad · n)"),
+    (check_softmax_backward, softmax_backward_p_one_minus_p, "diagonal of the Jacobian only", "only the diagonal"),
+    (check_softmax_backward, softmax_backward_unweighted, "unweighted sum subtracted", "Weight the sum"),
+    (check_softmax_backward, softmax_backward_sum_over_queries, "sum over the wrong axis", "axis=-1"),
+    (check_repeat_kv_backward, repeat_kv_backward_mean, "group averaged", "don't average them"),
+    (check_cross_entropy_backward, cross_entropy_backward_scores_ignored_rows, "−100 labels scored",
+     "their gradient is 0"),
+    (check_cross_entropy_backward, cross_entropy_backward_onehot_minus_softmax, "sign flipped", "opposite sign"),
+], ids=lambda x: getattr(x, "__name__", None) if callable(x) else None)
+def test_every_other_backward_mistake_is_named(checker, function, mistake, phrase):
+    assert_fails_with(checker(function, verbose=False), mistake, phrase)

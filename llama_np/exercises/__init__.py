@@ -27,9 +27,22 @@ The result has ``.passed``, ``.fraction_correct``, ``.hint`` (None when passed),
     check_pooling(fn)             fn(input_ids, pad_token_id) -> (B,)      model.last_non_pad_index
     check_top_p(fn)               fn(logits, top_p) -> logits              generation.top_p_filter
     check_head_ablation(fn)       fn(z, o_proj, head) -> (B, T, D)         model.self_attention (per-head o_proj)
+
+The backward checkers grade against ``llama_np.training.backward``, the functions value_and_grad runs:
+
+    check_rms_norm_backward(fn)       fn(grad, normalized, scale, weight) -> (grad_x, grad_weight)
+    check_softmax_backward(fn)        fn(grad, weights) -> grad_scores
+    check_repeat_kv_backward(fn)      fn(grad, n_rep) -> (B, KV, S, hd)
+    check_cross_entropy_backward(fn)  fn(logits, targets, ignore_index=-100) -> (N, C)
 """
 
 from llama_np.exercises.ablation import check_head_ablation
+from llama_np.exercises.backprop import (
+    check_cross_entropy_backward,
+    check_repeat_kv_backward,
+    check_rms_norm_backward,
+    check_softmax_backward,
+)
 from llama_np.exercises.checking import CaseOutcome, CheckResult
 from llama_np.exercises.components import (
     check_apply_rope,
@@ -43,6 +56,8 @@ from llama_np.exercises.heads import check_pooling, check_top_p
 
 __all__ = [
     "check_rms_norm", "check_rope_frequencies", "check_apply_rope", "check_repeat_kv",
-    "check_attention", "check_swiglu", "check_pooling", "check_top_p", "check_head_ablation", "CheckResult",
+    "check_attention", "check_swiglu", "check_pooling", "check_top_p", "check_head_ablation",
+    "check_rms_norm_backward", "check_softmax_backward", "check_repeat_kv_backward",
+    "check_cross_entropy_backward", "CheckResult",
     "CaseOutcome",
 ]
