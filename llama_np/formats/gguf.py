@@ -372,7 +372,8 @@ def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
     ``tokenizer.chat_template`` when the file has one.
 
     Only ``tokenizer.ggml.model == "llama"`` (sentencepiece BPE) is read; a missing
-    ``add_bos_token`` means True, as in llama.cpp and Transformers.
+    ``add_bos_token`` means True, as in llama.cpp and Transformers, and a missing unknown id the
+    first token of type unknown, else 0, as in llama.cpp.
     """
     def error(what: str) -> TokenizerError:
         return TokenizerError(f"{gguf.path}: {what}")
@@ -408,9 +409,9 @@ def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
 
     unknown = [i for i, t in enumerate(types.tolist()) if t == sentencepiece_model.UNKNOWN]
     unk_id = token_id("unknown", False)
-    unk_id = unk_id if unk_id is not None else unknown[0] if unknown else None
-    if unk_id is None:
-        raise error("the vocabulary has no unknown token (tokenizer.ggml.unknown_token_id, or a token of type 2)")
+    # llama.cpp's converter writes no unknown_token_id when tokenizer_config.json makes <unk> a
+    # control token; llama.cpp then takes id 0, its default for a "llama" vocabulary (llama-vocab.cpp)
+    unk_id = unk_id if unk_id is not None else unknown[0] if unknown else 0
     bos_id, eos_id, pad_id = token_id("bos", True), token_id("eos", True), token_id("padding", False)
     types = types.astype(int)
     types[unk_id] = sentencepiece_model.UNKNOWN
