@@ -1,14 +1,32 @@
-"""Writing GGUF: the block encoders byte for byte as llama.cpp's ``gguf.quants.quantize``.
+"""Writing GGUF: the block encoders byte for byte as llama.cpp's ``gguf.quants.quantize``, and
+``quantize_to_gguf`` / ``llama-np quantize`` byte for byte as llama.cpp's ``convert_hf_to_gguf.py``.
 
-The oracle is llama.cpp's own Python package, ``gguf`` (a dev dependency), whose quantisers are
-ggml's reference round-to-nearest (``quantize_row_q8_0_ref`` …) written in NumPy.
+The oracles: llama.cpp's own Python package, ``gguf`` (a dev dependency), whose quantisers are
+ggml's reference round-to-nearest (``quantize_row_q8_0_ref`` …) written in NumPy; the SHA-256 of
+what ``convert_hf_to_gguf.py`` wrote for two small checkpoints at a pinned llama.cpp commit
+(tests/reference/make_gguf_quantize_reference.py, tests/data/gguf_quantize/manifest.json); and
+the GGUF files of tests/data/gguf, written with ``gguf.GGUFWriter`` and ``gguf.quants``.
 """
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import llama_np
+from llama_np import LlamaForCausalLM, LlamaTokenizer
 from llama_np.errors import CheckpointError
+from llama_np.formats import gguf as gguf_format
+from llama_np.formats.gguf_writer import quantize_to_gguf
 from llama_np.weights.codecs import CODECS, WRITTEN_TYPES, BlockCodec
+
+DATA = Path(__file__).resolve().parent / "data"
+QUANTIZE_DATA = DATA / "gguf_quantize"
+MANIFEST = json.loads((QUANTIZE_DATA / "manifest.json").read_text(encoding="utf-8"))
+BUNDLED = Path(llama_np.__file__).resolve().parent / "assets" / "tiny-shakespeare"
 
 ENCODED = [CODECS[name] for name in WRITTEN_TYPES if isinstance(CODECS[name], BlockCodec)]
 
@@ -82,3 +100,143 @@ def test_a_row_not_a_multiple_of_the_block_and_a_k_quant_are_refused_by_name():
         CODECS["Q4_0"].encode(np.zeros((2, 40), np.float32))
     with pytest.raises(CheckpointError, match="reads Q4_K but does not write it"):
         CODECS["Q4_K"].encode(np.zeros((1, 256), np.float32))
+
+
+# ---------------------------------------------------------------------------- files as llama.cpp's converter writes them
+
+
+def source_directory(source: str, tmp_path: Path) -> Path:
+    """The converter's input for ``source``, in a directory of that name (general.name comes from it)."""
+    if source == "gqa_2shards-hf":
+        return DATA / "meta" / "gqa_2shards-hf"  # its reference.npz beside the checkpoint is never read
+    directory = tmp_path / source
+    shutil.copytree(BUNDLED, directory)
+    shutil.copyfile(QUANTIZE_DATA / source / "config.json", directory / "config.json")  # 4.x spelling
+    return directory
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("file_name", sorted(MANIFEST["files"]))
+def test_quantize_writes_the_bytes_convert_hf_to_gguf_wrote(file_name, tmp_path):
+    expected = MANIFEST["files"][file_name]
+    out = tmp_path / file_name
+    result = quantize_to_gguf(source_directory(expected["source"], tmp_path), out, expected["llama_np_type"])
+    assert result.bytes == out.stat().st_size == expected["bytes"]
+    assert sha256(out) == expected["sha256"], f"{file_name} differs from llama.cpp {MANIFEST['llama_cpp_commit'][:10]}'s"
+
+
+def test_the_stored_converter_file_reads_as_ours_key_for_key_and_tensor_for_tensor(tmp_path):
+    theirs = gguf_format.read_gguf(QUANTIZE_DATA / "gqa_2shards-hf-Q8_0.gguf")
+    result = quantize_to_gguf(DATA / "meta" / "gqa_2shards-hf", tmp_path / "ours.gguf", "Q8_0")
+    ours = gguf_format.read_gguf(result.path)
+    assert list(ours.metadata) == list(theirs.metadata)
+    for key, value in theirs.metadata.items():
+        assert np.array_equal(ours.metadata[key], value) if isinstance(value, np.ndarray) else ours.metadata[key] == value, key
+    assert [(t.name, t.dtype, t.shape) for t in ours.tensors.values()] == \
+        [(t.name, t.dtype, t.shape) for t in theirs.tensors.values()]
+    assert result.fallbacks == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+
+
+def tensor_bytes(path: Path) -> dict[str, bytes]:
+    gguf = gguf_format.read_gguf(path)
+    raw = path.read_bytes()
+    return {name: raw[info.start:info.stop] for name, info in gguf.tensors.items()}
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "BF16"])
+def test_each_type_writes_the_tensor_bytes_of_the_gguf_package(type_name, tmp_path):
+    """tests/data/gguf/gqa_f32-<type>.gguf was written with gguf.GGUFWriter and gguf.quants.quantize
+    from the same fixture, q/k permuted as the converter does; its metadata is not the converter's."""
+    ours = quantize_to_gguf(DATA / "fixtures" / "gqa_f32", tmp_path / "ours.gguf", type_name)
+    assert tensor_bytes(ours.path) == tensor_bytes(DATA / "gguf" / f"gqa_f32-{type_name}.gguf")
+
+
+def test_a_meta_checkpoint_and_a_float_gguf_file_quantise_to_the_same_tensors(tmp_path):
+    from_hf = quantize_to_gguf(DATA / "meta" / "gqa_2shards-hf", tmp_path / "hf.gguf", "Q4_0")
+    from_meta = quantize_to_gguf(DATA / "meta" / "gqa_2shards", tmp_path / "meta.gguf", "Q4_0")
+    assert tensor_bytes(from_meta.path) == tensor_bytes(from_hf.path)
+    from_f32_file = quantize_to_gguf(DATA / "gguf" / "gqa_f32-F32.gguf", tmp_path / "f32.gguf", "Q4_0")
+    assert tensor_bytes(from_f32_file.path) == tensor_bytes(DATA / "gguf" / "gqa_f32-Q4_0.gguf")
+
+
+def test_a_written_file_reads_alike_with_gguf_reader_and_ours(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = quantize_to_gguf("tiny-shakespeare", tmp_path / "t.gguf", "Q4_0").path
+    ours = gguf_format.read_gguf(path)
+    reader = gguf.GGUFReader(path)
+    fields = {key: field for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert list(fields) == list(ours.metadata)
+    for key, field in fields.items():
+        value, contents = ours.metadata[key], field.contents()
+        assert np.array_equal(value, contents) if isinstance(value, np.ndarray) else value == contents, key
+    for tensor in reader.tensors:
+        info = ours.tensors[tensor.name]
+        assert (info.dtype, info.start, info.stop - info.start) == \
+            (tensor.tensor_type.name, tensor.data_offset, tensor.n_bytes)  # data_offset: from the file's start
+        assert info.shape == tuple(reversed([int(n) for n in tensor.shape]))
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16"])
+def test_an_f32_or_f16_file_of_the_bundled_model_gives_its_logits_and_token_ids(type_name, tmp_path):
+    path = quantize_to_gguf("tiny-shakespeare", tmp_path / "t.gguf", type_name).path
+    source, written = LlamaForCausalLM.from_pretrained("tiny-shakespeare"), LlamaForCausalLM.from_pretrained(path)
+    input_ids = np.array([[1, 450, 1058, 338, 7, 99, 1500], [1, 3, 4, 5, 6, 7, 8]])
+    # float16 weights widen to the same float32 numbers either way: the logits are equal, not close
+    np.testing.assert_array_equal(written(input_ids).logits, source(input_ids).logits)
+    text = "ROMEO: But soft, what light through yonder window breaks? <s>"
+    original = LlamaTokenizer.from_pretrained("tiny-shakespeare", legacy=False)
+    assert LlamaTokenizer.from_pretrained(path)(text)["input_ids"] == original(text)["input_ids"]
+
+
+# ---------------------------------------------------------------------------- llama-np quantize
+
+
+def run_cli(capsys, *argv):
+    from llama_np.cli.main import main  # the command line, only for these tests
+
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_quantize_verb_writes_the_file_and_names_the_matrices_kept_in_f16(capsys, tmp_path):
+    out = tmp_path / "t.gguf"
+    status, stdout, err = run_cli(capsys, "quantize", "tiny-shakespeare", out, "--type", "Q4_0")
+    assert status == 0, err
+    assert f"wrote {out}: 39 tensors (Q4_0 26, F32 9, F16 4)" in stdout
+    assert ("kept in F16, as llama.cpp's converter does: 4 matrices whose rows are not a multiple of 32 "
+            "numbers (model.layers.0.mlp.down_proj.weight,") in stdout
+    assert gguf_format.read_gguf(out).metadata["general.file_type"] == 2  # llama.cpp's MOSTLY_Q4_0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tiny-shakespeare", "{out}", "--type", "Q4_K"], "argument --type: invalid choice: 'Q4_K'"),
+    (["{data}/gguf/gqa_f32-Q4_0.gguf", "{out}"], "is already quantised (Q4_0)"),
+    (["{tmp}/missing", "{out}"], "missing does not exist"),
+    (["tiny-shakespeare", "{tmp}"], "is a directory; give the GGUF file to write"),
+])
+def test_quantize_verb_refuses_bad_input_in_one_line_and_writes_nothing(capsys, tmp_path, argv, message):
+    out = tmp_path / "out.gguf"
+    argv = [a.format(out=out, data=DATA, tmp=tmp_path) for a in argv]
+    status, _, err = run_cli(capsys, "quantize", *argv)
+    assert status == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_failure_while_writing_leaves_no_file_and_no_temporary(tmp_path, monkeypatch):
+    codec = CODECS["Q8_0"]
+    calls = []
+
+    def failing_encode(values):
+        calls.append(1)
+        if len(calls) == 5:
+            raise CheckpointError("disk on fire")
+        return BlockCodec.encode(codec, values)
+
+    monkeypatch.setattr(codec, "encode", failing_encode)
+    with pytest.raises(CheckpointError, match="disk on fire"):
+        quantize_to_gguf("tiny-shakespeare", tmp_path / "t.gguf", "Q8_0")
+    assert len(calls) == 5 and list(tmp_path.iterdir()) == []
