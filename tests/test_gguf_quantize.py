@@ -128,6 +128,15 @@ def test_quantize_writes_the_bytes_convert_hf_to_gguf_wrote(file_name, tmp_path)
     assert sha256(out) == expected["sha256"], f"{file_name} differs from llama.cpp {MANIFEST['llama_cpp_commit'][:10]}'s"
 
 
+def test_encoding_a_few_rows_at_a_time_writes_the_same_bytes(tmp_path, monkeypatch):
+    from llama_np.formats import gguf_writer
+
+    monkeypatch.setattr(gguf_writer, "ENCODED_AT_A_TIME", 100)  # 3 rows of 32 numbers, 1 of 72
+    expected = MANIFEST["files"]["gqa_2shards-hf-Q8_0.gguf"]
+    out = quantize_to_gguf(DATA / "meta" / "gqa_2shards-hf", tmp_path / "q.gguf", "Q8_0").path
+    assert sha256(out) == expected["sha256"]
+
+
 def test_the_stored_converter_file_reads_as_ours_key_for_key_and_tensor_for_tensor(tmp_path):
     theirs = gguf_format.read_gguf(QUANTIZE_DATA / "gqa_2shards-hf-Q8_0.gguf")
     result = quantize_to_gguf(DATA / "meta" / "gqa_2shards-hf", tmp_path / "ours.gguf", "Q8_0")

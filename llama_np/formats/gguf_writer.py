@@ -46,6 +46,7 @@ from llama_np.weights.codecs import CODECS, F16, F32, LLAMA_FILE_TYPES, Q8_0, WR
 
 VERSION = 3
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION: the block layouts of weights/quants.py
+ENCODED_AT_A_TIME = 2**22  # numbers encoded at once: the encoders' temporaries stay near 100 MB
 VALUE_TYPE_NUMBERS = {name: number for number, (name, _) in gguf.VALUE_TYPES.items()}
 ARRAY_ITEM_TYPES = {np.dtype(fmt): name for name, fmt in (
     ("UINT8", "<u1"), ("INT8", "<i1"), ("UINT16", "<u2"), ("INT16", "<i2"), ("UINT32", "<u4"),
@@ -146,12 +147,19 @@ def write_gguf(path, metadata: dict, tensors: list[TensorToWrite], progress: Cal
         written = len(header)
         yield header
         for tensor in tensors:
-            data = np.ascontiguousarray(tensor.codec.encode(tensor.values())).tobytes()
-            if len(data) != tensor.nbytes:
-                raise CheckpointError(f"{tensor.name} encoded to {len(data)} bytes; {tensor.codec.name} "
+            values = tensor.values()
+            rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
+            step = max(1, ENCODED_AT_A_TIME // max(1, rows.shape[1]))
+            size = 0
+            for start in range(0, rows.shape[0], step):  # a few rows at a time: small temporaries
+                data = np.ascontiguousarray(tensor.codec.encode(rows[start:start + step])).reshape(-1).view(np.uint8)
+                size += data.nbytes
+                yield data
+            if size != tensor.nbytes:
+                raise CheckpointError(f"{tensor.name} encoded to {size} bytes; {tensor.codec.name} "
                                       f"of shape {tensor.shape} takes {tensor.nbytes}")
-            yield data + padding(len(data))
-            written += len(data) + len(padding(len(data)))
+            yield padding(size)
+            written += size + len(padding(size))
             if progress:
                 progress(written)
 
