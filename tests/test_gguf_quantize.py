@@ -106,12 +106,15 @@ def test_a_row_not_a_multiple_of_the_block_and_a_k_quant_are_refused_by_name():
 
 
 def source_directory(source: str, tmp_path: Path) -> Path:
-    """The converter's input for ``source``, in a directory of that name (general.name comes from it)."""
+    """The converter's input for ``source``, in a directory of that name (general.name comes from
+    it), as tests/reference/make_gguf_quantize_reference.py made it."""
     if source == "gqa_2shards-hf":
         return DATA / "meta" / "gqa_2shards-hf"  # its reference.npz beside the checkpoint is never read
     directory = tmp_path / source
-    shutil.copytree(BUNDLED, directory)
+    shutil.copytree(BUNDLED if source == "tiny-shakespeare" else DATA / "fixtures" / source, directory)
     shutil.copyfile(QUANTIZE_DATA / source / "config.json", directory / "config.json")  # 4.x spelling
+    if source == "gqa_f32":  # a tokenizer for the converter, of fewer tokens than the vocabulary
+        shutil.copyfile(DATA / "meta" / "gqa_2shards-hf" / "tokenizer.model", directory / "tokenizer.model")
     return directory
 
 
@@ -119,13 +122,39 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("file_name", sorted(MANIFEST["files"]))
+CONVERTED = sorted(name for name, file in MANIFEST["files"].items() if "from" not in file)
+REQUANTIZED = sorted(name for name, file in MANIFEST["files"].items() if "from" in file)
+
+
+@pytest.mark.parametrize("file_name", CONVERTED)
 def test_quantize_writes_the_bytes_convert_hf_to_gguf_wrote(file_name, tmp_path):
     expected = MANIFEST["files"][file_name]
     out = tmp_path / file_name
     result = quantize_to_gguf(source_directory(expected["source"], tmp_path), out, expected["llama_np_type"])
     assert result.bytes == out.stat().st_size == expected["bytes"]
     assert sha256(out) == expected["sha256"], f"{file_name} differs from llama.cpp {MANIFEST['llama_cpp_commit'][:10]}'s"
+
+
+@pytest.mark.parametrize("file_name", REQUANTIZED)
+def test_quantizing_an_f32_file_writes_the_bytes_llama_quantize_pure_wrote(file_name, tmp_path):
+    expected = MANIFEST["files"][file_name]
+    source = MANIFEST["files"][expected["from"]]  # the converter's F32 file, written here as it wrote it
+    f32 = quantize_to_gguf(source_directory(expected["source"], tmp_path), tmp_path / expected["from"],
+                           source["llama_np_type"]).path
+    assert sha256(f32) == source["sha256"]
+    out = quantize_to_gguf(f32, tmp_path / file_name, expected["llama_np_type"]).path
+    assert out.stat().st_size == expected["bytes"]
+    assert sha256(out) == expected["sha256"], f"{file_name} differs from llama-quantize {MANIFEST['llama_cpp_commit'][:10]}'s"
+
+
+def test_the_stored_llama_quantize_file_runs_as_ours(tmp_path):
+    theirs = QUANTIZE_DATA / "gqa_f32-F32-Q4_0.gguf"
+    f32 = quantize_to_gguf(source_directory("gqa_f32", tmp_path), tmp_path / "f32.gguf", "F32").path
+    ours = quantize_to_gguf(f32, tmp_path / "q4.gguf", "Q4_0").path
+    assert list(gguf_format.read_gguf(ours).tensors) == list(gguf_format.read_gguf(theirs).tensors)
+    input_ids = np.array([[1, 5, 9, 200, 3]])
+    np.testing.assert_array_equal(LlamaForCausalLM.from_pretrained(ours)(input_ids).logits,
+                                  LlamaForCausalLM.from_pretrained(theirs)(input_ids).logits)
 
 
 def test_encoding_a_few_rows_at_a_time_writes_the_same_bytes(tmp_path, monkeypatch):

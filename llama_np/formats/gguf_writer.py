@@ -1,7 +1,8 @@
 """Writing llama.cpp's GGUF files: any checkpoint llama_np reads, as F32, F16, BF16 or quantised.
 
-The file is the one formats/gguf.py reads (its docstring draws the layout), written as
-llama.cpp's ``convert_hf_to_gguf.py`` writes a Llama with ``gguf.GGUFWriter``:
+The file is the one formats/gguf.py reads (its docstring draws the layout). From a checkpoint
+directory it is written as llama.cpp's ``convert_hf_to_gguf.py`` writes a Llama with
+``gguf.GGUFWriter``:
 
     header      "GGUF", version 3, tensor count, metadata count
     metadata    general.architecture, general.type, general.name, general.size_label,
@@ -12,9 +13,14 @@ llama.cpp's ``convert_hf_to_gguf.py`` writes a Llama with ``gguf.GGUFWriter``:
                 the converter), each at an offset that is a multiple of 32 from the data start
     data        each tensor's bytes, then zeros up to a multiple of 32
 
-Each tensor's type follows the converter's rule: vectors (norms, biases) are F32; a matrix is
-in the asked type, or F16 when its rows are not a whole number of blocks (``gguf.quants``
-refuses them and the converter falls back). q_proj and k_proj rows are permuted into Meta's
+From a GGUF file in a float type, it is written as ``llama-quantize --pure`` writes it: the
+source's metadata in its order and value types, then general.quantization_version and
+general.file_type, and the tensors ordered by layer (those outside the layers first), each by
+name.
+
+Each tensor's type follows the converter's rule, which ``--pure`` shares: vectors (norms,
+biases) are F32; a matrix is in the asked type, or F16 when its rows are not a whole number of
+blocks (``gguf.quants`` refuses them and the converter falls back; llama-quantize stops). q_proj and k_proj rows are permuted into Meta's
 interleaved RoPE layout (``layers.unpermute_rope_rows``, k_proj with the key/value head count),
 the inverse of what the reader undoes. Values are widened to float32 first, then encoded by the
 codec of their type (``weights.codecs``: a cast for the floats, weights/quants.py for the blocks).
@@ -79,9 +85,10 @@ def value_type(value) -> str:
     raise InputError(f"cannot write {value!r:.60} as GGUF metadata")
 
 
-def pack_value(value) -> bytes:
-    """A metadata value: its type (u32) and its bytes."""
-    kind = value_type(value)
+def pack_value(value, kind: str | None = None) -> bytes:
+    """A metadata value: its type (u32) and its bytes; ``kind`` (e.g. "INT32") overrides the
+    type ``value_type`` would choose for a number."""
+    kind = kind or value_type(value)
     return struct.pack("<I", VALUE_TYPE_NUMBERS[kind]) + pack_payload(value, kind)
 
 
@@ -121,27 +128,39 @@ def padding(size: int, alignment: int = gguf.DEFAULT_ALIGNMENT) -> bytes:
     return bytes(-size % alignment)
 
 
-def header_bytes(metadata: dict, tensors: list[TensorToWrite]) -> bytes:
-    """Everything before the data: magic, counts, metadata, tensor infos, padding."""
+def alignment_of(metadata: dict) -> int:
+    alignment = metadata.get("general.alignment", gguf.DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise InputError(f"general.alignment is {alignment!r}; expected a power of two")
+    return alignment
+
+
+def header_bytes(metadata: dict, tensors: list[TensorToWrite], value_types: dict | None = None) -> bytes:
+    """Everything before the data: magic, counts, metadata, tensor infos, padding.
+    ``value_types`` (key -> "INT32" …) overrides the type of a number."""
+    value_types = value_types or {}
+    alignment = alignment_of(metadata)
     parts = [gguf.MAGIC, struct.pack("<IQQ", VERSION, len(tensors), len(metadata))]
-    parts += [pack_string(key) + pack_value(value) for key, value in metadata.items()]
+    parts += [pack_string(key) + pack_value(value, value_types.get(key)) for key, value in metadata.items()]
     offset = 0
     for tensor in tensors:
         ne = tuple(reversed(tensor.shape))  # ne[0] is the row length
         parts.append(pack_string(tensor.name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne,
                                                             tensor.codec.ggml_type, offset))
-        offset += tensor.nbytes + len(padding(tensor.nbytes))
+        offset += tensor.nbytes + len(padding(tensor.nbytes, alignment))
     header = b"".join(parts)
-    return header + padding(len(header))
+    return header + padding(len(header), alignment)
 
 
-def write_gguf(path, metadata: dict, tensors: list[TensorToWrite], progress: Callable[[int], None] | None = None) -> int:
+def write_gguf(path, metadata: dict, tensors: list[TensorToWrite], value_types: dict | None = None,
+               progress: Callable[[int], None] | None = None) -> int:
     """Write a GGUF file of ``metadata`` (key -> value, in order) and ``tensors``, atomically.
 
     Returns the file's size. ``progress`` is called with the bytes written so far.
     """
     path = Path(path)
-    header = header_bytes(metadata, tensors)
+    header = header_bytes(metadata, tensors, value_types)
+    alignment = alignment_of(metadata)
 
     def chunks():
         written = len(header)
@@ -158,8 +177,8 @@ def write_gguf(path, metadata: dict, tensors: list[TensorToWrite], progress: Cal
             if size != tensor.nbytes:
                 raise CheckpointError(f"{tensor.name} encoded to {size} bytes; {tensor.codec.name} "
                                       f"of shape {tensor.shape} takes {tensor.nbytes}")
-            yield padding(size)
-            written += size + len(padding(size))
+            yield padding(size, alignment)
+            written += size + len(padding(size, alignment))
             if progress:
                 progress(written)
 
@@ -322,13 +341,23 @@ def special_token_ids(directory: Path, config: LlamaConfig, settings: dict, size
 
 
 def vocabulary_of(checkpoint, config: LlamaConfig) -> dict:
-    """The tokenizer.* keys to write: a GGUF source's own, in its order; else those of the
-    directory's tokenizer.model; else none (the file then runs with a tokenizer given apart)."""
-    if isinstance(checkpoint, gguf.GGUFCheckpoint):
-        return {key: value for key, value in checkpoint.metadata.items() if key.startswith("tokenizer.")}
+    """The tokenizer.* keys to write: those of the directory's tokenizer.model, or none (the file
+    then runs with a tokenizer given apart)."""
     if is_file(checkpoint.directory / "tokenizer.model"):
         return sentencepiece_vocabulary(checkpoint.directory, config)
     return {}
+
+
+def requantized_metadata(checkpoint: gguf.GGUFCheckpoint, codec: Codec) -> tuple[dict, dict]:
+    """(metadata, value types) as llama-quantize writes them from a GGUF file: every key of the
+    source in its order and type, then general.quantization_version and general.file_type
+    moved to the end (``gguf_set_val_u32`` removes a key and appends it)."""
+    moved = ("general.quantization_version", "general.file_type")
+    metadata = {key: value for key, value in checkpoint.metadata.items() if key not in moved}
+    metadata["general.quantization_version"] = QUANTIZATION_VERSION
+    metadata["general.file_type"] = LLAMA_FILE_TYPES[codec.name]
+    value_types = {key: kind for key, kind in checkpoint.value_types.items() if key not in moved}
+    return metadata, value_types
 
 
 # ---------------------------------------------------------------------------- quantising a model
@@ -363,9 +392,17 @@ def tensor_codec(name: str, shape: tuple, codec: Codec) -> Codec:
     return codec
 
 
+def llama_quantize_order(name: str) -> tuple[int, str]:
+    """llama-quantize's tensor order (``weight_name_comparer``): by layer, the tensors outside
+    the layers first, then by name: output.weight, output_norm.weight, token_embd.weight, blk.0.…"""
+    match = re.match(r"blk\.(\d+)\.", name)
+    return (int(match[1]) if match else -1, name)
+
+
 def plan_tensors(config: LlamaConfig, checkpoint, codec: Codec) -> list[TensorToWrite]:
     """Every tensor of ``checkpoint`` as it is written: GGUF name, type, and its values (q/k rows
-    permuted into Meta's interleaved layout), in sorted Hugging Face order."""
+    permuted into Meta's interleaved layout), in sorted Hugging Face order — the converter's —
+    or, from a GGUF file, in llama-quantize's order."""
     rope_heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
     tensors = []
     for hf in sorted(checkpoint.tensors):
@@ -382,6 +419,8 @@ def plan_tensors(config: LlamaConfig, checkpoint, codec: Codec) -> list[TensorTo
         heads = next((h for part, h in rope_heads.items() if f".{part}." in hf), None)
         tensors.append(TensorToWrite(name, tensor_codec(name, stored.shape, codec), tuple(stored.shape),
                                      lambda stored=stored, heads=heads: file_values(stored, heads), source=hf))
+    if isinstance(checkpoint, gguf.GGUFCheckpoint):
+        tensors.sort(key=lambda tensor: llama_quantize_order(tensor.name))
     return tensors
 
 
@@ -398,7 +437,9 @@ def quantize_to_gguf(model, out_path, type: str = Q8_0.name, *, name: str | None
                      progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Write ``model`` (a checkpoint directory, bundled name or GGUF file llama_np reads) as the
     GGUF file ``out_path`` of ``type`` (one of ``WRITTEN_TYPES``: F32, F16, BF16, Q8_0, Q4_0,
-    Q4_1, Q5_0, Q5_1), as llama.cpp's ``convert_hf_to_gguf.py --outtype`` writes it.
+    Q4_1, Q5_0, Q5_1): from a directory as llama.cpp's ``convert_hf_to_gguf.py --outtype``
+    writes it, from a GGUF file (in a float type) as ``llama-quantize --pure`` writes it — the
+    file's own metadata, file_type and quantization_version last, tensors by layer.
 
     ``name`` is general.name; by default the source's (a GGUF file's own, else its directory's
     name in title case, as the converter derives it). ``progress(bytes written, total)`` is
@@ -414,16 +455,22 @@ def quantize_to_gguf(model, out_path, type: str = Q8_0.name, *, name: str | None
         raise CheckpointError(f"{checkpoint.directory}: RoPE type {rope_type!r} is not written to GGUF by llama_np "
                               "(it writes the default and linear ones)")
     tensors = plan_tensors(config, checkpoint, codec)
-    if name is None:
-        source_name = checkpoint.metadata.get("general.name") if isinstance(checkpoint, gguf.GGUFCheckpoint) else None
-        name = source_name if isinstance(source_name, str) else title_of(Path(checkpoint.directory).resolve().name)
-    parameters = sum(math.prod(tensor.shape) for tensor in tensors)
-    metadata = llama_metadata(config, codec, name, parameters)
-    vocabulary = vocabulary_of(checkpoint, config)
-    metadata.update(vocabulary)
-    metadata["general.quantization_version"] = QUANTIZATION_VERSION
+    if isinstance(checkpoint, gguf.GGUFCheckpoint):  # llama-quantize's way: the file's own keys
+        metadata, value_types = requantized_metadata(checkpoint, codec)
+        if name is not None:
+            metadata["general.name"] = name
+    else:  # convert_hf_to_gguf.py's way
+        name = name if name is not None else title_of(Path(checkpoint.directory).resolve().name)
+        metadata = llama_metadata(config, codec, name, sum(math.prod(tensor.shape) for tensor in tensors))
+        metadata.update(vocabulary_of(checkpoint, config))
+        metadata["general.quantization_version"] = QUANTIZATION_VERSION
+        value_types = {}
     out_path = Path(out_path)
-    total = len(header_bytes(metadata, tensors)) + sum(t.nbytes + len(padding(t.nbytes)) for t in tensors)
-    size = write_gguf(out_path, metadata, tensors, progress=(lambda done: progress(done, total)) if progress else None)
+    alignment = alignment_of(metadata)
+    total = len(header_bytes(metadata, tensors, value_types)) + sum(
+        t.nbytes + len(padding(t.nbytes, alignment)) for t in tensors)
+    size = write_gguf(out_path, metadata, tensors, value_types,
+                      progress=(lambda done: progress(done, total)) if progress else None)
     fallbacks = [t.source for t in tensors if isinstance(codec, BlockCodec) and t.codec is F16]
-    return QuantizeResult(out_path, type, tensors, fallbacks, size, bool(vocabulary), time.perf_counter() - started)
+    has_tokenizer = any(key.startswith("tokenizer.ggml.") for key in metadata)
+    return QuantizeResult(out_path, type, tensors, fallbacks, size, has_tokenizer, time.perf_counter() - started)

@@ -1,10 +1,11 @@
-"""Run llama.cpp's own converter on small checkpoints and store what it writes (by SHA-256).
+"""Run llama.cpp's own converter and quantizer on small checkpoints and store what they write.
 
 ``convert_hf_to_gguf.py --outtype f32|f16|bf16|q8_0`` is how llama.cpp turns a Hugging Face
-directory into a GGUF file; ``llama-np quantize --type F32|F16|BF16|Q8_0`` should write the same
-bytes. The converter runs from a llama.cpp checkout at LLAMA_CPP_COMMIT, with that checkout's
-own ``gguf-py`` first on the Python path, in the reference virtualenv (it needs torch, numpy and
-sentencepiece).
+directory into a GGUF file, and ``llama-quantize --pure F32.gguf OUT.gguf Q4_0`` how it
+quantises one; ``llama-np quantize --type …`` should write the same bytes from the same input.
+The converter runs from a llama.cpp checkout at LLAMA_CPP_COMMIT, with that checkout's own
+``gguf-py`` first on the Python path, in the reference virtualenv (it needs torch, numpy and
+sentencepiece); llama-quantize is that checkout's, built on the CPU (see the README).
 
     sources (each copied into a temporary directory of the same name, which the converter turns
     into general.name):
@@ -16,17 +17,26 @@ sentencepiece).
                            rewritten file is stored as tiny-shakespeare/config.json.
         gqa_2shards-hf     tests/data/meta/gqa_2shards-hf (BF16, 4.x config, tokenizer.json,
                            72-wide ffn rows), without its reference.npz
+        gqa_f32            tests/data/fixtures/gqa_f32 (F32, GQA 8:2, every row a multiple of
+                           32 numbers, which llama-quantize needs) with its config.json in the 4.x
+                           spelling (stored as gqa_f32/config.json) and the 96-piece
+                           tokenizer.model of tests/data/meta/gqa_2shards-hf (the converter needs
+                           one; the vocabulary of 256 is padded with [PADi] tokens); its F32 file
+                           is then quantised by llama-quantize --pure to Q4_0, Q4_1, Q5_0, Q5_1
+                           and Q8_0
     tests/data/gguf_quantize/
-        tiny-shakespeare/config.json   the rewritten config of the first source
-        gqa_2shards-hf-Q8_0.gguf       the converter's Q8_0 file of the second source (37 KB),
-                                       kept whole
-        manifest.json   llama.cpp commit, versions, date, and per file: source, --outtype,
-                        bytes and SHA-256 of what the converter wrote
+        <source>/config.json           the rewritten configs
+        gqa_2shards-hf-Q8_0.gguf       the converter's Q8_0 file of gqa_2shards-hf (37 KB) and
+        gqa_f32-F32-Q4_0.gguf          llama-quantize's Q4_0 file of gqa_f32 (68 KB), kept whole
+        manifest.json   llama.cpp commit, versions, date, and per file: the tool and its input,
+                        bytes and SHA-256 of what it wrote
 
 Run from the repository root with a llama.cpp checkout (no build is needed):
 
     git clone https://github.com/ggml-org/llama.cpp /tmp/llama.cpp
     git -C /tmp/llama.cpp checkout c392e5094deaf2d1a7c18683214f007fad3fe42b
+    cmake -S /tmp/llama.cpp -B /tmp/llama.cpp/build -DLLAMA_CURL=OFF
+    cmake --build /tmp/llama.cpp/build -j2 --target llama-quantize
     /tmp/ref5/bin/python tests/reference/make_gguf_quantize_reference.py /tmp/llama.cpp
 """
 
@@ -48,9 +58,13 @@ LLAMA_CPP_COMMIT = "c392e5094deaf2d1a7c18683214f007fad3fe42b"
 SOURCES = {
     "tiny-shakespeare": os.path.join(ROOT, "llama_np", "assets", "tiny-shakespeare"),
     "gqa_2shards-hf": os.path.join(ROOT, "tests", "data", "meta", "gqa_2shards-hf"),
+    "gqa_f32": os.path.join(ROOT, "tests", "data", "fixtures", "gqa_f32"),
 }
+CONFIGS_REWRITTEN = ("tiny-shakespeare", "gqa_f32")  # 5.x spelling -> 4.x
+BORROWED_TOKENIZER = {"gqa_f32": os.path.join(ROOT, "tests", "data", "meta", "gqa_2shards-hf", "tokenizer.model")}
+QUANTIZED = {"gqa_f32": ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]}  # llama-quantize --pure from its F32 file
 OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # converter's -> llama-np's
-KEPT_WHOLE = ["gqa_2shards-hf-Q8_0.gguf"]
+KEPT_WHOLE = ["gqa_2shards-hf-Q8_0.gguf", "gqa_f32-F32-Q4_0.gguf"]
 LEFT_OUT = ("reference.npz",)  # test data beside the checkpoint, not part of it
 
 
@@ -92,6 +106,9 @@ def main(llama_cpp: str) -> None:
     if commit != LLAMA_CPP_COMMIT:
         raise SystemExit(f"{llama_cpp} is at {commit}; check out {LLAMA_CPP_COMMIT}")
     converter = os.path.join(llama_cpp, "convert_hf_to_gguf.py")
+    quantizer = os.path.join(llama_cpp, "build", "bin", "llama-quantize")
+    if not os.path.isfile(quantizer):
+        raise SystemExit(f"{quantizer} is missing: build it first (see this script's docstring)")
     environment = dict(os.environ, PYTHONPATH=os.path.join(llama_cpp, "gguf-py"))
     os.makedirs(OUT, exist_ok=True)
     files = {}
@@ -99,7 +116,9 @@ def main(llama_cpp: str) -> None:
         for source, directory in SOURCES.items():
             copy = os.path.join(work, source)
             shutil.copytree(directory, copy, ignore=shutil.ignore_patterns(*LEFT_OUT))
-            if source == "tiny-shakespeare":
+            if source in BORROWED_TOKENIZER:
+                shutil.copyfile(BORROWED_TOKENIZER[source], os.path.join(copy, "tokenizer.model"))
+            if source in CONFIGS_REWRITTEN:
                 config_in_4x_spelling(os.path.join(copy, "config.json"))
                 os.makedirs(os.path.join(OUT, source), exist_ok=True)
                 shutil.copyfile(os.path.join(copy, "config.json"), os.path.join(OUT, source, "config.json"))
@@ -108,10 +127,18 @@ def main(llama_cpp: str) -> None:
                 path = os.path.join(work, name)
                 subprocess.run([sys.executable, converter, copy, "--outtype", outtype, "--outfile", path],
                                check=True, env=environment, capture_output=True)
-                files[name] = {"source": source, "outtype": outtype, "llama_np_type": type_name,
+                files[name] = {"source": source, "tool": f"convert_hf_to_gguf.py --outtype {outtype}",
+                               "llama_np_type": type_name, "bytes": os.path.getsize(path), "sha256": sha256(path)}
+            for type_name in QUANTIZED.get(source, []):
+                name = f"{source}-F32-{type_name}.gguf"
+                path = os.path.join(work, name)
+                subprocess.run([quantizer, "--pure", os.path.join(work, f"{source}-F32.gguf"), path, type_name],
+                               check=True, capture_output=True)
+                files[name] = {"source": source, "tool": f"llama-quantize --pure {source}-F32.gguf {type_name}",
+                               "from": f"{source}-F32.gguf", "llama_np_type": type_name,
                                "bytes": os.path.getsize(path), "sha256": sha256(path)}
-                if name in KEPT_WHOLE:
-                    shutil.copyfile(path, os.path.join(OUT, name))
+        for name in KEPT_WHOLE:
+            shutil.copyfile(os.path.join(work, name), os.path.join(OUT, name))
     gguf_py = {}
     with open(os.path.join(llama_cpp, "gguf-py", "pyproject.toml")) as f:
         for line in f:
@@ -124,6 +151,8 @@ def main(llama_cpp: str) -> None:
         "llama_cpp_commit": LLAMA_CPP_COMMIT,
         "converter": "convert_hf_to_gguf.py --outtype <outtype>, with the checkout's gguf-py "
                      f"{gguf_py.get('version', '?')}",
+        "quantizer": "llama-quantize --pure <source>-F32.gguf <out> <type>, built from the same checkout "
+                     f"({platform.machine()}, {platform.system()})",
         "versions": {"python": platform.python_version(), "torch": importlib.metadata.version("torch"),
                      "numpy": importlib.metadata.version("numpy"),
                      "sentencepiece": importlib.metadata.version("sentencepiece")},
@@ -131,6 +160,9 @@ def main(llama_cpp: str) -> None:
             "tiny-shakespeare": "llama_np/assets/tiny-shakespeare with config.json in the 4.x spelling "
                                 "(stored here as tiny-shakespeare/config.json), in a directory of that name",
             "gqa_2shards-hf": "tests/data/meta/gqa_2shards-hf without reference.npz, in a directory of that name",
+            "gqa_f32": "tests/data/fixtures/gqa_f32 without reference.npz, config.json in the 4.x spelling "
+                       "(stored here as gqa_f32/config.json), with tests/data/meta/gqa_2shards-hf/tokenizer.model, "
+                       "in a directory of that name",
         },
         "kept_whole": KEPT_WHOLE,
         "files": files,
