@@ -147,6 +147,18 @@ def test_quantizing_an_f32_file_writes_the_bytes_llama_quantize_pure_wrote(file_
     assert sha256(out) == expected["sha256"], f"{file_name} differs from llama-quantize {MANIFEST['llama_cpp_commit'][:10]}'s"
 
 
+def test_llama_cpp_and_llama_np_generate_the_same_text_from_the_written_q8_0_file(tmp_path):
+    """llama.cpp's llama-simple (greedy) ran the converter's Q8_0 file, whose bytes quantize writes."""
+    run = MANIFEST["llama_simple"]
+    expected = MANIFEST["files"][run["file"]]
+    path = quantize_to_gguf(source_directory(expected["source"], tmp_path), tmp_path / run["file"], "Q8_0").path
+    assert sha256(path) == expected["sha256"]
+    model, tokenizer = LlamaForCausalLM.from_pretrained(path), LlamaTokenizer.from_pretrained(path)
+    input_ids = tokenizer(run["prompt"], return_tensors="np")["input_ids"]
+    generated = model.generate(input_ids, max_new_tokens=run["n_predict"])
+    assert tokenizer.decode(generated[0]) == run["text"]
+
+
 def test_the_stored_llama_quantize_file_runs_as_ours(tmp_path):
     theirs = QUANTIZE_DATA / "gqa_f32-F32-Q4_0.gguf"
     f32 = quantize_to_gguf(source_directory("gqa_f32", tmp_path), tmp_path / "f32.gguf", "F32").path

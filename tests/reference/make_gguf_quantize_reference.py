@@ -29,14 +29,16 @@ sentencepiece); llama-quantize is that checkout's, built on the CPU (see the REA
         gqa_2shards-hf-Q8_0.gguf       the converter's Q8_0 file of gqa_2shards-hf (37 KB) and
         gqa_f32-F32-Q4_0.gguf          llama-quantize's Q4_0 file of gqa_f32 (68 KB), kept whole
         manifest.json   llama.cpp commit, versions, date, and per file: the tool and its input,
-                        bytes and SHA-256 of what it wrote
+                        bytes and SHA-256 of what it wrote; and "llama_simple": the text
+                        llama.cpp's llama-simple example (greedy) generates from RUN_PROMPT with
+                        the converter's tiny-shakespeare-Q8_0.gguf, RUN_TOKENS tokens
 
 Run from the repository root with a llama.cpp checkout (no build is needed):
 
     git clone https://github.com/ggml-org/llama.cpp /tmp/llama.cpp
     git -C /tmp/llama.cpp checkout c392e5094deaf2d1a7c18683214f007fad3fe42b
     cmake -S /tmp/llama.cpp -B /tmp/llama.cpp/build -DLLAMA_CURL=OFF
-    cmake --build /tmp/llama.cpp/build -j2 --target llama-quantize
+    cmake --build /tmp/llama.cpp/build -j2 --target llama-quantize llama-simple
     /tmp/ref5/bin/python tests/reference/make_gguf_quantize_reference.py /tmp/llama.cpp
 """
 
@@ -64,6 +66,7 @@ CONFIGS_REWRITTEN = ("tiny-shakespeare", "gqa_f32")  # 5.x spelling -> 4.x
 BORROWED_TOKENIZER = {"gqa_f32": os.path.join(ROOT, "tests", "data", "meta", "gqa_2shards-hf", "tokenizer.model")}
 QUANTIZED = {"gqa_f32": ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]}  # llama-quantize --pure from its F32 file
 OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # converter's -> llama-np's
+RUN_FILE, RUN_PROMPT, RUN_TOKENS = "tiny-shakespeare-Q8_0.gguf", "ROMEO: But soft, what light", 24
 KEPT_WHOLE = ["gqa_2shards-hf-Q8_0.gguf", "gqa_f32-F32-Q4_0.gguf"]
 LEFT_OUT = ("reference.npz",)  # test data beside the checkpoint, not part of it
 
@@ -107,8 +110,10 @@ def main(llama_cpp: str) -> None:
         raise SystemExit(f"{llama_cpp} is at {commit}; check out {LLAMA_CPP_COMMIT}")
     converter = os.path.join(llama_cpp, "convert_hf_to_gguf.py")
     quantizer = os.path.join(llama_cpp, "build", "bin", "llama-quantize")
-    if not os.path.isfile(quantizer):
-        raise SystemExit(f"{quantizer} is missing: build it first (see this script's docstring)")
+    runner = os.path.join(llama_cpp, "build", "bin", "llama-simple")
+    for tool in (quantizer, runner):
+        if not os.path.isfile(tool):
+            raise SystemExit(f"{tool} is missing: build it first (see this script's docstring)")
     environment = dict(os.environ, PYTHONPATH=os.path.join(llama_cpp, "gguf-py"))
     os.makedirs(OUT, exist_ok=True)
     files = {}
@@ -139,6 +144,11 @@ def main(llama_cpp: str) -> None:
                                "bytes": os.path.getsize(path), "sha256": sha256(path)}
         for name in KEPT_WHOLE:
             shutil.copyfile(os.path.join(work, name), os.path.join(OUT, name))
+        # llama-simple prints the prompt (with <s>) and each new token as it comes, then "\n"
+        printed = subprocess.run([runner, "-m", os.path.join(work, RUN_FILE), "-n", str(RUN_TOKENS), RUN_PROMPT],
+                                 check=True, capture_output=True, text=True).stdout
+        run = {"file": RUN_FILE, "prompt": RUN_PROMPT, "n_predict": RUN_TOKENS, "text": printed[:-1],
+               "command": f"llama-simple -m {RUN_FILE} -n {RUN_TOKENS} '{RUN_PROMPT}'"}
     gguf_py = {}
     with open(os.path.join(llama_cpp, "gguf-py", "pyproject.toml")) as f:
         for line in f:
@@ -165,6 +175,7 @@ def main(llama_cpp: str) -> None:
                        "in a directory of that name",
         },
         "kept_whole": KEPT_WHOLE,
+        "llama_simple": run,
         "files": files,
     }
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
