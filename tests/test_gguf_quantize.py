@@ -21,6 +21,7 @@ from llama_np import LlamaForCausalLM, LlamaTokenizer
 from llama_np.errors import CheckpointError
 from llama_np.formats import gguf as gguf_format
 from llama_np.formats.gguf_writer import quantize_to_gguf
+from llama_np.formats.safetensors import Checkpoint
 from llama_np.weights.codecs import CODECS, WRITTEN_TYPES, BlockCodec
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -239,6 +240,39 @@ def test_an_f32_or_f16_file_of_the_bundled_model_gives_its_logits_and_token_ids(
     text = "ROMEO: But soft, what light through yonder window breaks? <s>"
     original = LlamaTokenizer.from_pretrained("tiny-shakespeare", legacy=False)
     assert LlamaTokenizer.from_pretrained(path)(text)["input_ids"] == original(text)["input_ids"]
+
+
+@pytest.mark.parametrize("fixture", ["gqa_f32", "mqa_tied_f16", "bias_head_dim", "mha_bf16_sharded_4x", "pretraining_tp2"])
+def test_an_f32_file_reads_back_as_the_fixtures_tensors(fixture, tmp_path):
+    """Names, q/k rows (biases too) permuted and back, tied embeddings, shards, bfloat16."""
+    path = quantize_to_gguf(DATA / "fixtures" / fixture, tmp_path / "f.gguf", "F32").path
+    _, written = gguf_format.open_gguf_checkpoint(path)
+    source = Checkpoint.open(DATA / "fixtures" / fixture)
+    assert set(written) == set(source)
+    for name in source:
+        np.testing.assert_array_equal(written[name].numpy(), source[name].numpy(), err_msg=name)
+
+
+def test_a_rope_type_llama_cpp_files_cannot_hold_as_written_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="RoPE type 'yarn' is not written to GGUF"):
+        quantize_to_gguf(DATA / "fixtures" / "rope_yarn", tmp_path / "y.gguf", "F32")
+    assert not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.parametrize("parameters", [999, 1000, 1001, 3795200, 26112, 6738415616, 999_999_999, 70_553_706_496, 1_500_000_000_000])
+def test_size_label_is_gguf_size_label(parameters):
+    gguf = pytest.importorskip("gguf")
+    from llama_np.formats.gguf_writer import size_label
+
+    assert size_label(parameters) == gguf.utility.size_label(parameters, 0, 0, 0)
+
+
+@pytest.mark.parametrize("directory", ["tiny-shakespeare", "gqa_2shards-hf", "Llama-2-7b-chat-hf", "my model v1.2", "TinyLlama-1.1B"])
+def test_general_name_is_gguf_metadata_id_to_title(directory):
+    gguf = pytest.importorskip("gguf")
+    from llama_np.formats.gguf_writer import title_of
+
+    assert title_of(directory) == gguf.metadata.Metadata.id_to_title(directory)
 
 
 # ---------------------------------------------------------------------------- llama-np quantize
