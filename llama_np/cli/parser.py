@@ -303,10 +303,12 @@ def build_parser() -> ArgumentParser:
         "quantize", "write a checkpoint as a GGUF file for llama.cpp, in float or quantised",
         "llama-np quantize ~/models/Llama-2-7b-hf llama-2-7b-Q8_0.gguf --type Q8_0",
         description="Write MODEL (a Hugging Face or Meta directory, a bundled model name, or a GGUF "
-                    "file in a float type) as the GGUF file OUT, the way llama.cpp's "
-                    "convert_hf_to_gguf.py --outtype writes it: llama.* and tokenizer.ggml.* "
-                    "metadata, llama.cpp's tensor names with q/k rows in its RoPE layout, norms in "
-                    "F32, and the matrices in --type, quantised by round-to-nearest as ggml does. A "
+                    "file in a float type) as the GGUF file OUT, byte for byte what llama.cpp "
+                    "writes: from a directory as convert_hf_to_gguf.py --outtype (llama.* and "
+                    "tokenizer.ggml.* metadata, llama.cpp's tensor names with q/k rows in its RoPE "
+                    "layout), from a GGUF file as llama-quantize --pure (the file's own metadata); "
+                    "norms in F32 and the matrices in --type, quantised by round-to-nearest as ggml "
+                    "does. A "
                     "matrix whose rows are not a multiple of the block size (32 numbers) stays F16, "
                     "as in the converter; the output says which. No torch is needed; tensors are "
                     "encoded one at a time, and OUT appears whole or not at all.")
