@@ -1,15 +1,17 @@
-"""``llama-np inspect`` and ``llama-np convert``: the verbs about a checkpoint itself rather
-than what it computes -- a summary of its config, storage and memory, and Meta's layout turned
-into Hugging Face's.
+"""``llama-np inspect``, ``llama-np convert`` and ``llama-np quantize``: the verbs about a
+checkpoint itself rather than what it computes -- a summary of its config, storage and memory,
+Meta's layout turned into Hugging Face's, and any checkpoint written as a (quantised) GGUF file.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from llama_np.cli.common import EXIT_OK, UsageError, label_names, load_model, model_class_for, plural
 from llama_np.formats.convert import convert_meta_checkpoint
+from llama_np.formats.gguf_writer import quantize_to_gguf
 from llama_np.weights.codecs import CODECS
 from llama_np.weights.memory import human_bytes
 from llama_np.inputs import attention_bytes
@@ -140,4 +142,35 @@ def run_convert(args) -> int:
           f"{', '.join(sorted(result.dtypes))}) in {files} safetensors file{'s' if files != 1 else ''}, "
           f"with config.json, generation_config.json and the tokenizer, to {result.directory} "
           f"in {result.seconds:.1f} s")
+    return EXIT_OK
+
+
+# ============================================================================================
+# quantize
+# ============================================================================================
+
+
+def run_quantize(args) -> int:
+    """Any checkpoint -> a GGUF file of --type (``llama_np.formats.gguf_writer.quantize_to_gguf``)."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give the GGUF file to write, e.g. {out / 'model.gguf'}")
+    show = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\rwriting {out.name}: {human_bytes(done)} of {human_bytes(total)}", end=end, file=sys.stderr, flush=True)
+
+    result = quantize_to_gguf(args.model, out, args.type, name=args.name, progress=progress if show else None)
+    types = ", ".join(f"{name} {count}" for name, count in result.types().items())
+    print(f"wrote {result.path}: {plural(len(result.tensors), 'tensor')} ({types}), "
+          f"{human_bytes(result.bytes)}, in {result.seconds:.1f} s")
+    if result.fallbacks:
+        codec = CODECS[args.type]
+        count = len(result.fallbacks)
+        print(f"kept in F16, as llama.cpp's converter does: {count} {'matrix' if count == 1 else 'matrices'} "
+              f"whose rows are not a multiple of {codec.block_size} numbers ({', '.join(result.fallbacks)})")
+    if not result.has_tokenizer:
+        print("no tokenizer.ggml.* written: the checkpoint has no tokenizer.model; give a tokenizer "
+              "of the same vocabulary when running it")
     return EXIT_OK

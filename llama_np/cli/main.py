@@ -11,6 +11,7 @@
     llama-np diff A.npz B.npz   the first activation where two dumps part ways
     llama-np attention PROMPT   save a figure of one head's or one layer's attention
     llama-np convert META OUT   Meta's consolidated.NN.pth checkpoint -> a Hugging Face directory
+    llama-np quantize MODEL OUT.gguf --type Q4_0   any checkpoint -> a GGUF file for llama.cpp
 
 Every verb takes ``--model NAME_OR_PATH`` (a checkpoint directory in Hugging Face's or Meta's
 layout, a bundled model name, or a repo id such as ``meta-llama/Llama-2-7b-hf`` already in the
@@ -26,7 +27,7 @@ Python escapes (é as \\xe9).
 This module runs one command and turns what ends it into an exit status. The parser is in
 ``parser.py``, and each verb runs in its own module: ``generate.py`` (generate, chat),
 ``classify.py`` (classify, logits), ``compare.py`` (compare, dump, diff, attention),
-``perplexity.py``, and ``checkpoints.py`` (inspect, convert); ``common.py`` holds what they
+``perplexity.py``, and ``checkpoints.py`` (inspect, convert, quantize); ``common.py`` holds what they
 share.
 """
 

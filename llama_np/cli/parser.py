@@ -12,13 +12,14 @@ import difflib
 import textwrap
 
 import llama_np
-from llama_np.cli.checkpoints import run_convert, run_inspect
+from llama_np.cli.checkpoints import run_convert, run_inspect, run_quantize
 from llama_np.cli.classify import CLASSIFY_EXAMPLES, run_classify, run_logits
 from llama_np.cli.common import DEFAULT_ATOL, DEFAULT_CLASSIFIER, DEFAULT_MODEL, UsageError
 from llama_np.cli.compare import run_attention, run_compare, run_diff, run_dump
 from llama_np.cli.generate import DEFAULT_MAX_NEW_TOKENS, run_chat, run_generate
 from llama_np.cli.perplexity import DEFAULT_PERPLEXITY_CONTEXT, run_perplexity
 from llama_np.formats.convert import OUTPUT_DTYPES
+from llama_np.weights.codecs import Q8_0, WRITTEN_TYPES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -297,4 +298,24 @@ def build_parser() -> ArgumentParser:
                               "for Llama 1, 4096 for Llama 2, 16384 if rope_theta > 10000 (Code "
                               "Llama) (default: 2)")
     convert.set_defaults(run=run_convert)
+
+    quantize = add_verb(
+        "quantize", "write a checkpoint as a GGUF file for llama.cpp, in float or quantised",
+        "llama-np quantize ~/models/Llama-2-7b-hf llama-2-7b-Q8_0.gguf --type Q8_0",
+        description="Write MODEL (a Hugging Face or Meta directory, a bundled model name, or a GGUF "
+                    "file in a float type) as the GGUF file OUT, byte for byte what llama.cpp "
+                    "writes: from a directory as convert_hf_to_gguf.py --outtype (llama.* and "
+                    "tokenizer.ggml.* metadata, llama.cpp's tensor names with q/k rows in its RoPE "
+                    "layout), from a GGUF file as llama-quantize --pure (the file's own metadata); "
+                    "norms in F32 and the matrices in --type, quantised by round-to-nearest as ggml "
+                    "does. A "
+                    "matrix whose rows are not a multiple of the block size (32 numbers) stays F16, "
+                    "as in the converter; the output says which. No torch is needed; tensors are "
+                    "encoded one at a time, and OUT appears whole or not at all.")
+    quantize.add_argument("model", metavar="MODEL", help="the checkpoint to write (a path or bundled name)")
+    quantize.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (replaced if it exists)")
+    quantize.add_argument("--type", choices=WRITTEN_TYPES, default=Q8_0.name,
+                          help="type of the matrices (default: Q8_0)")
+    quantize.add_argument("--name", help="general.name (default: the source's, else its directory's name)")
+    quantize.set_defaults(run=run_quantize)
     return parser

@@ -37,7 +37,7 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +169,7 @@ class GGUFFile:
     metadata: dict
     tensors: dict[str, TensorInfo]
     identity: FileIdentity
+    value_types: dict[str, str] = field(default_factory=dict)  # key -> its value type's name ("UINT32")
 
 
 def read_gguf(path) -> GGUFFile:
@@ -197,13 +198,14 @@ def _read_header(reader: HeaderReader, identity: FileIdentity) -> GGUFFile:
         raise reader.error(f"is GGUF version {version}; llama_np reads versions 2 and 3{swapped}")
     tensor_count = reader.count("tensor_count", 24)  # name length, n_dims, type, offset
     kv_count = reader.count("metadata_kv_count", 13)  # key length, value type, one byte
-    metadata = {}
+    metadata, value_types = {}, {}
     for index in range(kv_count):
         key = reader.string(f"the key of metadata entry {index}")
         if key in metadata:
             raise reader.error(f"metadata key {key!r} appears twice")
         value_type = reader.scalar("<I", f"the value type of metadata key {key!r}")
         metadata[key] = reader.value(value_type, f"metadata key {key!r}")
+        value_types[key] = VALUE_TYPES[value_type][0]
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise reader.error(f"general.alignment is {alignment!r}; expected a power of two")
@@ -220,7 +222,7 @@ def _read_header(reader: HeaderReader, identity: FileIdentity) -> GGUFFile:
                                f"past the end of the file ({identity.size} bytes): the file is truncated")
         tensors[name] = TensorInfo(name, dtype, shape, start, stop)
     _check_no_overlaps(path, tensors.values())
-    return GGUFFile(path, version, metadata, tensors, identity)
+    return GGUFFile(path, version, metadata, tensors, identity, value_types)
 
 
 def _read_tensor_info(reader: HeaderReader, index: int, alignment: int) -> tuple[str, str, tuple, int]:
@@ -372,7 +374,8 @@ def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
     ``tokenizer.chat_template`` when the file has one.
 
     Only ``tokenizer.ggml.model == "llama"`` (sentencepiece BPE) is read; a missing
-    ``add_bos_token`` means True, as in llama.cpp and Transformers.
+    ``add_bos_token`` means True, as in llama.cpp and Transformers, and a missing unknown id the
+    first token of type unknown, else 0, as in llama.cpp.
     """
     def error(what: str) -> TokenizerError:
         return TokenizerError(f"{gguf.path}: {what}")
@@ -408,9 +411,9 @@ def gguf_tokenizer(gguf: GGUFFile) -> tuple[bytes, dict]:
 
     unknown = [i for i, t in enumerate(types.tolist()) if t == sentencepiece_model.UNKNOWN]
     unk_id = token_id("unknown", False)
-    unk_id = unk_id if unk_id is not None else unknown[0] if unknown else None
-    if unk_id is None:
-        raise error("the vocabulary has no unknown token (tokenizer.ggml.unknown_token_id, or a token of type 2)")
+    # llama.cpp's converter writes no unknown_token_id when tokenizer_config.json makes <unk> a
+    # control token; llama.cpp then takes id 0, its default for a "llama" vocabulary (llama-vocab.cpp)
+    unk_id = unk_id if unk_id is not None else unknown[0] if unknown else 0
     bos_id, eos_id, pad_id = token_id("bos", True), token_id("eos", True), token_id("padding", False)
     types = types.astype(int)
     types[unk_id] = sentencepiece_model.UNKNOWN
@@ -460,6 +463,7 @@ class GGUFCheckpoint(Checkpoint):
         super().__init__(gguf.path.parent, [gguf.path], tensors)
         self.path = gguf.path
         self.metadata = gguf.metadata
+        self.value_types = gguf.value_types
         self.version = gguf.version
 
 

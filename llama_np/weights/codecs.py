@@ -6,6 +6,7 @@
     F16     2                 float16                its bits, tile by tile (``widen_into``)
     BF16    2                 uint16 (the bits)      its bits shifted 16 up, tile by tile
     Q8_0 …  34 per 32 values  uint8 blocks           a decoder of weights/quants.py, tile by tile
+                                                     (and back by its encoder: ``encode``)
 
 ``CODECS`` maps the name a file declares (safetensors' ``dtype``; torch storages and GGUF's
 ggml types, ``GGML_TYPES``, are mapped onto these names) to its ``Codec``; every reader, the
@@ -295,15 +296,18 @@ class BlockCodec(Codec):
     bytes each. ``view`` gives the raw blocks, (..., blocks per row, block_bytes) uint8, so that
     rows can be sliced and permuted while still quantised; ``decode_blocks`` (one function of
     weights/quants.py) turns (N, block_bytes) blocks into (N, block_size) float32 numbers, equal
-    bit for bit to ggml's own dequantisation. Matrices are streamed: a product decodes a tile of
+    bit for bit to ggml's own dequantisation, and ``encode_blocks`` (its ``encode_*`` twin, for
+    the types llama_np writes) turns numbers back into blocks, byte for byte as ggml. Matrices are streamed: a product decodes a tile of
     rows at a time into a small buffer.
     """
 
     streamed = True
 
-    def __init__(self, name: str, ggml_type: int, block_size: int, block_bytes: int, decode_blocks):
+    def __init__(self, name: str, ggml_type: int, block_size: int, block_bytes: int, decode_blocks,
+                 encode_blocks=None):
         super().__init__(name, None, np.uint8, ggml_type)
         self.block_size, self.block_bytes, self.decode_blocks = block_size, block_bytes, decode_blocks
+        self.encode_blocks = encode_blocks  # None: llama_np reads this type but does not write it
 
     @property
     def bits(self) -> float:
@@ -382,14 +386,28 @@ class BlockCodec(Codec):
         return non_finite_error(what, nans, infinities, first, np.float32)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
-        raise CheckpointError(f"llama_np reads {self.name} but does not write it; save as float16 or float32")
+        """float values (..., columns) -> the raw blocks (..., columns / block_size, block_bytes),
+        quantised from their float32 values by round-to-nearest (weights/quants.py)."""
+        if self.encode_blocks is None:
+            raise CheckpointError(f"llama_np reads {self.name} but does not write it; write one of "
+                                  f"{', '.join(WRITTEN_TYPES)}")
+        values = np.asarray(values, dtype=np.float32)
+        *rows, columns = values.shape
+        problem = self.row_problem(columns)
+        if problem:
+            raise CheckpointError(f"cannot quantise a tensor of shape {values.shape}: {problem}")
+        # A scale too large for float16 is stored as inf, and one of float32's subnormals has no
+        # finite reciprocal: llama.cpp writes such blocks just as these operations do.
+        with np.errstate(over="ignore", invalid="ignore"):
+            blocks = self.encode_blocks(values.reshape(-1, self.block_size))
+        return blocks.reshape(*rows, columns // self.block_size, self.block_bytes)
 
 
-Q8_0 = BlockCodec("Q8_0", 8, quants.QK, 34, quants.q8_0)
-Q4_0 = BlockCodec("Q4_0", 2, quants.QK, 18, quants.q4_0)
-Q4_1 = BlockCodec("Q4_1", 3, quants.QK, 20, quants.q4_1)
-Q5_0 = BlockCodec("Q5_0", 6, quants.QK, 22, quants.q5_0)
-Q5_1 = BlockCodec("Q5_1", 7, quants.QK, 24, quants.q5_1)
+Q8_0 = BlockCodec("Q8_0", 8, quants.QK, 34, quants.q8_0, quants.encode_q8_0)
+Q4_0 = BlockCodec("Q4_0", 2, quants.QK, 18, quants.q4_0, quants.encode_q4_0)
+Q4_1 = BlockCodec("Q4_1", 3, quants.QK, 20, quants.q4_1, quants.encode_q4_1)
+Q5_0 = BlockCodec("Q5_0", 6, quants.QK, 22, quants.q5_0, quants.encode_q5_0)
+Q5_1 = BlockCodec("Q5_1", 7, quants.QK, 24, quants.q5_1, quants.encode_q5_1)
 Q4_K = BlockCodec("Q4_K", 12, quants.QK_K, 144, quants.q4_k)
 Q5_K = BlockCodec("Q5_K", 13, quants.QK_K, 176, quants.q5_k)
 Q6_K = BlockCodec("Q6_K", 14, quants.QK_K, 210, quants.q6_k)
@@ -399,6 +417,13 @@ CODECS = {codec.name: codec for codec in (F64, F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 
 # GGUF's tensor type number (ggml_type) -> codec
 GGML_TYPES = {codec.ggml_type: codec for codec in CODECS.values()}
+
+# What a GGUF file may be written as (``llama-np quantize --type``), each with llama.cpp's
+# ``llama_ftype`` number, which a file records as ``general.file_type`` (llama.h: ALL_F32 = 0,
+# MOSTLY_F16 = 1, MOSTLY_Q4_0 = 2, MOSTLY_Q4_1 = 3, MOSTLY_Q8_0 = 7, MOSTLY_Q5_0 = 8,
+# MOSTLY_Q5_1 = 9, MOSTLY_BF16 = 32).
+LLAMA_FILE_TYPES = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9}
+WRITTEN_TYPES = tuple(LLAMA_FILE_TYPES)
 
 
 def codec_for_numpy(dtype) -> Codec | None:

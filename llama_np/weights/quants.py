@@ -1,4 +1,5 @@
-"""llama.cpp's block-quantised weights, one decoder per type: bytes -> float32 numbers.
+"""llama.cpp's block-quantised weights: one decoder per type (bytes -> float32 numbers), and an
+encoder beside each 32-number type (float32 numbers -> bytes).
 
 A quantised row of a weight matrix is cut into blocks of 32 (or 256) numbers; each block is
 stored as a few bytes of scale and the numbers' small integers packed into nibbles and bits.
@@ -21,8 +22,25 @@ the packed integers; ``lo(b)`` and ``hi(b)`` are the low and high 4 bits of a by
     Q5_K      256     176      5.5        (d·sc_s) · q_j − dmin·mn_s   8 sub-blocks s of 32
     Q6_K      256     210      6.5625     (d·sc_s) · (q_j − 32)        16 sub-blocks s of 16
 
+The encoders (``encode_q8_0`` …) are llama.cpp's reference round-to-nearest quantisation
+(``quantize_row_q8_0_ref`` …, which ``convert_hf_to_gguf.py`` and ``llama-quantize --pure``
+without an importance matrix use): each takes (N, 32) float32 numbers and returns (N, bytes
+per block) uint8, with the same float32 operations in the same order as ggml's and the ``gguf``
+package's ``quantize``, so the bytes are equal. The scale is chosen from the block alone:
+
+    Q8_0   d = max|x| / 127              q = round(x / d)               (half away from zero)
+    Q4_0   d = x_max / −8                q = min(15, trunc(x / d + 8.5))
+    Q5_0   d = x_max / −16               q = min(31, trunc(x / d + 16.5))
+    Q4_1   d = (max − min) / 15, m = min q = min(15, trunc((x − m) / d + 0.5))
+    Q5_1   d = (max − min) / 31, m = min q = min(31, trunc((x − m) / d + 0.5))
+
+where x_max is the number of largest magnitude with its sign (the first, on a tie), so that it
+maps to q = 0 exactly and the other end keeps one step more. ``x / d`` is computed as
+``x · (1/d)``, and a block of zeros (d = 0) gets 1/d = 0. d and m are stored as float16 after
+the integers are computed from the float32 d.
+
 References: ggml's ``ggml-common.h`` (the block structs) and ``ggml-quants.c``
-(``dequantize_row_q4_0`` …), https://github.com/ggml-org/llama.cpp.
+(``dequantize_row_q4_0``, ``quantize_row_q4_0_ref`` …), https://github.com/ggml-org/llama.cpp.
 """
 
 from __future__ import annotations
@@ -39,6 +57,11 @@ def f16(two_bytes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(two_bytes).view(np.float16).astype(np.float32)
 
 
+def f16_bytes(values: np.ndarray) -> np.ndarray:
+    """(N, 1) float32 -> (N, 2) uint8: each rounded to the nearest float16 (too large: inf)."""
+    return values.astype("<f2").view(np.uint8)
+
+
 def low_then_high_nibbles(packed: np.ndarray) -> np.ndarray:
     """(N, k) bytes -> (N, 2k): the low 4 bits of every byte, then the high 4 bits of every byte.
 
@@ -48,9 +71,46 @@ def low_then_high_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
 
 
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """(N, 32) integers 0..15 (or the low 4 bits of 0..31) -> (N, 16) bytes: number j < 16 in the
+    low nibble of byte j, number j + 16 in its high nibble (``low_then_high_nibbles`` undone)."""
+    return (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+
+
 def bits_little_endian(packed: np.ndarray) -> np.ndarray:
     """(N, k) bytes -> (N, 8k) of 0/1: bit b of byte i is number 8i + b (a little-endian bitmask)."""
     return np.unpackbits(packed, axis=-1, bitorder="little")
+
+
+def fifth_bits(q: np.ndarray) -> np.ndarray:
+    """(N, 32) integers 0..31 -> (N, 4) bytes ``qh``: bit j is bit 4 of number j (little-endian)."""
+    return np.packbits(q >> 4, axis=-1, bitorder="little")
+
+
+def reciprocal(d: np.ndarray) -> np.ndarray:
+    """1/d in float32, and 0 where d is 0 (a block of zeros quantises to zeros)."""
+    return np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d))
+
+
+def round_half_away_from_zero(x: np.ndarray) -> np.ndarray:
+    """C's ``roundf``: 2.5 -> 3, −2.5 -> −3 (NumPy's ``round`` gives 2 and −2).
+
+    Written as floor(|x|) plus one when the fraction is at least a half; ``floor(|x| + 0.5)``
+    would be wrong for the float just below 0.5, where the sum rounds up to 1.
+    """
+    magnitude = np.abs(x)
+    whole = np.floor(magnitude)
+    return np.sign(x) * (whole + np.floor(2 * (magnitude - whole)))
+
+
+def truncate_to_uint8(x: np.ndarray, largest: int) -> np.ndarray:
+    """C's ``MIN(largest, (uint8_t)(x))`` for x ≥ 0: the integer part, capped at ``largest``."""
+    return np.minimum(np.trunc(x).astype(np.uint8), np.uint8(largest))
+
+
+def signed_absolute_max(numbers: np.ndarray) -> np.ndarray:
+    """(N, k) -> (N, 1): each row's number of largest magnitude, with its sign (the first on a tie)."""
+    return np.take_along_axis(numbers, np.abs(numbers).argmax(axis=-1, keepdims=True), axis=-1)
 
 
 # ---------------------------------------------------------------------------- 32-number blocks
@@ -67,6 +127,13 @@ def q8_0(blocks: np.ndarray) -> np.ndarray:
     return q * d
 
 
+def encode_q8_0(numbers: np.ndarray) -> np.ndarray:
+    """Q8_0 encoder: (N, 32) float32 -> (N, 34).   d = max|x| / 127,  q_j = round(x_j / d)"""
+    d = np.abs(numbers).max(axis=-1, keepdims=True) / np.float32(127)
+    q = round_half_away_from_zero(numbers * reciprocal(d)).astype(np.int8)
+    return np.concatenate([f16_bytes(d), q.view(np.uint8)], axis=-1)
+
+
 def q4_0(blocks: np.ndarray) -> np.ndarray:
     """Q4_0: (N, 18) -> (N, 32).   value_j = d · (q_j − 8)
 
@@ -79,6 +146,13 @@ def q4_0(blocks: np.ndarray) -> np.ndarray:
     return d * q.astype(np.float32)
 
 
+def encode_q4_0(numbers: np.ndarray) -> np.ndarray:
+    """Q4_0 encoder: (N, 32) float32 -> (N, 18).   d = x_max / −8,  q_j = min(15, trunc(x_j / d + 8.5))"""
+    d = signed_absolute_max(numbers) / np.float32(-8)
+    q = truncate_to_uint8(numbers * reciprocal(d) + np.float32(8.5), largest=15)
+    return np.concatenate([f16_bytes(d), pack_nibbles(q)], axis=-1)
+
+
 def q4_1(blocks: np.ndarray) -> np.ndarray:
     """Q4_1: (N, 20) -> (N, 32).   value_j = d · q_j + m
 
@@ -88,6 +162,15 @@ def q4_1(blocks: np.ndarray) -> np.ndarray:
     d, m = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
     q = low_then_high_nibbles(blocks[:, 4:20]).astype(np.float32)
     return (d * q) + m
+
+
+def encode_q4_1(numbers: np.ndarray) -> np.ndarray:
+    """Q4_1 encoder: (N, 32) float32 -> (N, 20).   m = min, d = (max − m) / 15,
+    q_j = min(15, trunc((x_j − m) / d + 0.5))"""
+    low, high = numbers.min(axis=-1, keepdims=True), numbers.max(axis=-1, keepdims=True)
+    d = (high - low) / np.float32(15)
+    q = truncate_to_uint8((numbers - low) * reciprocal(d) + np.float32(0.5), largest=15)
+    return np.concatenate([f16_bytes(d), f16_bytes(low), pack_nibbles(q)], axis=-1)
 
 
 def q5_0(blocks: np.ndarray) -> np.ndarray:
@@ -103,6 +186,13 @@ def q5_0(blocks: np.ndarray) -> np.ndarray:
     return d * q.astype(np.float32)
 
 
+def encode_q5_0(numbers: np.ndarray) -> np.ndarray:
+    """Q5_0 encoder: (N, 32) float32 -> (N, 22).   d = x_max / −16,  q_j = min(31, trunc(x_j / d + 16.5))"""
+    d = signed_absolute_max(numbers) / np.float32(-16)
+    q = truncate_to_uint8(numbers * reciprocal(d) + np.float32(16.5), largest=31)
+    return np.concatenate([f16_bytes(d), fifth_bits(q), pack_nibbles(q)], axis=-1)
+
+
 def q5_1(blocks: np.ndarray) -> np.ndarray:
     """Q5_1: (N, 24) -> (N, 32).   value_j = d · q_j + m
 
@@ -113,6 +203,15 @@ def q5_1(blocks: np.ndarray) -> np.ndarray:
     high = bits_little_endian(blocks[:, 4:8])
     q = (low_then_high_nibbles(blocks[:, 8:24]) | (high << 4)).astype(np.float32)
     return (d * q) + m
+
+
+def encode_q5_1(numbers: np.ndarray) -> np.ndarray:
+    """Q5_1 encoder: (N, 32) float32 -> (N, 24).   m = min, d = (max − m) / 31,
+    q_j = min(31, trunc((x_j − m) / d + 0.5))"""
+    low, high = numbers.min(axis=-1, keepdims=True), numbers.max(axis=-1, keepdims=True)
+    d = (high - low) / np.float32(31)
+    q = truncate_to_uint8((numbers - low) * reciprocal(d) + np.float32(0.5), largest=31)
+    return np.concatenate([f16_bytes(d), f16_bytes(low), fifth_bits(q), pack_nibbles(q)], axis=-1)
 
 
 # ---------------------------------------------------------------------------- k-quants: 256 numbers
