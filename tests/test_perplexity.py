@@ -510,3 +510,48 @@ def test_llama_cpp_and_kl_flags_are_one_line_errors_naming_the_flag(flags, names
 def test_a_text_shorter_than_two_chunks_is_one_line_error_naming_the_file(capsys, short_text):
     status, out, err = run(capsys, "perplexity", short_text, "--recipe", "llama.cpp", "--context", 128)
     assert_one_line_error(status, out, err, short_text, "2 * --context = 256")
+
+
+def round_activations_as_ggml(x):
+    """What ggml does to the input of a matrix product with a Q8_0 matrix (blocks of 32 numbers,
+    d = max|x| / 127 stored as float16, x · (1/d) rounded to the nearest integer) or an F16 one (the
+    688-wide down_proj input: rounded to float16)."""
+    if x.shape[-1] % 32:
+        return x.astype(np.float16).astype(np.float32)
+    blocks = x.astype(np.float32).reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)
+    inverse = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)  # ggml: x * (1/d)
+    q = np.rint(blocks * inverse)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
+def test_llama_cpps_larger_q8_0_kl_is_its_rounding_of_the_activations(gguf_files, monkeypatch):
+    """With the quantised model's activations rounded as ggml rounds them, llama_np's mean KL
+    comes within 10 % of llama.cpp's 0.000073 (without: 0.000032) and the top token agrees on
+    llama.cpp's 939 of 945 tokens, give or take one (the emulation does not sum in ggml's order):
+    the gap in the test above is that rounding, not a bug in either."""
+    from llama_np import layers
+
+    linear, rounding = layers.linear, {"on": False}
+
+    def linear_as_ggml(x, weight, bias=None, pretraining_tp=1):
+        return linear(round_activations_as_ggml(x) if rounding["on"] else x, weight, bias, pretraining_tp)
+
+    class RoundedActivations:
+        def __init__(self, model):
+            self.model, self.config = model, model.config
+
+        def __call__(self, *args, **kwargs):
+            rounding["on"] = True
+            try:
+                return self.model(*args, **kwargs)
+            finally:
+                rounding["on"] = False
+
+    monkeypatch.setattr(layers, "linear", linear_as_ggml)
+    statistics = kl_statistics(kl_divergence(RoundedActivations(gguf_model(gguf_files["Q8_0"])),
+                                             gguf_model(gguf_files["F32"]), REFERENCE["input_ids"], LLAMA_CPP_CONTEXT))
+    printed = LLAMA_CPP["kl_q8_0"]
+    assert_relatively_close(statistics["mean_kl"], printed["mean_kl"][0], "mean KL with ggml's rounding", tolerance=0.1)
+    same_top = round(statistics["same_top"] * statistics["tokens"])
+    assert abs(same_top - round(printed["same_top_percent"][0] / 100 * statistics["tokens"])) <= 1
