@@ -228,8 +228,10 @@ def kl_divergence(model, reference_model, input_ids, context: int, progress=None
         KL(p || q) = Σ_v p_v (log p_v − log q_v)
 
     llama.cpp reads p from a file of saved log-probabilities (``--kl-divergence-base``), stored
-    in 16 bits per entry over the 16 nats below the top one; here p is exact, so a KL of the
-    order of 1e-5 nats can differ from llama.cpp's by about that much.
+    in 16 bits per entry over the 16 nats below the top one; here p is exact. For a
+    block-quantised model, llama.cpp's ggml also rounds each activation row before the product
+    (to Q8_0 blocks for a Q8_0 matrix), which llama_np does not: its KL is the weights' rounding
+    alone, and smaller (docs/cli.md, "perplexity", gives the measured numbers).
     """
     chunks = llama_cpp_chunks(input_ids, context, model.config.bos_token_id)
     parts = []
