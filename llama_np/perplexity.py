@@ -158,8 +158,8 @@ def llama_cpp_chunks(input_ids, context: int, bos_token_id: int) -> np.ndarray:
     chunk is replaced by bos (for chunk 0 it already is bos).
     """
     ids = _check_sequence(input_ids)[0]
-    if not is_integer(context) or context < 2:
-        raise InputError(f"context must be an integer >= 2, got {context!r}")
+    if not is_integer(context) or context < 3:  # context 2 would score no token: nothing after its half
+        raise InputError(f"context must be an integer >= 3 for the llama.cpp recipe, got {context!r}")
     if len(ids) < 2 * context:
         raise InputError(f"the text gives {len(ids)} tokens; the llama.cpp recipe needs at least "
                          f"2 * context = {2 * context} (two chunks)")
@@ -233,6 +233,9 @@ def kl_divergence(model, reference_model, input_ids, context: int, progress=None
     (to Q8_0 blocks for a Q8_0 matrix), which llama_np does not: its KL is the weights' rounding
     alone, and smaller (docs/cli.md, "perplexity", gives the measured numbers).
     """
+    if reference_model.config.vocab_size != model.config.vocab_size:
+        raise InputError(f"reference_model has a vocabulary of {reference_model.config.vocab_size} tokens, "
+                         f"model one of {model.config.vocab_size}: they must be the same")
     chunks = llama_cpp_chunks(input_ids, context, model.config.bos_token_id)
     parts = []
     for done, chunk in enumerate(chunks, start=1):

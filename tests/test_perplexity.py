@@ -424,6 +424,16 @@ def test_llama_cpp_recipe_refuses_a_stride_a_short_text_and_an_unknown_recipe():
         perplexity(bundled_model(), REFERENCE["input_ids"][:255], 128, recipe="llama.cpp")
     with pytest.raises(InputError, match="recipe must be one of transformers, llama.cpp"):
         perplexity(bundled_model(), REFERENCE["input_ids"], 128, 64, recipe="llama-cpp")
+    with pytest.raises(InputError, match="context must be an integer >= 3 for the llama.cpp recipe, got 2"):
+        perplexity(bundled_model(), REFERENCE["input_ids"], 2, recipe="llama.cpp")  # would score no token
+
+
+def test_kl_divergence_refuses_a_reference_with_another_vocabulary():
+    config = llama_np.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    other = llama_np.LlamaForCausalLM.from_config(config, seed=0)
+    with pytest.raises(InputError, match="reference_model has a vocabulary of 100 tokens, model one of 2000"):
+        kl_divergence(bundled_model(), other, REFERENCE["input_ids"], 16)
 
 
 def test_kl_of_q8_0_against_f32_agrees_with_llama_perplexity(gguf_files):
@@ -501,6 +511,7 @@ def test_cli_kl_divergence_prints_llama_cpps_summary_lines(capsys, gguf_files):
     (["--kl-divergence", MODEL, "--recipe", "transformers"], ["--kl-divergence", "--recipe transformers"]),
     (["--kl-divergence", MODEL, "--stride", "8"], ["--stride", "--kl-divergence"]),
     (["--recipe", "llama-cpp"], ["--recipe", "llama-cpp"]),
+    (["--recipe", "llama.cpp", "--context", "2"], ["--context", "at least 3"]),
 ])
 def test_llama_cpp_and_kl_flags_are_one_line_errors_naming_the_flag(flags, names, capsys):
     status, out, err = run(capsys, "perplexity", PASSAGE, *flags)

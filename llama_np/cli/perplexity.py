@@ -23,7 +23,8 @@ def run_perplexity(args) -> int:
     """Perplexity of a text file by ``--recipe``, or with ``--kl-divergence REF`` llama.cpp's
     statistics of ``--model`` against REF. Every flag is checked before a model is loaded."""
     recipe = check_recipe(args)
-    for flag, value, least in (("--context", args.context, 2), ("--stride", args.stride, 1)):
+    least_context = 3 if recipe == "llama.cpp" else 2  # llama.cpp's chunk of 2 scores no token
+    for flag, value, least in (("--context", args.context, least_context), ("--stride", args.stride, 1)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     max_positions = open_model_files(args.model)[0].max_position_embeddings
