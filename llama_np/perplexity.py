@@ -155,7 +155,8 @@ def llama_cpp_chunks(input_ids, context: int, bos_token_id: int) -> np.ndarray:
     The text is tokenized once with bos at the start (as ``common_tokenize(..., true)``); it
     must give at least 2 · context tokens. It is cut into N = T // context chunks of ``context``
     tokens; the T mod context tokens left over at the end are dropped. The first token of each
-    chunk is replaced by bos (for chunk 0 it already is bos).
+    chunk is replaced by bos (for chunk 0 it already is bos); llama.cpp does so when its
+    vocabulary adds bos, as Llama 2's does, and llama_np always does.
     """
     ids = _check_sequence(input_ids)[0]
     if not is_integer(context) or context < 3:  # context 2 would score no token: nothing after its half
@@ -185,8 +186,8 @@ def perplexity_chunks(model, input_ids, context: int, progress=None) -> Perplexi
     """Perplexity of one token sequence by llama.cpp's recipe (``llama-perplexity``).
 
     For each chunk of ``llama_cpp_chunks`` (bos first), only the tokens of its second half are
-    scored: targets at positions context // 2 + 1 … context − 1, so every scored token sees at
-    least context // 2 tokens of its chunk. Over all N chunks,
+    scored: targets at positions context // 2 + 1 … context − 1, so every scored token is
+    predicted from at least context // 2 + 1 tokens of its chunk. Over all N chunks,
 
         nll = mean over the N · (context − 1 − context // 2) scored tokens of −log p(token),
         perplexity = exp(nll),   tokens = N · (context − 1 − context // 2).
