@@ -1,12 +1,21 @@
-"""Perplexity of a long text with a sliding window, as Transformers documents it.
+"""Perplexity of a long text, by the recipe of Transformers' documentation or of llama.cpp,
+and llama.cpp's KL-divergence statistics of a model (a quantised one) against a reference.
 
-A model with a context of ``context`` tokens cannot score a longer text in one pass. The text is
-cut into windows of ``context`` tokens whose starts are ``stride`` apart; each window is run
-once, and only its tokens that no earlier window scored count (the labels of the overlap are
-−100), so a scored token sees at least ``context − stride`` tokens before it. This is the recipe
-of "Perplexity of fixed-length models" in the Transformers documentation
-(https://huggingface.co/docs/transformers/perplexity), and what llama.cpp's ``perplexity``
-command is checked against after converting or quantising a model.
+A model with a context of ``context`` tokens cannot score a longer text in one pass; the two
+recipes cut it differently, so their perplexities differ by a few percent on the same model.
+
+- ``recipe="transformers"`` (``perplexity_sliding_window``): windows of ``context`` tokens whose
+  starts are ``stride`` apart; each window scores only the tokens no earlier window scored. This
+  is "Perplexity of fixed-length models" in the Transformers documentation
+  (https://huggingface.co/docs/transformers/perplexity).
+- ``recipe="llama.cpp"`` (``perplexity_chunks``): non-overlapping chunks of ``context`` tokens,
+  the first token of each replaced by bos, only the second half of each chunk scored. This is
+  what llama.cpp's ``llama-perplexity`` prints (examples/perplexity/perplexity.cpp,
+  https://github.com/ggml-org/llama.cpp), the number quoted for GGUF files.
+
+``kl_divergence`` runs llama.cpp's chunks through a model and a reference model and returns, per
+scored token, KL(p_reference || p_model); ``kl_statistics`` reduces them as
+``llama-perplexity --kl-divergence`` does.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import numpy as np
 from llama_np.errors import InputError
 from llama_np.formats.files import read_bytes
 from llama_np.inputs import is_integer
+from llama_np.losses import log_softmax
 
 IGNORE_INDEX = -100  # a label the loss skips, as in Transformers
 
@@ -71,7 +81,24 @@ def sliding_windows(length: int, context: int, stride: int) -> list[Window]:
     return windows
 
 
-def perplexity(model, input_ids, context: int, stride: int, progress=None) -> PerplexityResult:
+RECIPES = ("transformers", "llama.cpp")
+
+
+def perplexity(model, input_ids, context: int, stride: int | None = None, recipe: str = "transformers",
+               progress=None) -> PerplexityResult:
+    """Perplexity of one token sequence (bos once, at the start) by one of the two recipes:
+    ``perplexity_sliding_window`` ("transformers", needs ``stride``) or ``perplexity_chunks``
+    ("llama.cpp", which takes no stride)."""
+    if recipe == "transformers":
+        return perplexity_sliding_window(model, input_ids, context, stride, progress=progress)
+    if recipe == "llama.cpp":
+        if stride is not None:
+            raise InputError(f"stride is not used by the llama.cpp recipe (its chunks do not overlap), got {stride!r}")
+        return perplexity_chunks(model, input_ids, context, progress=progress)
+    raise InputError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+
+
+def perplexity_sliding_window(model, input_ids, context: int, stride: int, progress=None) -> PerplexityResult:
     """Perplexity of one token sequence under a causal LM, with the sliding window of the
     Transformers documentation.
 
@@ -109,9 +136,170 @@ def perplexity(model, input_ids, context: int, stride: int, progress=None) -> Pe
         if progress is not None:
             progress(done, len(windows))
     nll = nll_sum / weight_sum
+    return PerplexityResult(perplexity=_exp(nll), nll=nll, tokens=weight_sum)
+
+
+def _exp(nll: float) -> float:
     # exp of a mean NLL above ~709 nats is beyond a float: inf, as torch.exp gives it
-    return PerplexityResult(perplexity=math.exp(nll) if nll < math.log(np.finfo(np.float64).max) else math.inf,
-                            nll=nll, tokens=weight_sum)
+    return math.exp(nll) if nll < math.log(np.finfo(np.float64).max) else math.inf
+
+
+# ============================================================================================
+# llama.cpp's recipe: non-overlapping chunks, bos first, the second half scored
+# ============================================================================================
+
+
+def llama_cpp_chunks(input_ids, context: int, bos_token_id: int) -> np.ndarray:
+    """The chunks llama.cpp's ``llama-perplexity -c context`` runs, as an int64 (N, context) array.
+
+    The text is tokenized once with bos at the start (as ``common_tokenize(..., true)``); it
+    must give at least 2 · context tokens. It is cut into N = T // context chunks of ``context``
+    tokens; the T mod context tokens left over at the end are dropped. The first token of each
+    chunk is replaced by bos (for chunk 0 it already is bos); llama.cpp does so when its
+    vocabulary adds bos, as Llama 2's does, and llama_np always does.
+    """
+    ids = _check_sequence(input_ids)[0]
+    if not is_integer(context) or context < 3:  # context 2 would score no token: nothing after its half
+        raise InputError(f"context must be an integer >= 3 for the llama.cpp recipe, got {context!r}")
+    if len(ids) < 2 * context:
+        raise InputError(f"the text gives {len(ids)} tokens; the llama.cpp recipe needs at least "
+                         f"2 * context = {2 * context} (two chunks)")
+    chunks = ids[: len(ids) // context * context].reshape(-1, context).copy()  # (N, context)
+    chunks[:, 0] = bos_token_id
+    return chunks
+
+
+def scored_log_probs(model, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log p(next token) over the vocabulary at the scored positions of one chunk, float64
+    (context − 1 − context // 2, V), and the targets (context − 1 − context // 2,).
+
+    llama.cpp scores positions first = context // 2 up to context − 2: the logits at position i
+    predict token i + 1, and the last position has no next token in the chunk.
+    """
+    context = len(chunk)
+    first = context // 2
+    logits = model(chunk[None, :], logits_to_keep=context - first).logits[0, :-1]  # (context-1-first, V)
+    return log_softmax(logits), chunk[first + 1:]
+
+
+def perplexity_chunks(model, input_ids, context: int, progress=None) -> PerplexityResult:
+    """Perplexity of one token sequence by llama.cpp's recipe (``llama-perplexity``).
+
+    For each chunk of ``llama_cpp_chunks`` (bos first), only the tokens of its second half are
+    scored: targets at positions context // 2 + 1 … context − 1, so every scored token is
+    predicted from at least context // 2 + 1 tokens of its chunk. Over all N chunks,
+
+        nll = mean over the N · (context − 1 − context // 2) scored tokens of −log p(token),
+        perplexity = exp(nll),   tokens = N · (context − 1 − context // 2).
+
+    A plain mean over tokens, unlike the Transformers recipe's weighting of window means.
+    ``progress(chunks_done, chunks_total)`` is called after each chunk.
+    """
+    chunks = llama_cpp_chunks(input_ids, context, model.config.bos_token_id)
+    nll_sum, count = 0.0, 0
+    for done, chunk in enumerate(chunks, start=1):
+        log_probs, targets = scored_log_probs(model, chunk)
+        nll_sum -= log_probs[np.arange(len(targets)), targets].sum()
+        count += len(targets)
+        if progress is not None:
+            progress(done, len(chunks))
+    nll = nll_sum / count
+    return PerplexityResult(perplexity=_exp(nll), nll=nll, tokens=count)
+
+
+@dataclass(frozen=True)
+class TokenComparison:
+    """Per scored token (N,) of ``kl_divergence``: the model's and the reference's −log p of
+    the true next token, KL(p_reference || p_model), the model's minus the reference's
+    probability of the true token, and whether both put the same token on top."""
+
+    nll: np.ndarray
+    nll_reference: np.ndarray
+    kl_divergence: np.ndarray
+    probability_difference: np.ndarray
+    same_top: np.ndarray
+
+
+def kl_divergence(model, reference_model, input_ids, context: int, progress=None) -> TokenComparison:
+    """Compare ``model`` (a quantised one, say) with ``reference_model`` on llama.cpp's chunks.
+
+    At each token ``perplexity_chunks`` scores, with p the reference's next-token distribution
+    and q the model's (both float64 from float32 logits):
+
+        KL(p || q) = Σ_v p_v (log p_v − log q_v)
+
+    llama.cpp reads p from a file of saved log-probabilities (``--kl-divergence-base``), stored
+    in 16 bits per entry over the 16 nats below the top one; here p is exact. For a
+    block-quantised model, llama.cpp's ggml also rounds each activation row before the product
+    (to Q8_0 blocks for a Q8_0 matrix), which llama_np does not: its KL is the weights' rounding
+    alone, and smaller (docs/cli.md, "perplexity", gives the measured numbers).
+    """
+    if reference_model.config.vocab_size != model.config.vocab_size:
+        raise InputError(f"reference_model has a vocabulary of {reference_model.config.vocab_size} tokens, "
+                         f"model one of {model.config.vocab_size}: they must be the same")
+    chunks = llama_cpp_chunks(input_ids, context, model.config.bos_token_id)
+    parts = []
+    for done, chunk in enumerate(chunks, start=1):
+        log_q, targets = scored_log_probs(model, chunk)            # (n, V)
+        log_p, _ = scored_log_probs(reference_model, chunk)        # (n, V)
+        rows = np.arange(len(targets))
+        parts.append((-log_q[rows, targets], -log_p[rows, targets],
+                      (np.exp(log_p) * (log_p - log_q)).sum(axis=-1),
+                      np.exp(log_q[rows, targets]) - np.exp(log_p[rows, targets]),
+                      log_q.argmax(axis=-1) == log_p.argmax(axis=-1)))
+        if progress is not None:
+            progress(done, len(chunks))
+    return TokenComparison(*(np.concatenate(column) for column in zip(*parts)))
+
+
+def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
+    """The mean and its standard error sqrt((mean(x²) − mean(x)²) / (N − 1)), as llama.cpp
+    computes them (0 for the error when N <= 10)."""
+    count = len(values)
+    mean = float(values.mean())
+    variance = float((values * values).mean()) - mean * mean
+    return mean, math.sqrt(variance / (count - 1)) if variance > 0 and count > 10 else 0.0
+
+
+def kl_statistics(comparison: TokenComparison) -> dict[str, float]:
+    """The summary ``llama-perplexity --kl-divergence`` prints, with its formulas:
+
+    ppl / ppl_reference = exp(mean nll) ± exp(mean nll) · standard error of the nll;
+    ln_ppl_ratio = mean nll − mean nll_reference, its error from both errors and their
+    covariance cov(nll, nll_reference) / (N − 1); ppl_ratio = exp(ln_ppl_ratio);
+    ppl_difference = ppl − ppl_reference; mean_kl ± standard error, median and maximum;
+    rms_probability_difference = sqrt(mean Δp²); same_top = the share of tokens whose top
+    token agrees, ± sqrt(s (1 − s) / (N − 1)).
+    """
+    count = len(comparison.nll)
+    log_ppl, log_ppl_error = mean_and_uncertainty(comparison.nll)
+    log_ppl_reference, log_ppl_reference_error = mean_and_uncertainty(comparison.nll_reference)
+    covariance = (float((comparison.nll * comparison.nll_reference).mean()) - log_ppl * log_ppl_reference) / (count - 1)
+    ln_ratio = log_ppl - log_ppl_reference
+    ln_ratio_error = math.sqrt(max(0.0, log_ppl_error**2 + log_ppl_reference_error**2 - 2 * covariance))
+    ppl, ppl_reference = math.exp(log_ppl), math.exp(log_ppl_reference)
+    ppl_error, ppl_reference_error = ppl * log_ppl_error, ppl_reference * log_ppl_reference_error
+    ppl_difference_error = math.sqrt(max(0.0, ppl_error**2 + ppl_reference_error**2
+                                         - 2 * ppl * ppl_reference * covariance))
+    mean_kl, mean_kl_error = mean_and_uncertainty(comparison.kl_divergence)
+    mean_squared_dp, mean_squared_dp_error = mean_and_uncertainty(comparison.probability_difference**2)
+    rms_dp = math.sqrt(mean_squared_dp)
+    same_top = float(comparison.same_top.mean())
+    return {
+        "tokens": count,
+        "ppl": ppl, "ppl_error": ppl_error,
+        "ppl_reference": ppl_reference, "ppl_reference_error": ppl_reference_error,
+        "ln_ppl_ratio": ln_ratio, "ln_ppl_ratio_error": ln_ratio_error,
+        "ppl_ratio": math.exp(ln_ratio), "ppl_ratio_error": math.exp(ln_ratio) * ln_ratio_error,
+        "ppl_difference": ppl - ppl_reference, "ppl_difference_error": ppl_difference_error,
+        "mean_kl": mean_kl, "mean_kl_error": mean_kl_error,
+        "median_kl": float(np.median(comparison.kl_divergence)),
+        "max_kl": float(comparison.kl_divergence.max()),
+        "rms_probability_difference": rms_dp,
+        "rms_probability_difference_error": 0.5 / rms_dp * mean_squared_dp_error if rms_dp > 0 else 0.0,
+        "same_top": same_top,
+        "same_top_error": math.sqrt(same_top * (1 - same_top) / (count - 1)),
+    }
 
 
 # A long text is tokenized this many characters at a time (at a line boundary): one encode

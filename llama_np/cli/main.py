@@ -5,7 +5,7 @@
     llama-np classify TEXT...   label and probabilities from a sequence classifier
     llama-np logits PROMPT      the most likely next tokens; --out saves the full logits
     llama-np compare REF.npz    run the model on stored input ids and check stored logits
-    llama-np perplexity FILE    sliding-window perplexity of a text file (Transformers' recipe)
+    llama-np perplexity FILE    perplexity of a text file, Transformers' or llama.cpp's recipe
     llama-np inspect            config, parameter count, dtypes, sizes and memory
     llama-np dump PROMPT        save every named activation (golden activations) to an .npz
     llama-np diff A.npz B.npz   the first activation where two dumps part ways

@@ -201,27 +201,43 @@ def build_parser() -> ArgumentParser:
     compare.set_defaults(run=run_compare)
 
     perplexity_parser = add_verb(
-        "perplexity", "perplexity of a text file, with a sliding window over the tokens",
-        "llama-np perplexity held_out.txt --context 256 --stride 128 --json",
+        "perplexity", "perplexity of a text file (Transformers' or llama.cpp's recipe), or KL against a reference",
+        "llama-np perplexity held_out.txt --context 256 --stride 128 --json\n"
+        "  llama-np perplexity held_out.txt --recipe llama.cpp --context 128\n"
+        "  llama-np perplexity held_out.txt --model model-Q8_0.gguf --kl-divergence model-F32.gguf --context 128",
         [model_option(DEFAULT_MODEL)],
-        description="Tokenize FILE once (bos at the start) and score it with the sliding window of "
-                    "Transformers' 'Perplexity of fixed-length models': windows of --context tokens "
-                    "whose starts are --stride apart, each scoring only the tokens no earlier window "
-                    "scored, the window losses weighted as that recipe weights them. Prints the "
-                    "perplexity, the mean negative log-likelihood in nats per token and the tokens "
-                    "scored; --json prints them as one JSON object. The check to run after "
-                    "converting or quantising a checkpoint: compare with the same command on the "
-                    "original, or with the recipe run in Transformers.")
+        description="Tokenize FILE once (bos at the start) and score it. --recipe transformers (the "
+                    "default) is the sliding window of Transformers' 'Perplexity of fixed-length "
+                    "models': windows of --context tokens whose starts are --stride apart, each "
+                    "scoring only the tokens no earlier window scored, the window losses weighted as "
+                    "that recipe weights them. --recipe llama.cpp is llama.cpp's llama-perplexity: "
+                    "non-overlapping chunks of --context tokens (the tokens left over at the end are "
+                    "not run), bos replacing each chunk's first token, only the second half of each "
+                    "chunk scored; the two recipes give different numbers for the same model. Prints "
+                    "the perplexity, the mean negative log-likelihood in nats per token and the "
+                    "tokens scored; --json prints them as one JSON object. --kl-divergence REF runs "
+                    "llama.cpp's chunks through --model (a quantised file, say) and REF (its "
+                    "original) and prints llama.cpp's --kl-divergence summary: both perplexities, "
+                    "their ratio and difference, the mean KL(p_REF || p_model) per token, the RMS "
+                    "change of the true token's probability and how often both put the same token "
+                    "on top.")
     perplexity_parser.add_argument("file", metavar="FILE", help="a UTF-8 text file")
     perplexity_parser.add_argument("--context", type=int, metavar="N",
-                                   help="tokens per window, 2 to max_position_embeddings (default: the smaller "
+                                   help="tokens per window or chunk, 2 to max_position_embeddings (default: the smaller "
                                         f"of max_position_embeddings and {DEFAULT_PERPLEXITY_CONTEXT})")
     perplexity_parser.add_argument("--stride", type=int, metavar="N",
                                    help="tokens between window starts, 1 to --context; after the first window every "
                                         "scored token sees at least context - stride tokens before it (default: half "
-                                        "the context)")
+                                        "the context); transformers recipe only")
+    perplexity_parser.add_argument("--recipe", choices=("transformers", "llama.cpp"),
+                                   help="how the text is cut into windows (default: transformers; "
+                                        "--kl-divergence uses llama.cpp)")
+    perplexity_parser.add_argument("--kl-divergence", metavar="REF",
+                                   help="the reference model (a path or bundled name, e.g. the float original of "
+                                        "--model): print llama.cpp's KL-divergence statistics of --model against it")
     perplexity_parser.add_argument("--json", action="store_true",
-                                   help="print {\"perplexity\", \"nll\", \"tokens\", \"context\", \"stride\"} as JSON")
+                                   help="print {\"perplexity\", \"nll\", \"tokens\", \"recipe\", \"context\", "
+                                        "\"stride\"} as JSON (with --kl-divergence, the statistics)")
     perplexity_parser.set_defaults(run=run_perplexity)
 
     inspect = add_verb(
