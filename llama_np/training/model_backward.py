@@ -128,7 +128,7 @@ def head_backward(model, grad_output, hidden, run) -> tuple[np.ndarray, str, np.
         return grad_hidden, f"{model.base_prefix}embed_tokens.weight" if tied else "lm_head.weight", grad_head
     index = last_non_pad_index(run.input_ids, model.config.pad_token_id)
     grad_scores = backward.pooling_backward(grad_output, index, hidden.shape[1])  # (B, T, C)
-    grad_hidden, grad_head, _ = backward.linear_backward(grad_scores, hidden, model.weights["score.weight"])
+    grad_hidden, grad_head, _ = backward.linear_backward(grad_scores, hidden, model.score_weight())
     return grad_hidden, "score.weight", grad_head
 
 
