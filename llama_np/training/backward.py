@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llama_np import layers
+from llama_np import layers, losses
 
 # ---------------------------------------------------------------------------- embedding
 
@@ -217,41 +217,66 @@ def swiglu_backward(grad: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.nd
 # ---------------------------------------------------------------------------- the losses
 
 
-def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> np.ndarray:
-    """The gradient of the mean cross-entropy over the kept targets.  logits (N, C); targets (N,)
+def cross_entropy_with_gradient(logits: np.ndarray, targets: np.ndarray,
+                                ignore_index: int = -100) -> tuple[float, np.ndarray]:
+    """The mean cross-entropy over the kept targets and its gradient, from one float64 softmax.
+
+    logits z (N, C); targets (N,)  ->  (loss, dz (N, C) in the logits' dtype)
 
         loss = (1 / n) Σ_{kept i} (logsumexp(z_i) − z_i[target_i]),   n = number of kept targets
         dz_i = (softmax(z_i) − onehot(target_i)) / n   for a kept row, 0 for an ignored one
 
-    Computed in float64 as the loss is, returned in the logits' dtype. Every target ignored
-    makes the loss NaN (as in Transformers) and the gradient NaN too. The (N, C) array is the
-    largest of a step (C is the vocabulary), so the softmax is taken in place in one float64 copy.
+    The loss is ``losses.cross_entropy``'s to the last bit (the same float64 operations on each
+    row); the exponentials it sums are the softmax's numerators, so the gradient costs one
+    division more. The (N, C) array is the largest of a step (C is the vocabulary): the softmax
+    is taken in place in one float64 copy. Every target ignored makes the loss NaN (as in
+    Transformers, with its warning) and the gradient NaN too.
     """
     keep = targets != ignore_index
     kept = int(np.count_nonzero(keep))
     if kept == 0:
-        return np.full(logits.shape, np.nan, dtype=logits.dtype)
-    grad = logits.astype(np.float64)  # (N, C), becomes softmax(z) / n
-    grad -= grad.max(axis=-1, keepdims=True)
-    np.exp(grad, out=grad)
-    grad *= 1.0 / (kept * grad.sum(axis=-1, keepdims=True))
+        return losses.cross_entropy(logits, targets, ignore_index), np.full(logits.shape, np.nan, dtype=logits.dtype)
     rows = np.flatnonzero(keep)
+    grad = logits.astype(np.float64)  # (N, C): shifted logits, then exp, then softmax / n
+    grad -= grad.max(axis=-1, keepdims=True)
+    target_logits = grad[rows, targets[rows]]
+    np.exp(grad, out=grad)
+    sums = grad.sum(axis=-1, keepdims=True)  # (N, 1)
+    loss = float(-(target_logits - np.log(sums[rows, 0])).mean())  # −mean of log_softmax at the targets
+    grad *= 1.0 / (kept * sums)
     grad[rows, targets[rows]] -= 1.0 / kept
     grad[~keep] = 0.0
-    return grad.astype(logits.dtype)
+    return loss, grad.astype(logits.dtype)
 
 
-def causal_lm_loss_backward(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The gradient of ``losses.causal_lm_loss``.  logits (B, T, V); labels (B, T)  ->  (B, T, V)
+def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> np.ndarray:
+    """The gradient of the mean cross-entropy over the kept targets.  logits (N, C); targets (N,)
+
+        dz_i = (softmax(z_i) − onehot(target_i)) / n   for a kept row, 0 for an ignored one
+
+    n the number of kept targets; computed in float64 as the loss is (``cross_entropy_with_gradient``).
+    """
+    return cross_entropy_with_gradient(logits, targets, ignore_index)[1]
+
+
+def causal_lm_loss_with_gradient(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """``losses.causal_lm_loss`` and its gradient.  logits (B, T, V); labels (B, T)  ->  (loss, (B, T, V))
 
     The logits at t are scored against labels[t + 1], so the last position, which has no next
     label, is scored against −100 (no gradient); the mean runs over every kept label of the
     batch (not per row).
     """
     batch, length, vocab = logits.shape
+    losses.check_label_range(labels[:, 1:], vocab)
     next_labels = np.full((batch, length), -100, dtype=np.int64)  # (B, T): labels[t + 1]
     next_labels[:, :-1] = labels[:, 1:]
-    return cross_entropy_backward(logits.reshape(-1, vocab), next_labels.reshape(-1)).reshape(batch, length, vocab)
+    loss, grad = cross_entropy_with_gradient(logits.reshape(-1, vocab), next_labels.reshape(-1))
+    return loss, grad.reshape(batch, length, vocab)
+
+
+def causal_lm_loss_backward(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The gradient of ``losses.causal_lm_loss``.  logits (B, T, V); labels (B, T)  ->  (B, T, V)"""
+    return causal_lm_loss_with_gradient(logits, labels)[1]
 
 
 def classification_loss_backward(pooled: np.ndarray, labels: np.ndarray, problem_type: str) -> np.ndarray:
