@@ -110,5 +110,7 @@ def test_train_refuses_an_iterator_that_runs_out_and_a_classifier_batch_without_
     classifier = LlamaForSequenceClassification.from_pretrained("tiny-shakespeare-genre")
     with pytest.raises(InputError, match="needs labels"):
         loop.batch_arguments(classifier, random_batches(1)[0])
+    with pytest.raises(InputError, match="wrap a single batch in a list"):
+        llama_np.train(model, {"input_ids": random_batches(1)[0]}, optimizer, steps=1, progress=False)
     with pytest.raises(InputError, match="eval_every"):
         llama_np.train(model, random_batches(1), optimizer, steps=1, eval_every=0, progress=False)

@@ -110,6 +110,8 @@ def train(model, batches, optimizer, steps: int, eval_batches=None, eval_every: 
         raise InputError(f"train: steps must be a non-negative integer, got {steps!r}")
     if eval_every is not None and not (isinstance(eval_every, int) and eval_every > 0):
         raise InputError(f"train: eval_every must be a positive integer or None, got {eval_every!r}")
+    if isinstance(batches, (dict, np.ndarray)):
+        raise InputError("train: batches is a list (or an iterator) of batches; wrap a single batch in a list")
     history = TrainingHistory()
     bar = step_progress(steps, sys.stderr.isatty() if progress is None else progress)
     if eval_batches is not None:
