@@ -41,10 +41,15 @@ def causal_lm_loss(logits: np.ndarray, labels: np.ndarray) -> float:
     """
     vocab = logits.shape[-1]
     shifted = labels[:, 1:]
-    valid = shifted[shifted != -100]
+    check_label_range(shifted, vocab)
+    return cross_entropy(logits[:, :-1].reshape(-1, vocab), shifted.reshape(-1))
+
+
+def check_label_range(labels: np.ndarray, vocab: int) -> None:
+    """Token labels must be token ids (0 <= label < vocab) or −100 (ignored)."""
+    valid = labels[labels != -100]
     if valid.size and (valid.min() < 0 or valid.max() >= vocab):
         raise InputError(f"labels must be in [0, {vocab}) or -100, got {int(valid.min())}..{int(valid.max())}")
-    return cross_entropy(logits[:, :-1].reshape(-1, vocab), shifted.reshape(-1))
 
 
 def classification_loss(pooled: np.ndarray, labels, num_labels: int,

@@ -295,13 +295,18 @@ class LlamaForSequenceClassification(LlamaStack):
     def head_rows(cls, config):
         return config.num_labels
 
+    def score_weight(self) -> np.ndarray:
+        """The head (num_labels, D): a LoRA adapter's own copy while it trains it (PEFT's modules_to_save)."""
+        weight = self.weights["score.weight"]
+        return weight if self.adapter is None else self.adapter.weight("score.weight", weight)
+
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=False, labels=None, output_hidden_states=False,
                  output_attentions=False, tap: Tap = no_tap) -> SequenceClassifierOutput:
         """Class logits (B, num_labels); the loss of docs/reference.md §4.3 with labels."""
         out = self.forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
                            output_hidden_states, output_attentions, tap)
-        logits = layers.linear(out.last_hidden_state, self.weights["score.weight"])  # (B, T, labels)
+        logits = layers.linear(out.last_hidden_state, self.score_weight())  # (B, T, labels)
         ids = inputs.check_input_ids(input_ids, self.config.vocab_size)
         pooled = logits[np.arange(logits.shape[0]), last_non_pad_index(ids, self.config.pad_token_id)]
         loss = None

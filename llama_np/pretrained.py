@@ -283,6 +283,8 @@ class LlamaPreTrainedModel:
             raise InputError("merge_adapter: this model has no adapter")
         for name in self.adapter.targets:
             self.weights[name] = self.weights[name] + self.adapter.delta(name)
+        for name, copy in self.adapter.saved.items():  # a weight the adapter trained in full replaces the base's
+            self.weights[name] = self.adapter.tensors[copy].copy()
         self.adapter = None
 
     def disable_adapters(self) -> None:

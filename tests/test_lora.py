@@ -2,7 +2,8 @@
 
 tests/data/lora/ is written by tests/reference/make_lora_reference.py (PEFT 0.21.2 on
 Transformers 5.23.0): PEFT adapters on fixture checkpoints with PEFT's logits, loss, gradients,
-disabled and merged logits; and an adapter written by llama_np with the logits PEFT computes
+disabled and merged logits (one of them a SEQ_CLS adapter on a classifier, whose score head PEFT
+trains in full); and an adapter written by llama_np with the logits PEFT computes
 when it loads it. Tolerances are those of tests/tolerance.py. Neither torch nor peft is needed.
 """
 
@@ -35,16 +36,23 @@ def reference(case):
 
 
 def adapted(case, dtype=np.float32):
-    model = LlamaForCausalLM.from_pretrained(str(DATA / "fixtures" / MANIFEST["cases"][case]["fixture"]), dtype=dtype)
+    spec = MANIFEST["cases"][case]
+    model_class = LlamaForSequenceClassification if spec["lora_config"].get("task_type") == "SEQ_CLS" else LlamaForCausalLM
+    model = model_class.from_pretrained(str(DATA / "fixtures" / spec["fixture"]), dtype=dtype)
     model.load_adapter(LORA / case / "adapter")
     return model
+
+
+def model_inputs(expected):
+    """input_ids, and the attention mask of a batch that has one (the classifier's, left-padded)."""
+    return {name: expected[name] for name in ("input_ids", "attention_mask") if name in expected}
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_peft_adapter_loads_with_peft_logits_and_loss(case):
     expected = reference(case)
     model = adapted(case)
-    out = model(expected["input_ids"], labels=expected["labels"])
+    out = model(**model_inputs(expected), labels=expected["labels"])
     assert_close(out.logits, expected["logits"], f"{case}: logits with the adapter")
     assert_loss_close_to_reference(out.loss, expected["loss"], f"{case}: loss with the adapter")
 
@@ -53,7 +61,7 @@ def test_a_peft_adapter_loads_with_peft_logits_and_loss(case):
 def test_value_and_grad_gives_the_adapters_gradients_as_peft_names_them(case):
     expected = reference(case)
     model = adapted(case)
-    loss, grads = value_and_grad(model, expected["input_ids"], labels=expected["labels"])
+    loss, grads = value_and_grad(model, **model_inputs(expected), labels=expected["labels"])
     assert_loss_close_to_reference(loss, expected["loss"], f"{case}: loss")
     assert sorted(grads) == sorted(key[len("grad."):] for key in expected if key.startswith("grad."))
     assert list(grads) == [name for name, _ in model.named_parameters()]
@@ -66,11 +74,11 @@ def test_disabled_and_merged_adapters_give_peft_logits(case):
     expected = reference(case)
     model = adapted(case)
     model.disable_adapters()
-    assert_close(model(expected["input_ids"]).logits, expected["disabled_logits"], f"{case}: adapter disabled")
+    assert_close(model(**model_inputs(expected)).logits, expected["disabled_logits"], f"{case}: adapter disabled")
     model.enable_adapters()
     model.merge_adapter()
     assert model.adapter is None
-    assert_close(model(expected["input_ids"]).logits, expected["merged_logits"], f"{case}: merged adapter")
+    assert_close(model(**model_inputs(expected)).logits, expected["merged_logits"], f"{case}: merged adapter")
 
 
 def test_adapter_gradients_match_finite_differences_in_float64():
@@ -159,5 +167,31 @@ def test_bad_adapters_are_refused_with_one_clear_error(tmp_path):
     with pytest.raises(InputError, match="keep_widened=True"):
         streamed.add_adapter(LoraConfig())
     classifier = LlamaForSequenceClassification.from_pretrained(str(DATA / "fixtures" / "seqcls_regression"))
-    with pytest.raises(InputError, match="LlamaForCausalLM"):
-        classifier.add_adapter(LoraConfig())
+    with pytest.raises(InputError, match="does not fit LlamaForSequenceClassification"):
+        classifier.add_adapter(LoraConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(CheckpointError, match="another base model"):  # 3 labels' score head on a 1-label model
+        classifier.load_adapter(LORA / "seqcls_single_label_qv_score" / "adapter")
+
+
+def test_a_classifier_adapter_trains_the_score_head_in_full_and_saves_it_under_peft_name(tmp_path):
+    classifier = LlamaForSequenceClassification.from_pretrained(str(DATA / "fixtures" / "seqcls_single_label"))
+    base_score = classifier.weights["score.weight"].copy()
+    classifier.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj")))
+    names = [name for name, _ in classifier.named_parameters()]
+    assert names[-1] == "base_model.model.score.weight" and len(names) == 2 * 2 * classifier.config.num_hidden_layers + 1
+    expected = reference("seqcls_single_label_qv_score")
+    optimizer = AdamW(classifier.named_parameters(), lr=1e-2)
+    for _ in range(2):
+        _, grads = value_and_grad(classifier, **model_inputs(expected), labels=expected["labels"])
+        optimizer.step(grads)
+    np.testing.assert_array_equal(classifier.weights["score.weight"], base_score)  # the base head is left alone
+    trained = classifier.adapter.tensors["base_model.model.score.weight"]
+    assert np.abs(trained - base_score).max() > 1e-3  # its copy was trained
+    logits = classifier(**model_inputs(expected)).logits
+
+    classifier.save_adapter(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier", "score"]
+    again = LlamaForSequenceClassification.from_pretrained(str(DATA / "fixtures" / "seqcls_single_label"))
+    again.load_adapter(tmp_path)
+    np.testing.assert_allclose(again(**model_inputs(expected)).logits, logits, rtol=0, atol=0)

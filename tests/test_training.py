@@ -533,3 +533,15 @@ def test_dpo_refuses_an_odd_batch_and_a_misshapen_reference():
         dpo.dpo_value_and_grad(model, ids, np.ones_like(ids), np.zeros(3))
     with pytest.raises(InputError, match="one value per row"):
         dpo.dpo_value_and_grad(model, ids[:2], np.ones_like(ids[:2]), np.zeros(3))
+
+
+def test_value_and_grad_of_a_causal_lm_gives_the_models_loss_to_the_last_bit():
+    model = LlamaForCausalLM.from_pretrained(str(FIXTURES / "gqa_f32"))
+    ids = rng.integers(3, model.config.vocab_size, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    labels = np.where(mask == 1, ids, -100)
+    loss, _ = value_and_grad(model, ids, attention_mask=mask, labels=labels)
+    assert loss == model(ids, attention_mask=mask, labels=labels).loss  # one softmax serves loss and gradient
+    with pytest.raises(InputError, match=r"labels must be in \[0, "):
+        value_and_grad(model, ids, labels=np.full_like(ids, model.config.vocab_size))

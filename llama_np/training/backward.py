@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llama_np import layers
+from llama_np import layers, losses
 
 # ---------------------------------------------------------------------------- embedding
 
@@ -31,11 +31,17 @@ def embedding_backward(grad: np.ndarray, input_ids: np.ndarray, vocab_size: int,
 
         dE[v] = Σ_{b,t : input_ids[b,t] = v} grad[b, t]
 
-    A token that appears twice collects both gradients (hence ``np.add.at``, not assignment).
+    A token that appears twice collects both gradients, not the last one written: the positions
+    are sorted by token id and each run of equal ids summed with ``np.add.reduceat`` (the same
+    sums as ``np.add.at(grad_weight, input_ids, grad)``, which is many times slower).
     The row of ``padding_idx`` gets none, as ``torch.nn.Embedding(padding_idx=...)`` keeps it.
     """
     grad_weight = np.zeros((vocab_size, grad.shape[-1]), dtype=grad.dtype)
-    np.add.at(grad_weight, input_ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+    ids = input_ids.reshape(-1)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))  # first of each run
+    grad_weight[sorted_ids[starts]] = np.add.reduceat(grad.reshape(-1, grad.shape[-1])[order], starts, axis=0)
     if padding_idx is not None:
         grad_weight[padding_idx] = 0
     return grad_weight
@@ -164,19 +170,21 @@ def linear_backward(grad: np.ndarray, x: np.ndarray, weight: np.ndarray,
     ``pretraining_tp`` slices are the same maths summed in another order, so they have the same
     gradients: nothing here depends on them.
     """
-    grad_2d = grad.reshape(-1, grad.shape[-1])
+    grad_2d = grad.reshape(-1, grad.shape[-1])  # (positions, out): one matrix product, not one per row of B
     grad_weight = grad_2d.T @ x.reshape(-1, x.shape[-1])
     grad_bias = grad_2d.sum(axis=0) if has_bias else None
-    return grad @ weight, grad_weight, grad_bias
+    grad_x = (grad_2d @ weight).reshape(*grad.shape[:-1], weight.shape[1])
+    return grad_x, grad_weight, grad_bias
 
 
-def silu_backward(grad: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Through silu(x) = x · σ(x).  grad, x (...)  ->  (...)
+def silu_backward(grad: np.ndarray, x: np.ndarray, sigmoid: np.ndarray | None = None) -> np.ndarray:
+    """Through silu(x) = x · σ(x).  grad, x (...); sigmoid σ(x) (...) if the caller has it  ->  (...)
 
         silu'(x) = σ(x) · (1 + x · (1 − σ(x)))
     """
     one = x.dtype.type(1)
-    sigmoid = one / (one + np.exp(-x))
+    if sigmoid is None:
+        sigmoid = one / (one + np.exp(-x))
     return grad * sigmoid * (one + x * (one - sigmoid))
 
 
@@ -196,8 +204,9 @@ def swiglu_backward(grad: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.nd
     """
     grads = {}
     grad_hidden, grads["down_proj"], grads["down_bias"] = linear_backward(grad, hidden, down_proj, has_bias)
-    grad_gate = silu_backward(grad_hidden * up, gate)
-    grad_up = grad_hidden * layers.silu(gate)
+    sigmoid = gate.dtype.type(1) / (gate.dtype.type(1) + np.exp(-gate))  # σ(gate), one exp for both paths
+    grad_gate = silu_backward(grad_hidden * up, gate, sigmoid)
+    grad_up = grad_hidden * (gate * sigmoid)  # silu(gate)
     grad_x_gate, grads["gate_proj"], grads["gate_bias"] = linear_backward(grad_gate, x, gate_proj, has_bias)
     grad_x_up, grads["up_proj"], grads["up_bias"] = linear_backward(grad_up, x, up_proj, has_bias)
     if not has_bias:
@@ -208,38 +217,66 @@ def swiglu_backward(grad: np.ndarray, x: np.ndarray, gate: np.ndarray, up: np.nd
 # ---------------------------------------------------------------------------- the losses
 
 
-def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> np.ndarray:
-    """The gradient of the mean cross-entropy over the kept targets.  logits (N, C); targets (N,)
+def cross_entropy_with_gradient(logits: np.ndarray, targets: np.ndarray,
+                                ignore_index: int = -100) -> tuple[float, np.ndarray]:
+    """The mean cross-entropy over the kept targets and its gradient, from one float64 softmax.
+
+    logits z (N, C); targets (N,)  ->  (loss, dz (N, C) in the logits' dtype)
 
         loss = (1 / n) Σ_{kept i} (logsumexp(z_i) − z_i[target_i]),   n = number of kept targets
         dz_i = (softmax(z_i) − onehot(target_i)) / n   for a kept row, 0 for an ignored one
 
-    Computed in float64 as the loss is, returned in the logits' dtype. Every target ignored
-    makes the loss NaN (as in Transformers) and the gradient NaN too.
+    The loss is ``losses.cross_entropy``'s to the last bit (the same float64 operations on each
+    row); the exponentials it sums are the softmax's numerators, so the gradient costs one
+    division more. The (N, C) array is the largest of a step (C is the vocabulary): the softmax
+    is taken in place in one float64 copy. Every target ignored makes the loss NaN (as in
+    Transformers, with its warning) and the gradient NaN too.
     """
     keep = targets != ignore_index
     kept = int(np.count_nonzero(keep))
-    grad = np.zeros(logits.shape, dtype=np.float64)
     if kept == 0:
-        return np.full(logits.shape, np.nan, dtype=logits.dtype)
+        return losses.cross_entropy(logits, targets, ignore_index), np.full(logits.shape, np.nan, dtype=logits.dtype)
     rows = np.flatnonzero(keep)
-    probabilities = layers.softmax(logits[rows].astype(np.float64))
-    probabilities[np.arange(rows.size), targets[rows]] -= 1.0
-    grad[rows] = probabilities / kept
-    return grad.astype(logits.dtype)
+    grad = logits.astype(np.float64)  # (N, C): shifted logits, then exp, then softmax / n
+    grad -= grad.max(axis=-1, keepdims=True)
+    target_logits = grad[rows, targets[rows]]
+    np.exp(grad, out=grad)
+    sums = grad.sum(axis=-1, keepdims=True)  # (N, 1)
+    loss = float(-(target_logits - np.log(sums[rows, 0])).mean())  # −mean of log_softmax at the targets
+    grad *= 1.0 / (kept * sums)
+    grad[rows, targets[rows]] -= 1.0 / kept
+    grad[~keep] = 0.0
+    return loss, grad.astype(logits.dtype)
+
+
+def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100) -> np.ndarray:
+    """The gradient of the mean cross-entropy over the kept targets.  logits (N, C); targets (N,)
+
+        dz_i = (softmax(z_i) − onehot(target_i)) / n   for a kept row, 0 for an ignored one
+
+    n the number of kept targets; computed in float64 as the loss is (``cross_entropy_with_gradient``).
+    """
+    return cross_entropy_with_gradient(logits, targets, ignore_index)[1]
+
+
+def causal_lm_loss_with_gradient(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """``losses.causal_lm_loss`` and its gradient.  logits (B, T, V); labels (B, T)  ->  (loss, (B, T, V))
+
+    The logits at t are scored against labels[t + 1], so the last position, which has no next
+    label, is scored against −100 (no gradient); the mean runs over every kept label of the
+    batch (not per row).
+    """
+    batch, length, vocab = logits.shape
+    losses.check_label_range(labels[:, 1:], vocab)
+    next_labels = np.full((batch, length), -100, dtype=np.int64)  # (B, T): labels[t + 1]
+    next_labels[:, :-1] = labels[:, 1:]
+    loss, grad = cross_entropy_with_gradient(logits.reshape(-1, vocab), next_labels.reshape(-1))
+    return loss, grad.reshape(batch, length, vocab)
 
 
 def causal_lm_loss_backward(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The gradient of ``losses.causal_lm_loss``.  logits (B, T, V); labels (B, T)  ->  (B, T, V)
-
-    The logits at t are scored against labels[t + 1], so the last position gets no gradient,
-    and the mean runs over every kept label of the batch (not per row).
-    """
-    batch, length, vocab = logits.shape
-    grad = np.zeros_like(logits)
-    shifted = cross_entropy_backward(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))
-    grad[:, :-1] = shifted.reshape(batch, length - 1, vocab)
-    return grad
+    """The gradient of ``losses.causal_lm_loss``.  logits (B, T, V); labels (B, T)  ->  (B, T, V)"""
+    return causal_lm_loss_with_gradient(logits, labels)[1]
 
 
 def classification_loss_backward(pooled: np.ndarray, labels: np.ndarray, problem_type: str) -> np.ndarray:

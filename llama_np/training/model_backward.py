@@ -128,7 +128,7 @@ def head_backward(model, grad_output, hidden, run) -> tuple[np.ndarray, str, np.
         return grad_hidden, f"{model.base_prefix}embed_tokens.weight" if tied else "lm_head.weight", grad_head
     index = last_non_pad_index(run.input_ids, model.config.pad_token_id)
     grad_scores = backward.pooling_backward(grad_output, index, hidden.shape[1])  # (B, T, C)
-    grad_hidden, grad_head, _ = backward.linear_backward(grad_scores, hidden, model.weights["score.weight"])
+    grad_hidden, grad_head, _ = backward.linear_backward(grad_scores, hidden, model.score_weight())
     return grad_hidden, "score.weight", grad_head
 
 
@@ -176,14 +176,18 @@ def value_and_grad(model, input_ids, attention_mask=None, labels=None) -> tuple[
     every weight's, or with a LoRA adapter enabled the adapter's only (PEFT's names)
 
     The loss is ``model(input_ids, attention_mask=attention_mask, labels=labels).loss``, from the
-    very same forward pass: it runs once, with a tap that records each activation.
+    very same forward pass: it runs once, with a tap that records each activation. A causal LM's
+    loss is computed here with its gradient, from one float64 softmax over the vocabulary
+    (``backward.causal_lm_loss_with_gradient``: the same value as the model's, to the last bit).
     """
     if labels is None:
         raise InputError("value_and_grad needs labels: the loss it differentiates is model(..., labels=labels).loss")
-    out, seen, run = recorded_forward(model, input_ids, attention_mask, labels)
     if isinstance(model, LlamaForCausalLM):
-        grad_output = backward.causal_lm_loss_backward(out.logits, inputs.check_labels(labels, out.logits.shape[:2]))
+        out, seen, run = recorded_forward(model, input_ids, attention_mask)
+        loss, grad_output = backward.causal_lm_loss_with_gradient(
+            out.logits, inputs.check_labels(labels, out.logits.shape[:2]))
     else:
-        grad_output = backward.classification_loss_backward(out.logits, inputs.check_class_labels(labels),
-                                                            model.config.problem_type)
-    return out.loss, parameter_gradients(model, out, seen, run, grad_output)
+        out, seen, run = recorded_forward(model, input_ids, attention_mask, labels)
+        loss, grad_output = out.loss, backward.classification_loss_backward(
+            out.logits, inputs.check_class_labels(labels), model.config.problem_type)
+    return loss, parameter_gradients(model, out, seen, run, grad_output)

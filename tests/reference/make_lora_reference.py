@@ -7,13 +7,17 @@ Run from the repository root with the pinned reference environment (requirements
 For each case below, Transformers loads a fixture checkpoint of tests/data/fixtures/ (float32,
 eager attention) and PEFT wraps it (``get_peft_model``) with the case's ``LoraConfig``. PEFT
 initialises B to zero, which would make the adapter a no-op, so every lora_A and lora_B is then
-overwritten with seeded N(0, 0.1²) values. The script writes, under tests/data/lora/<case>/:
+overwritten with seeded N(0, 0.1²) values. A ``task_type="SEQ_CLS"`` case wraps a
+LlamaForSequenceClassification: PEFT then trains its ``score`` head in full (modules_to_save), and
+that copy of the head gets seeded N(0, 0.1²) added, so that it differs from the base model's. The
+classifier's batch is the fixture's stored left-padded one (input_ids, attention_mask, labels).
+The script writes, under tests/data/lora/<case>/:
 
 - ``adapter/``: the adapter as PEFT saves it (``save_pretrained``: adapter_config.json,
   adapter_model.safetensors);
 - ``reference.npz``: with the fixture's stored ``forward`` inputs and labels, the logits and
-  loss with the adapter, the gradient of every lora_A / lora_B (named as in the file, without
-  PEFT's ``.default``), the logits with the adapter disabled, and the logits after
+  loss with the adapter, the gradient of every lora_A / lora_B and of the score copy (named as in
+  the file, without PEFT's ``.default`` / ``.modules_to_save.default``), the logits with the adapter disabled, and the logits after
   ``merge_and_unload()``.
 
 Then the other direction: ``llama_np_adapter/`` is an adapter written by llama_np (the
@@ -33,7 +37,7 @@ import numpy as np
 import peft
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY = os.path.normpath(os.path.join(HERE, "..", ".."))
@@ -47,27 +51,33 @@ CASES = {
     "gqa_f32_qv_down": ("gqa_f32", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "mqa_tied_f16_rslora_all": ("mqa_tied_f16", dict(r=2, lora_alpha=4, use_rslora=True, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])),
+    "seqcls_single_label_qv_score": ("seqcls_single_label", dict(task_type="SEQ_CLS", r=2, lora_alpha=4,
+                                                                 target_modules=["q_proj", "v_proj"])),
 }
 # What llama_np writes for the other direction (mirrored in tests/test_lora.py).
 LLAMA_NP_ADAPTER = {"fixture": "gqa_f32", "r": 4, "lora_alpha": 16, "target_modules": ["k_proj", "o_proj", "up_proj"],
                     "seed": 0, "lora_B_seed": 1, "lora_B_std": 0.1}
 
 
-def base_model(fixture):
+def base_model(fixture, task_type="CAUSAL_LM"):
     directory = os.path.join(fixture_io.FIXTURES, fixture)
-    model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    model_class = LlamaForSequenceClassification if task_type == "SEQ_CLS" else LlamaForCausalLM
+    model = model_class.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
     fixture_io.check_loaded_weights_equal_stored(model, directory)
     return model
 
 
-def fixture_batch(fixture):
+def fixture_batch(fixture, task_type="CAUSAL_LM"):
     with np.load(os.path.join(fixture_io.FIXTURES, fixture, "reference.npz")) as stored:
+        if task_type == "SEQ_CLS":  # the classifier fixtures' left-padded batch
+            return {field: torch.from_numpy(stored[f"left.{field}"]) for field in ("input_ids", "attention_mask", "labels")}
         return {field: torch.from_numpy(stored[f"forward.{field}"]) for field in ("input_ids", "labels")}
 
 
 def file_name(parameter_name):
-    """PEFT's parameter name -> its name in adapter_model.safetensors (no adapter name)."""
-    return parameter_name.replace(".default", "")
+    """PEFT's parameter name -> its name in adapter_model.safetensors (no adapter name):
+    ….q_proj.lora_A.default.weight -> ….q_proj.lora_A.weight, score.modules_to_save.default.weight -> score.weight."""
+    return parameter_name.replace(".modules_to_save.default", "").replace(".default", "")
 
 
 def relative_base(adapter_directory, fixture):
@@ -86,32 +96,36 @@ def relative_base(adapter_directory, fixture):
 
 def case_arrays(case, fixture, settings):
     torch.manual_seed(0)
-    model = get_peft_model(base_model(fixture), LoraConfig(lora_dropout=0.0, **settings))
+    task_type = settings.get("task_type", "CAUSAL_LM")
+    model = get_peft_model(base_model(fixture, task_type), LoraConfig(lora_dropout=0.0, **settings))
     model.eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+            elif ".modules_to_save." in name:  # the head PEFT trains in full: moved off the base's
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
     directory = os.path.join(OUTPUT, case)
     if os.path.isdir(directory):
         shutil.rmtree(directory)
     model.save_pretrained(os.path.join(directory, "adapter"))
     relative_base(os.path.join(directory, "adapter"), fixture)
 
-    batch = fixture_batch(fixture)
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
+    batch = fixture_batch(fixture, task_type)
+    inputs = {field: value for field, value in batch.items() if field != "labels"}
+    out = model(**inputs, labels=batch["labels"], use_cache=False)
     out.loss.backward()
-    arrays = {"input_ids": batch["input_ids"].numpy(), "labels": batch["labels"].numpy(),
+    arrays = {**{field: value.numpy() for field, value in batch.items()},
               "logits": out.logits.detach().numpy(), "loss": np.float32(out.loss.item())}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             arrays[f"grad.{file_name(name)}"] = parameter.grad.numpy()
     with torch.no_grad(), model.disable_adapter():
-        arrays["disabled_logits"] = model(input_ids=batch["input_ids"], use_cache=False).logits.numpy()
+        arrays["disabled_logits"] = model(**inputs, use_cache=False).logits.numpy()
     merged = model.merge_and_unload()
     with torch.no_grad():
-        arrays["merged_logits"] = merged(input_ids=batch["input_ids"], use_cache=False).logits.numpy()
+        arrays["merged_logits"] = merged(**inputs, use_cache=False).logits.numpy()
     save(os.path.join(directory, "reference.npz"), arrays)
     return {"fixture": fixture, "lora_config": settings, "gradients": sum(k.startswith("grad.") for k in arrays)}
 
@@ -157,9 +171,11 @@ def main():
                          date=datetime.date.today().isoformat()),
         "cases": cases,
         "case_arrays": {
-            "input_ids, labels": "the fixture's stored forward inputs and labels",
+            "input_ids, labels": "the fixture's stored forward inputs and labels (a SEQ_CLS case: its "
+                                 "left-padded batch, with attention_mask)",
             "logits, loss": "float32 logits and loss of the PEFT model with the adapter",
-            "grad.<name>": "gradient of the loss with respect to each lora_A / lora_B, named as in the file",
+            "grad.<name>": "gradient of the loss with respect to each lora_A / lora_B (and a SEQ_CLS case's "
+                           "score copy), named as in the file",
             "disabled_logits": "logits inside PeftModel.disable_adapter() (the base model)",
             "merged_logits": "logits after merge_and_unload()",
         },
