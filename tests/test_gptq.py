@@ -99,3 +99,20 @@ def test_a_gptq_file_of_the_bundled_model_is_a_q4_0_file_closer_to_the_original(
     errors = {path: np.abs(LlamaForCausalLM.from_pretrained(path)(ids).logits - reference).mean()
               for path in (tmp_path / "gptq.gguf", tmp_path / "rtn.gguf")}
     assert errors[tmp_path / "gptq.gguf"] < errors[tmp_path / "rtn.gguf"], errors
+
+
+def test_quantize_verb_writes_a_gptq_file_and_refuses_gptq_for_other_types(tmp_path, capsys):
+    from llama_np.cli.main import main  # the command line, only for this test
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("Friends, Romans, countrymen, lend me your ears;\nI come to bury Caesar, not to praise him.\n" * 8,
+                    encoding="utf-8")
+    status = main(["quantize", "tiny-shakespeare", str(tmp_path / "gptq.gguf"), "--type", "Q4_1",
+                   "--gptq", str(text), "--act-order"])
+    captured = capsys.readouterr()
+    assert status == 0 and "GPTQ calibration:" in captured.err and "Q4_1 26" in captured.out
+    assert read_gguf(tmp_path / "gptq.gguf").tensors["blk.3.ffn_up.weight"].dtype == Q4_1.name
+    status = main(["quantize", "tiny-shakespeare", str(tmp_path / "q8.gguf"), "--type", "Q8_0", "--gptq", str(text)])
+    captured = capsys.readouterr()
+    assert status == 2 and "--gptq writes Q4_0 or Q4_1 blocks; --type is Q8_0" in captured.err
+    assert not (tmp_path / "q8.gguf").exists()

@@ -499,6 +499,10 @@ def quantize_to_gguf(model, out_path, type: str = Q8_0.name, *, name: str | None
 # ---------------------------------------------------------------------------- GPTQ
 
 
+CALIBRATION_HOOKS = ("ln1.hook_normalized", "attn.hook_z", "ln2.hook_normalized", "mlp.hook_post",
+                     "ln_final.hook_normalized")
+
+
 def calibration_inputs(model, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     """What every linear layer of ``model`` (a ``LlamaForCausalLM``) sees on ``input_ids`` (B, T):
     Hugging Face weight name -> its inputs (B·T, columns) float32, read from one traced forward.
@@ -508,7 +512,7 @@ def calibration_inputs(model, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     norm's weight, down_proj ``mlp.hook_post``, lm_head ``ln_final.hook_normalized`` times the
     final norm's weight.
     """
-    _, cache = model.run_with_cache(input_ids)
+    _, cache = model.run_with_cache(input_ids, names_filter=lambda name: name.endswith(CALIBRATION_HOOKS))
     weights, prefix = model.weights, model.base_prefix
 
     def flat(x: np.ndarray) -> np.ndarray:
