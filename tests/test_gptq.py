@@ -134,3 +134,10 @@ def test_a_column_whose_input_is_always_zero_is_quantised_as_zero():
     values = decoded(gptq.gptq_quantize(weight, inputs, Q4_0), Q4_0, weight.shape)
     np.testing.assert_array_equal(values[:, 7], 0)
     assert np.isfinite(values).all()
+
+
+def test_a_singular_hessian_without_damping_is_one_clear_error():
+    weight, inputs = correlated_layer(seed=6, rows=4, columns=64, samples=8)  # rank 8 of 64
+    with pytest.raises(InputError, match="not positive definite even with damp=0"):
+        gptq.gptq_quantize(weight, inputs, Q4_0, damp=0)
+    assert gptq.gptq_quantize(weight, inputs, Q4_0).shape == (8, Q4_0.block_bytes)  # 1 % damping suffices

@@ -116,7 +116,11 @@ def gptq_quantize(weight: np.ndarray, inputs: np.ndarray, codec: BlockCodec = Q4
         for g in range(columns // GROUP):
             d[:, g:g + 1], m[:, g:g + 1] = block_scales(w[:, g * GROUP:(g + 1) * GROUP].astype(np.float32), codec)
     w, h = w[:, order], h[np.ix_(order, order)]  # work in visiting order
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H⁻¹ = Uᵀ U
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H⁻¹ = Uᵀ U
+    except np.linalg.LinAlgError:
+        raise InputError(f"the Hessian of the calibration inputs {inputs.shape} is not positive definite "
+                         f"even with damp={damp}; give more calibration tokens or a larger damp") from None
 
     q = np.zeros((rows, columns), np.uint8)
     for start in range(0, columns, block_size):
