@@ -9,13 +9,18 @@ import math
 import sys
 from pathlib import Path
 
-from llama_np.cli.common import EXIT_OK, UsageError, label_names, load_model, model_class_for, plural
+import numpy as np
+
+from llama_np.cli.common import (EXIT_OK, UsageError, label_names, load_model, load_with_tokenizer, model_class_for,
+                                 plural)
 from llama_np.formats.convert import convert_meta_checkpoint
-from llama_np.formats.gguf_writer import quantize_to_gguf
+from llama_np.formats.gguf_writer import calibration_inputs, quantize_to_gguf
 from llama_np.weights.codecs import CODECS
+from llama_np.weights.gptq import TYPES as GPTQ_TYPES
 from llama_np.weights.memory import human_bytes
 from llama_np.inputs import attention_bytes
-from llama_np.model import LlamaForSequenceClassification
+from llama_np.model import LlamaForCausalLM, LlamaForSequenceClassification
+from llama_np.perplexity import read_text_file
 from llama_np.weights.memory import keep_widened_limit, streamed_widened_budget
 
 # ============================================================================================
@@ -150,6 +155,25 @@ def run_convert(args) -> int:
 # ============================================================================================
 
 
+def gptq_calibration(args) -> dict:
+    """--gptq: every linear layer's inputs on the first --calibration-tokens tokens of the text,
+    run as sequences no longer than the model's max_position_embeddings."""
+    if args.type not in (codec.name for codec in GPTQ_TYPES):
+        raise UsageError(f"--gptq writes {' or '.join(codec.name for codec in GPTQ_TYPES)} blocks; "
+                         f"--type is {args.type}")
+    if args.calibration_tokens < 2:
+        raise UsageError(f"--calibration-tokens must be at least 2, not {args.calibration_tokens}")
+    model, tokenizer = load_with_tokenizer(LlamaForCausalLM, args.model)
+    ids = tokenizer.encode(read_text_file(args.gptq))[:args.calibration_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"{args.gptq} gives {len(ids)} token(s); GPTQ needs text to calibrate on")
+    length = min(len(ids), model.config.max_position_embeddings)
+    sequences = np.array(ids[:len(ids) // length * length]).reshape(-1, length)  # (B, T)
+    print(f"GPTQ calibration: {sequences.size} tokens of {args.gptq} in {len(sequences)} "
+          f"sequence(s) of {length}", file=sys.stderr)
+    return calibration_inputs(model, sequences)
+
+
 def run_quantize(args) -> int:
     """Any checkpoint -> a GGUF file of --type (``llama_np.formats.gguf_writer.quantize_to_gguf``)."""
     out = Path(args.out)
@@ -161,7 +185,9 @@ def run_quantize(args) -> int:
         end = "\n" if done >= total else ""
         print(f"\rwriting {out.name}: {human_bytes(done)} of {human_bytes(total)}", end=end, file=sys.stderr, flush=True)
 
-    result = quantize_to_gguf(args.model, out, args.type, name=args.name, progress=progress if show else None)
+    calibration = gptq_calibration(args) if args.gptq else None
+    result = quantize_to_gguf(args.model, out, args.type, name=args.name, progress=progress if show else None,
+                              calibration=calibration, act_order=args.act_order)
     types = ", ".join(f"{name} {count}" for name, count in result.types().items())
     print(f"wrote {result.path}: {plural(len(result.tensors), 'tensor')} ({types}), "
           f"{human_bytes(result.bytes)}, in {result.seconds:.1f} s")

@@ -333,5 +333,12 @@ def build_parser() -> ArgumentParser:
     quantize.add_argument("--type", choices=WRITTEN_TYPES, default=Q8_0.name,
                           help="type of the matrices (default: Q8_0)")
     quantize.add_argument("--name", help="general.name (default: the source's, else its directory's name)")
+    quantize.add_argument("--gptq", metavar="CALIBRATION.txt",
+                          help="quantise the linear layers with GPTQ on the inputs they see for this text "
+                               "(--type Q4_0 or Q4_1; the file is an ordinary one of that type)")
+    quantize.add_argument("--calibration-tokens", type=int, default=512, metavar="N",
+                          help="tokens of CALIBRATION.txt to run (default: 512)")
+    quantize.add_argument("--act-order", action="store_true",
+                          help="GPTQ visits the columns by decreasing input size (act-order)")
     quantize.set_defaults(run=run_quantize)
     return parser

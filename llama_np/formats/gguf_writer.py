@@ -48,6 +48,7 @@ from llama_np.formats import gguf
 from llama_np.formats.files import atomic_write, is_file, read_json_object
 from llama_np.formats.model_files import open_model_files
 from llama_np.text import bpe
+from llama_np.weights import gptq
 from llama_np.weights.codecs import CODECS, F16, F32, LLAMA_FILE_TYPES, Q8_0, WRITTEN_TYPES, BlockCodec, Codec
 
 VERSION = 3
@@ -118,6 +119,7 @@ class TensorToWrite:
     shape: tuple[int, ...]
     values: Callable[[], np.ndarray]
     source: str = ""  # the Hugging Face name it came from
+    encoded: Callable[[], np.ndarray] | None = None  # its blocks made another way than the codec's (GPTQ)
 
     @property
     def nbytes(self) -> int:
@@ -166,12 +168,8 @@ def write_gguf(path, metadata: dict, tensors: list[TensorToWrite], value_types: 
         written = len(header)
         yield header
         for tensor in tensors:
-            values = tensor.values()
-            rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
-            step = max(1, ENCODED_AT_A_TIME // max(1, rows.shape[1]))
             size = 0
-            for start in range(0, rows.shape[0], step):  # a few rows at a time: small temporaries
-                data = np.ascontiguousarray(tensor.codec.encode(rows[start:start + step])).reshape(-1).view(np.uint8)
+            for data in encoded_chunks(tensor):
                 size += data.nbytes
                 yield data
             if size != tensor.nbytes:
@@ -184,6 +182,19 @@ def write_gguf(path, metadata: dict, tensors: list[TensorToWrite], value_types: 
 
     atomic_write(path, chunks())
     return path.stat().st_size
+
+
+def encoded_chunks(tensor: TensorToWrite):
+    """A tensor's bytes, (n,) uint8 arrays: its own encoding, or its values through its codec a
+    few rows at a time (small temporaries)."""
+    if tensor.encoded is not None:
+        yield np.ascontiguousarray(tensor.encoded()).reshape(-1).view(np.uint8)
+        return
+    values = tensor.values()
+    rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
+    step = max(1, ENCODED_AT_A_TIME // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        yield np.ascontiguousarray(tensor.codec.encode(rows[start:start + step])).reshape(-1).view(np.uint8)
 
 
 # ---------------------------------------------------------------------------- a Llama's metadata
@@ -434,7 +445,8 @@ def file_values(stored, rope_heads: int | None) -> np.ndarray:
 
 
 def quantize_to_gguf(model, out_path, type: str = Q8_0.name, *, name: str | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+                     progress: Callable[[int, int], None] | None = None,
+                     calibration: dict[str, np.ndarray] | None = None, act_order: bool = False) -> QuantizeResult:
     """Write ``model`` (a checkpoint directory, bundled name or GGUF file llama_np reads) as the
     GGUF file ``out_path`` of ``type`` (one of ``WRITTEN_TYPES``: F32, F16, BF16, Q8_0, Q4_0,
     Q4_1, Q5_0, Q5_1): from a directory as llama.cpp's ``convert_hf_to_gguf.py --outtype``
@@ -444,6 +456,12 @@ def quantize_to_gguf(model, out_path, type: str = Q8_0.name, *, name: str | None
     ``name`` is general.name; by default the source's (a GGUF file's own, else its directory's
     name in title case, as the converter derives it). ``progress(bytes written, total)`` is
     called after each tensor. Nothing is written if anything fails.
+
+    ``calibration`` (Hugging Face weight name -> that linear layer's inputs (..., columns), e.g.
+    from ``calibration_inputs``) quantises those matrices with GPTQ (``weights.gptq``, with
+    ``act_order`` if asked) instead of round-to-nearest; the type must be Q4_0 or Q4_1, and
+    the file is an ordinary one of that type. Matrices without inputs (the embedding) and those
+    kept in F16 are written as without it.
     """
     started = time.perf_counter()
     if type not in WRITTEN_TYPES:
@@ -455,6 +473,8 @@ def quantize_to_gguf(model, out_path, type: str = Q8_0.name, *, name: str | None
         raise CheckpointError(f"{checkpoint.directory}: RoPE type {rope_type!r} is not written to GGUF by llama_np "
                               "(it writes the default and linear ones)")
     tensors = plan_tensors(config, checkpoint, codec)
+    if calibration is not None:
+        use_gptq(tensors, codec, calibration, act_order)
     if isinstance(checkpoint, gguf.GGUFCheckpoint):  # llama-quantize's way: the file's own keys
         metadata, value_types = requantized_metadata(checkpoint, codec)
         if name is not None:
@@ -474,3 +494,51 @@ def quantize_to_gguf(model, out_path, type: str = Q8_0.name, *, name: str | None
     fallbacks = [t.source for t in tensors if isinstance(codec, BlockCodec) and t.codec is F16]
     has_tokenizer = any(key.startswith("tokenizer.ggml.") for key in metadata)
     return QuantizeResult(out_path, type, tensors, fallbacks, size, has_tokenizer, time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- GPTQ
+
+
+CALIBRATION_HOOKS = ("ln1.hook_normalized", "attn.hook_z", "ln2.hook_normalized", "mlp.hook_post",
+                     "ln_final.hook_normalized")
+
+
+def calibration_inputs(model, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """What every linear layer of ``model`` (a ``LlamaForCausalLM``) sees on ``input_ids`` (B, T):
+    Hugging Face weight name -> its inputs (B·T, columns) float32, read from one traced forward.
+
+    q/k/v_proj see ``ln1.hook_normalized`` times the input norm's weight, o_proj ``attn.hook_z``
+    with its heads side by side, gate/up_proj ``ln2.hook_normalized`` times the post-attention
+    norm's weight, down_proj ``mlp.hook_post``, lm_head ``ln_final.hook_normalized`` times the
+    final norm's weight.
+    """
+    _, cache = model.run_with_cache(input_ids, names_filter=lambda name: name.endswith(CALIBRATION_HOOKS))
+    weights, prefix = model.weights, model.base_prefix
+
+    def flat(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float32).reshape(-1, math.prod(x.shape[2:]))  # (B, T, ...) -> (B·T, columns)
+
+    inputs = {}
+    for layer in range(model.config.num_hidden_layers):
+        block, stem = f"blocks.{layer}", f"{prefix}layers.{layer}"
+        attention_in = flat(cache[f"{block}.ln1.hook_normalized"] * weights[f"{stem}.input_layernorm.weight"])
+        mlp_in = flat(cache[f"{block}.ln2.hook_normalized"] * weights[f"{stem}.post_attention_layernorm.weight"])
+        for part in ("q_proj", "k_proj", "v_proj"):
+            inputs[f"{stem}.self_attn.{part}.weight"] = attention_in
+        inputs[f"{stem}.self_attn.o_proj.weight"] = flat(cache[f"{block}.attn.hook_z"])  # (B, T, H, hd)
+        inputs[f"{stem}.mlp.gate_proj.weight"] = inputs[f"{stem}.mlp.up_proj.weight"] = mlp_in
+        inputs[f"{stem}.mlp.down_proj.weight"] = flat(cache[f"{block}.mlp.hook_post"])
+    inputs["lm_head.weight"] = flat(cache["ln_final.hook_normalized"] * weights[f"{prefix}norm.weight"])
+    return inputs
+
+
+def use_gptq(tensors: list[TensorToWrite], codec: Codec, calibration: dict[str, np.ndarray],
+             act_order: bool) -> None:
+    """Make every matrix of ``codec`` with calibration inputs encode itself with GPTQ."""
+    if codec not in gptq.TYPES:
+        raise InputError(f"GPTQ writes {' or '.join(c.name for c in gptq.TYPES)} blocks, not {codec.name}")
+    for tensor in tensors:
+        inputs = calibration.get(tensor.source)
+        if inputs is not None and tensor.codec is codec:
+            tensor.encoded = lambda tensor=tensor, inputs=inputs: gptq.gptq_quantize(
+                tensor.values(), inputs, codec, act_order=act_order)
