@@ -18,6 +18,7 @@ from llama_np.model import (  # noqa: E402
 from llama_np.formats.convert import convert_meta_checkpoint  # noqa: E402
 from llama_np.training.model_backward import value_and_grad  # noqa: E402
 from llama_np.training.loop import train  # noqa: E402
+from llama_np.training import optim  # noqa: E402  (llama_np.optim.AdamW, as the training API names it)
 from llama_np.text.tokenizer_fast import LlamaTokenizerFast  # noqa: E402  (tokenizers is loaded on use)
 
 try:
@@ -41,5 +42,5 @@ __all__ = [
     "LlamaConfig", "LlamaTokenizer", "LlamaTokenizerFast", "LlamaModel", "LlamaForCausalLM",
     "LlamaForSequenceClassification", "LlamaNPError", "ConfigError", "CheckpointError",
     "TokenizerError", "InputError", "convert_meta_checkpoint", "value_and_grad",
-    "train",
+    "train", "optim",
 ]

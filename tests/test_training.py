@@ -545,3 +545,10 @@ def test_value_and_grad_of_a_causal_lm_gives_the_models_loss_to_the_last_bit():
     assert loss == model(ids, attention_mask=mask, labels=labels).loss  # one softmax serves loss and gradient
     with pytest.raises(InputError, match=r"labels must be in \[0, "):
         value_and_grad(model, ids, labels=np.full_like(ids, model.config.vocab_size))
+
+
+def test_the_optimizers_are_reached_as_llama_np_optim():
+    import llama_np
+    from llama_np.training import optim
+
+    assert llama_np.optim is optim and llama_np.optim.AdamW is optim.AdamW
