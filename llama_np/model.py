@@ -163,11 +163,11 @@ class LlamaStack(LlamaPreTrainedModel):
     """The Llama stack that the three model classes share: embedding, decoder layers, final norm."""
 
     def layer_weights(self, i: int) -> LayerWeights:
-        """The widened tensors of decoder layer i."""
+        """The widened tensors of decoder layer i (the backward pass and the hooks ask for them
+        too, so this only fetches: the forward tells the progress callback)."""
         count, weights = self.config.num_hidden_layers, self.weights
         if i == 0 and weights.keep_widened and not weights.all_widened:
             weights.widen_all([list(self.layer_tensor_names(layer).values()) for layer in range(count)])
-        weights.step(i, count)
         tensors = {field_name: weights.get(name) for field_name, name in self.layer_tensor_names(i).items()}
         if self.config.pretraining_tp > 1:
             # Transformers 4.45 drops every bias on its pretraining_tp > 1 path, so we do too
@@ -212,7 +212,9 @@ class LlamaStack(LlamaPreTrainedModel):
         hidden_states = [x]
         with self.weights.product_threads():  # small weights multiply on one BLAS thread (weights/workers.py)
             for i in range(config.num_hidden_layers):
-                x = decoder_layer(x, self.layer_weights(i), config, cos, sin, mask, i, run.cache,
+                w = self.layer_weights(i)  # (LayerWeights)
+                self.weights.step(i, config.num_hidden_layers)  # progress, for a pass that takes seconds
+                x = decoder_layer(x, w, config, cos, sin, mask, i, run.cache,
                                   record if output_attentions else tap)
                 hidden_states.append(x)
         x = layers.rms_norm(x, self.weights[f"{self.base_prefix}norm.weight"], config.rms_norm_eps,

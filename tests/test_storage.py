@@ -305,3 +305,21 @@ def test_a_small_models_products_run_on_one_blas_thread_and_a_large_ones_do_not(
     real(np.array([[1, 2, 3]]))
     assert seen and all(threads == 1 for threads in seen[0]), seen
     assert workers.blas_threads_for(workers.SMALL_PRODUCT_ELEMENTS).__class__.__name__ == "nullcontext"
+
+
+def test_progress_is_told_once_per_layer_of_a_forward_in_order_even_when_hooks_or_a_backward_ask_for_weights():
+    import llama_np
+
+    calls = []
+    model = LlamaForCausalLM.from_pretrained("tiny-shakespeare", progress=lambda index, count: calls.append(index))
+    ids = np.array([[1, 2, 3, 4]])
+    layers_count = model.config.num_hidden_layers
+    model(ids)
+    calls.clear()
+    model.set_use_attn_result(True)
+    model.run_with_cache(ids)
+    assert calls == list(range(layers_count))
+    llama_np.value_and_grad(model, ids, labels=ids)  # the first makes the weights writable: one more widening pass
+    calls.clear()
+    llama_np.value_and_grad(model, ids, labels=ids)
+    assert calls == list(range(layers_count)), "the backward's reads of the weights are not forward steps"
