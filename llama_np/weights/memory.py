@@ -8,6 +8,7 @@ already holds) and what its control group may still take (a container's ``memory
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from llama_np.errors import InputError
@@ -77,22 +78,33 @@ def cgroup_room() -> int | None:
     memory.max − memory.current, v1 memory.limit_in_bytes − memory.usage_in_bytes), or None
     without a limit."""
     rooms = []
-    for directory, root, limit_name, usage_name in _cgroup_directories():
-        while True:
-            limit, usage = _read_number(directory / limit_name), _read_number(directory / usage_name)
-            if limit is not None and limit < 2**60:  # v1 writes a huge number for "no limit"
-                rooms.append(max(0, limit - (usage or 0)))
-            if directory == root or root not in directory.parents:
-                break
-            directory = directory.parent
+    for limit_file, usage_file in _cgroup_limit_files(CGROUP_ROOT, PROC_CGROUP):
+        limit = _read_number(limit_file)
+        if limit is not None and limit < 2**60:  # v1 writes a huge number for "no limit"
+            rooms.append(max(0, limit - (_read_number(usage_file) or 0)))
     return min(rooms) if rooms else None
 
 
-def _cgroup_directories():
+@functools.lru_cache(maxsize=4)
+def _cgroup_limit_files(cgroup_root: Path, proc_cgroup: Path) -> tuple[tuple[Path, Path], ...]:
+    """(limit file, usage file) of the process's memory cgroups and every group above them that
+    has one: found once (the forward's memory check asks on every call), read each time."""
+    files = []
+    for directory, root, limit_name, usage_name in _cgroup_directories(cgroup_root, proc_cgroup):
+        while True:
+            if (directory / limit_name).is_file():
+                files.append((directory / limit_name, directory / usage_name))
+            if directory == root or root not in directory.parents:
+                break
+            directory = directory.parent
+    return tuple(files)
+
+
+def _cgroup_directories(cgroup_root: Path, proc_cgroup: Path):
     """(the process's memory cgroup directory, its hierarchy's root, limit file, usage file)
     for each hierarchy in /proc/self/cgroup: v2's "0::/path", v1's "N:...memory...:/path"."""
     try:
-        text = PROC_CGROUP.read_text(encoding="ascii", errors="replace")
+        text = proc_cgroup.read_text(encoding="ascii", errors="replace")
     except OSError:
         return []
     found = []
@@ -103,10 +115,10 @@ def _cgroup_directories():
         _, controllers, path = parts
         relative = path.lstrip("/")
         if controllers == "":
-            for root in (CGROUP_ROOT, CGROUP_ROOT / "unified"):
+            for root in (cgroup_root, cgroup_root / "unified"):
                 found.append((root / relative, root, "memory.max", "memory.current"))
         elif "memory" in controllers.split(","):
-            root = CGROUP_ROOT / "memory"
+            root = cgroup_root / "memory"
             found.append((root / relative, root, "memory.limit_in_bytes", "memory.usage_in_bytes"))
     return found
 
