@@ -347,3 +347,9 @@ def test_a_snapshot_file_that_links_outside_the_cache_is_refused(in_hub_cache, j
     (snapshot / "config.json").symlink_to(outside)
     with pytest.raises(CheckpointError, match=r"config.json in the Hugging Face cache of .* leads to .*elsewhere.json, outside the cache"):
         resolve_model_path(repo)
+
+
+def test_a_fifo_named_as_a_model_is_called_a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "model.gguf")
+    with pytest.raises(CheckpointError, match=r"model.gguf is a FIFO \(named pipe\); a model is named by"):
+        resolve_model_path(tmp_path / "model.gguf")

@@ -73,16 +73,21 @@ def open_regular(path, error: type[Exception] = CheckpointError) -> BinaryIO:
     try:
         mode = os.fstat(handle).st_mode
         if not stat.S_ISREG(mode):
-            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-            raise error(f"{path} is {kind}; llama_np reads regular files only")
+            raise error(f"{path} is {kind_of_file(mode)}; llama_np reads regular files only")
         if hasattr(os, "set_blocking"):
             os.set_blocking(handle, True)
         return os.fdopen(handle, "rb")
     except BaseException:
         os.close(handle)
         raise
+
+
+def kind_of_file(mode: int) -> str:
+    """What a stat mode says a path is, for messages: "a file", "a FIFO (named pipe)", ..."""
+    return ("a file" if stat.S_ISREG(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
 
 
 def read_bytes(path, error: type[Exception] = CheckpointError, max_bytes: int = MAX_READ_BYTES) -> bytes:

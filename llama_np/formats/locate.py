@@ -8,7 +8,7 @@ import re
 import stat
 from pathlib import Path
 from llama_np.errors import CheckpointError
-from llama_np.formats.files import _status_or_none, is_dir
+from llama_np.formats.files import _status_or_none, is_dir, kind_of_file
 
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -48,10 +48,11 @@ def resolve_model_path(name_or_path: str | os.PathLike, revision: str | None = N
     if revision is not None:
         raise CheckpointError(f"revision={revision!r} is for a repo id such as "
                               f"'meta-llama/Llama-2-7b-hf', not for {name_or_path}")
-    if _status_or_none(path, CheckpointError) is not None:
+    status = _status_or_none(path, CheckpointError)
+    if status is not None:
         raise CheckpointError(
-            f"{path} is a file; a model is named by the directory holding its config.json and "
-            "weights, by a GGUF file, or by a bundled model name"
+            f"{path} is {kind_of_file(status.st_mode)}; a model is named by the directory holding its "
+            "config.json and weights, by a GGUF file, or by a bundled model name"
         )
     available = ", ".join(names) if names else "none are installed"
     raise CheckpointError(
