@@ -114,6 +114,8 @@ class Weights:
         if kept is not None and not self.keep_widened:
             self.widened_bytes -= kept.nbytes
         self._streamed.pop(name, None)
+        if len(value.shape) == 2:  # a grown embedding (resize_token_embeddings) may be the largest now
+            self.largest_matrix = max(self.largest_matrix, int(np.prod(value.shape)))
 
     def shape(self, name: str) -> tuple:
         return tuple(self.tensors[name].shape)
