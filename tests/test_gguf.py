@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tolerance import (
     FLOAT32_TOLERANCE,
+    REPEATED_TOLERANCE,
     assert_close,
     assert_same_token_ids,
 )
@@ -120,6 +121,24 @@ def test_streamed_quantised_product_equals_the_product_with_the_decoded_matrix(n
     np.testing.assert_allclose(x @ matrix.T, x @ decoded.astype(np.float64).T, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(matrix[[3, 0, 39]], decoded[[3, 0, 39]])
     np.testing.assert_array_equal(matrix[2, 5:9], decoded[2, 5:9])
+
+
+@pytest.mark.parametrize("name", [name for name, codec in CODECS.items() if codec.dots is not None])
+def test_a_product_with_one_row_of_x_sums_each_groups_integers_and_gives_the_decoded_products_numbers(name, monkeypatch):
+    codec = CODECS[name]
+    rng = np.random.default_rng(1)
+    rows, columns = 40, 3 * codec.block_size
+    raw = rng.integers(0, 256, size=(rows, columns // codec.block_size, codec.block_bytes), dtype=np.uint8)
+    for offset in F16_SCALE_OFFSETS[name]:  # finite scales of about 1e-2
+        raw[..., offset:offset + 2] = (rng.uniform(1e-3, 1e-2, size=raw.shape[:2]).astype(np.float16)
+                                       .view(np.uint8).reshape(*raw.shape[:2], 2))
+    decoded = codec.decode(raw).astype(np.float64)
+    monkeypatch.setattr(workers, "TILE_ELEMENTS", 7 * columns)  # 6 tiles of 7 rows, the last short
+    matrix = streaming.StreamedMatrix(raw, name, "w")
+    monkeypatch.setattr(codec, "decode_rows", None)  # one row of x never decodes a tile
+    x = rng.standard_normal((1, columns)).astype(np.float32)
+    # the same sum in another order: float32 rounding apart (a sum of 768 products)
+    assert_close(x @ matrix.T, x.astype(np.float64) @ decoded.T, name, tolerance=REPEATED_TOLERANCE)
 
 
 def test_an_infinite_scale_in_a_kept_quantised_tensor_is_a_checkpoint_error_naming_it():

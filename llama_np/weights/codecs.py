@@ -23,6 +23,7 @@ import numpy as np
 
 from llama_np.errors import CheckpointError
 from llama_np.weights import quants, workers
+from llama_np.weights.block_dots import BlockDots
 from llama_np.weights.workers import cpu_count, run_parallel, split
 
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -192,6 +193,7 @@ class Codec:
     ggml_type: int  # its number in a GGUF file's tensor infos (ggml.h's enum ggml_type)
     streamed = False
     scales_through_x = False  # see HalfCodec.scales_through_x
+    dots = None  # see BlockCodec.dots
     largest_finite_bits: int | None = None  # the bits of the largest finite magnitude (sign cleared)
 
     def __init__(self, name: str, torch_name: str | None, stored_dtype, ggml_type: int):
@@ -304,10 +306,12 @@ class BlockCodec(Codec):
     streamed = True
 
     def __init__(self, name: str, ggml_type: int, block_size: int, block_bytes: int, decode_blocks,
-                 encode_blocks=None):
+                 encode_blocks=None, dots=None):
         super().__init__(name, None, np.uint8, ggml_type)
         self.block_size, self.block_bytes, self.decode_blocks = block_size, block_bytes, decode_blocks
         self.encode_blocks = encode_blocks  # None: llama_np reads this type but does not write it
+        # products with a row of x without decoding (weights/block_dots.py); None: always decoded
+        self.dots = None if dots is None else BlockDots(dots, block_size, block_bytes)
 
     @property
     def bits(self) -> float:
@@ -403,14 +407,14 @@ class BlockCodec(Codec):
         return blocks.reshape(*rows, columns // self.block_size, self.block_bytes)
 
 
-Q8_0 = BlockCodec("Q8_0", 8, quants.QK, 34, quants.q8_0, quants.encode_q8_0)
-Q4_0 = BlockCodec("Q4_0", 2, quants.QK, 18, quants.q4_0, quants.encode_q4_0)
-Q4_1 = BlockCodec("Q4_1", 3, quants.QK, 20, quants.q4_1, quants.encode_q4_1)
+Q8_0 = BlockCodec("Q8_0", 8, quants.QK, 34, quants.q8_0, quants.encode_q8_0, quants.q8_0_dots)
+Q4_0 = BlockCodec("Q4_0", 2, quants.QK, 18, quants.q4_0, quants.encode_q4_0, quants.q4_0_dots)
+Q4_1 = BlockCodec("Q4_1", 3, quants.QK, 20, quants.q4_1, quants.encode_q4_1, quants.q4_1_dots)
 Q5_0 = BlockCodec("Q5_0", 6, quants.QK, 22, quants.q5_0, quants.encode_q5_0)
 Q5_1 = BlockCodec("Q5_1", 7, quants.QK, 24, quants.q5_1, quants.encode_q5_1)
-Q4_K = BlockCodec("Q4_K", 12, quants.QK_K, 144, quants.q4_k)
+Q4_K = BlockCodec("Q4_K", 12, quants.QK_K, 144, quants.q4_k, dots=quants.q4_k_dots)
 Q5_K = BlockCodec("Q5_K", 13, quants.QK_K, 176, quants.q5_k)
-Q6_K = BlockCodec("Q6_K", 14, quants.QK_K, 210, quants.q6_k)
+Q6_K = BlockCodec("Q6_K", 14, quants.QK_K, 210, quants.q6_k, dots=quants.q6_k_dots)
 
 # name a file declares -> codec
 CODECS = {codec.name: codec for codec in (F64, F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)}

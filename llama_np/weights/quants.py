@@ -45,6 +45,9 @@ References: ggml's ``ggml-common.h`` (the block structs) and ``ggml-quants.c``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 QK = 32  # numbers per block of the simple types
@@ -217,17 +220,26 @@ def encode_q5_1(numbers: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- k-quants: 256 numbers
 
 
-def k_scales_and_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8 six-bit scales and 8 six-bit mins of a Q4_K/Q5_K super-block: (N, 12) -> 2 × (N, 8).
+def k_scales_and_mins(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and 8 six-bit mins of Q4_K/Q5_K super-blocks: bytes 4..15 of each of
+    (N, block bytes) -> 2 × (N, 8).
 
-        bytes 0..3  (a):  sc_0..3 in bits 0-5;  bits 6-7 are bits 4-5 of sc_4..7
-        bytes 4..7  (b):  mn_0..3 in bits 0-5;  bits 6-7 are bits 4-5 of mn_4..7
-        bytes 8..11 (c):  lo(c) = bits 0-3 of sc_4..7,  hi(c) = bits 0-3 of mn_4..7
+        bytes 4..7   (a):  sc_0..3 in bits 0-5;  bits 6-7 are bits 4-5 of sc_4..7
+        bytes 8..11  (b):  mn_0..3 in bits 0-5;  bits 6-7 are bits 4-5 of mn_4..7
+        bytes 12..15 (c):  lo(c) = bits 0-3 of sc_4..7,  hi(c) = bits 0-3 of mn_4..7
+
+    a, b and c are read as one little-endian 32-bit word each, so that each step below handles
+    four bytes at once (byte k of a word is number k).
     """
-    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
-    mins = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
-    return scales, mins
+    words = np.ascontiguousarray(blocks).view(np.uint32)
+    a, b, c = words[:, 1], words[:, 2], words[:, 3]
+    scales = np.empty((len(words), 2), dtype=np.uint32)
+    mins = np.empty((len(words), 2), dtype=np.uint32)
+    scales[:, 0] = a & 0x3F3F3F3F
+    scales[:, 1] = (c & 0x0F0F0F0F) | ((a >> 2) & 0x30303030)
+    mins[:, 0] = b & 0x3F3F3F3F
+    mins[:, 1] = ((c >> 4) & 0x0F0F0F0F) | ((b >> 2) & 0x30303030)
+    return scales.view(np.uint8), mins.view(np.uint8)
 
 
 def nibbles_by_32(packed: np.ndarray) -> np.ndarray:
@@ -247,7 +259,7 @@ def q4_k(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
-    scales, mins = k_scales_and_mins(blocks[:, 4:16])
+    scales, mins = k_scales_and_mins(blocks)
     step = (d * scales.astype(np.float32)).reshape(n, 8, 1)
     offset = (dmin * mins.astype(np.float32)).reshape(n, 8, 1)
     q = nibbles_by_32(blocks[:, 16:144]).astype(np.float32)  # (N, 8, 32)
@@ -263,7 +275,7 @@ def q5_k(blocks: np.ndarray) -> np.ndarray:
     """
     n = blocks.shape[0]
     d, dmin = f16(blocks[:, 0:2]), f16(blocks[:, 2:4])
-    scales, mins = k_scales_and_mins(blocks[:, 4:16])
+    scales, mins = k_scales_and_mins(blocks)
     step = (d * scales.astype(np.float32)).reshape(n, 8, 1)
     offset = (dmin * mins.astype(np.float32)).reshape(n, 8, 1)
     qh = blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
@@ -290,3 +302,107 @@ def q6_k(blocks: np.ndarray) -> np.ndarray:
     high = (qh & 3).reshape(n, 8, 32)
     q = ((low | (high << 4)).astype(np.int8) - np.int8(32)).reshape(n, 16, 16).astype(np.float32)
     return (step * q).reshape(n, QK_K)
+
+
+# ---------------------------------------------------------------------------- products without decoding
+#
+# A number of every type above is a small integer times its group's scale, plus its group's
+# offset (Q4_0: d · q_j − 8d; Q4_K: (d·sc_s) · q_j − dmin·mn_s). So a product with one row of x
+# never needs the numbers in float:
+#
+#     Σ_j value_j · x_j  =  Σ_groups  scale · (Σ_{j in group} q_j · x_j)  +  offset · (Σ_{j in group} x_j)
+#
+# which is how llama.cpp's own dot products work. A ``DotForm`` says where each q_j sits in the
+# block's bytes: a ``Plane`` reads one small integer out of every byte of a block (its low nibble,
+# its high nibble, two of its bits, or the byte itself as int8) and its runs say which bytes
+# hold which numbers. The integers of a plane keep the block's byte layout, so no bytes move:
+# weights/block_dots.py multiplies them by x laid out the same way, with zeros where a byte is a
+# scale or belongs to another plane, and scales each group's sum afterwards.
+
+
+@dataclass(frozen=True)
+class Plane:
+    """Small integers read from each byte of a block, and the numbers they are part of.
+
+    ``take(bytes, out)`` writes into the uint8 ``out`` one integer per byte (None: the byte is
+    itself the integer, as int8). Each run ``(first_byte, first_number, count, weight)`` says
+    that number ``first_number + i`` of the block has ``weight`` times the integer of byte
+    ``first_byte + i`` in its q (a high part of a q has weight 16).
+    """
+
+    take: Callable | None
+    runs: tuple
+
+
+@dataclass(frozen=True)
+class DotForm:
+    """A block type's numbers as ``scale · q + offset``, per group of ``group`` numbers.
+
+    ``scales(blocks)`` takes (N, block bytes) and gives (scale, offset), each (N, groups per
+    block) float32; offset None where there is none (Q8_0).
+    """
+
+    group: int
+    planes: tuple
+    scales: Callable
+
+
+def low_nibble(packed: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return np.bitwise_and(packed, 0x0F, out=out)
+
+
+def high_nibble(packed: np.ndarray, out: np.ndarray) -> np.ndarray:
+    return np.right_shift(packed, 4, out=out)
+
+
+def two_bits(shift: int) -> Callable:
+    """Bits ``shift`` and ``shift + 1`` of each byte (Q6_K's high bits)."""
+    def take(packed: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return np.bitwise_and(np.right_shift(packed, shift, out=out), 3, out=out)
+    return take
+
+
+def f16_at(blocks: np.ndarray, byte: int) -> np.ndarray:
+    """(N, bytes) blocks -> (N, 1) float32: the float16 at an even ``byte`` of each block."""
+    return blocks.view(np.uint16)[:, byte // 2:byte // 2 + 1].view(np.float16).astype(np.float32)
+
+
+def q8_0_scales(blocks):
+    return f16_at(blocks, 0), None
+
+
+def q4_0_scales(blocks):
+    d = f16_at(blocks, 0)
+    return d, np.float32(-8) * d
+
+
+def q4_1_scales(blocks):
+    return f16_at(blocks, 0), f16_at(blocks, 2)
+
+
+def q4_k_scales(blocks):
+    scales, mins = k_scales_and_mins(blocks)
+    return f16_at(blocks, 0) * scales.astype(np.float32), -(f16_at(blocks, 2) * mins.astype(np.float32))
+
+
+def q6_k_scales(blocks):
+    step = f16_at(blocks, 208) * blocks[:, 192:208].view(np.int8).astype(np.float32)
+    return step, np.float32(-32) * step
+
+
+# byte 2.. of Q8_0 are q_0..q_31 as int8
+q8_0_dots = DotForm(QK, (Plane(None, ((2, 0, 32, 1),)),), q8_0_scales)
+# q_j < 16: lo(byte 2 + j); q_j ≥ 16: hi(byte 2 + j − 16); Q4_1 the same from byte 4
+q4_0_dots = DotForm(QK, (Plane(low_nibble, ((2, 0, 16, 1),)), Plane(high_nibble, ((2, 16, 16, 1),))), q4_0_scales)
+q4_1_dots = DotForm(QK, (Plane(low_nibble, ((4, 0, 16, 1),)), Plane(high_nibble, ((4, 16, 16, 1),))), q4_1_scales)
+# sub-blocks 2i, 2i+1: lo, hi of qs[32i ..] = bytes 16 + 32i ..
+q4_k_dots = DotForm(32, (Plane(low_nibble, tuple((16 + 32 * i, 64 * i, 32, 1) for i in range(4))),
+                         Plane(high_nibble, tuple((16 + 32 * i, 64 * i + 32, 32, 1) for i in range(4)))),
+                    q4_k_scales)
+# half h: the low 4 bits come from ql = bytes 64h .. (lo: numbers 128h + 0..63, hi: 128h + 64..127);
+# high bits k of qh = bytes 128 + 32h + i belong to number 128h + 32k + i, worth 16 each
+q6_k_dots = DotForm(16, (Plane(low_nibble, tuple((64 * h, 128 * h, 64, 1) for h in range(2))),
+                         Plane(high_nibble, tuple((64 * h, 128 * h + 64, 64, 1) for h in range(2))),
+                         *(Plane(two_bits(2 * k), tuple((128 + 32 * h, 128 * h + 32 * k, 32, 16) for h in range(2)))
+                           for k in range(4))),
+                    q6_k_scales)

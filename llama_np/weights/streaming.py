@@ -44,6 +44,7 @@ import threading
 import numpy as np
 
 from llama_np.weights import workers
+from llama_np.weights.block_dots import DOT_ROWS
 from llama_np.weights.codecs import CODECS, F16_EXPONENT_SCALE, sum_is_finite
 from llama_np.weights.workers import one_blas_thread, product_workers, run_parallel
 
@@ -51,18 +52,16 @@ F16_SCALED_INPUT_LIMIT = 2.0**15  # see StreamedMatrix.product
 
 
 _product_lock = threading.Lock()
-_tile_buffers: list = []  # one float32 buffer per worker of a streamed product, for every matrix
+_tile_buffers: dict = {}  # (worker, dtype) -> a tile buffer of a streamed product, for every matrix
 tile_buffers_made = 0  # how many were ever allocated: one per worker, again only for a larger tile
 
 
-def tile_buffer(worker: int, elements: int) -> np.ndarray:
-    """The float32 tile buffer of a streamed product's ``worker``-th worker, of at least ``elements``."""
+def tile_buffer(worker: int, elements: int, dtype=np.float32) -> np.ndarray:
+    """The tile buffer of a streamed product's ``worker``-th worker, of at least ``elements``."""
     global tile_buffers_made
-    while len(_tile_buffers) <= worker:
-        _tile_buffers.append(None)
-    buffer = _tile_buffers[worker]
+    buffer = _tile_buffers.get((worker, np.dtype(dtype)))
     if buffer is None or buffer.size < elements:
-        buffer = _tile_buffers[worker] = np.empty(elements, dtype=np.float32)
+        buffer = _tile_buffers[worker, np.dtype(dtype)] = np.empty(elements, dtype=dtype)
         tile_buffers_made += 1
     return buffer
 
@@ -157,6 +156,8 @@ class StreamedMatrix:
                   and float(np.abs(x2).max()) < F16_SCALED_INPUT_LIMIT)
         if scaled:
             x2 = x2 * F16_EXPONENT_SCALE
+        dots = (self.codec.dots if dtype == np.float32 and 0 < x2.shape[0] <= DOT_ROWS else None)
+        prepared = dots.prepare(x2) if dots else None
         # W_tile @ xᵀ fills whole rows of yᵀ: one BLAS call per tile with a contiguous output,
         # several times faster here than x @ W_tileᵀ into a column block of y.
         y_t = np.empty((out_features, x2.shape[0]), dtype=dtype)  # (out, M)
@@ -175,6 +176,8 @@ class StreamedMatrix:
                 return None if failed else next(tiles, None)
 
         def multiply_tiles(worker: int) -> None:
+            if dots:
+                return multiply_quantised_tiles(worker)
             buffer = tile_buffer(worker, rows * in_features)
             try:
                 while (start := next_tile()) is not None:
@@ -189,6 +192,20 @@ class StreamedMatrix:
                 failed.append(worker)
                 raise
 
+        def multiply_quantised_tiles(worker: int) -> None:
+            tile_bytes = rows * self.stored[0].size
+            integers, numbers = tile_buffer(worker, tile_bytes, np.uint8), tile_buffer(worker, tile_bytes)
+            try:
+                while (start := next_tile()) is not None:
+                    stop = min(start + rows, out_features)
+                    stored = self.stored[start:stop]
+                    scale, offset = dots.scales(stored)
+                    self.check_scales(start, stop, scale, offset)
+                    y_t[start:stop] = dots.multiply(stored, prepared, integers, numbers, scale, offset)
+            except BaseException:
+                failed.append(worker)
+                raise
+
         tasks = [lambda worker=worker: multiply_tiles(worker) for worker in range(workers)]
         with _product_lock:  # one streamed product at a time: they share the tile buffers
             with one_blas_thread() if workers > 1 else contextlib.nullcontext():
@@ -196,6 +213,17 @@ class StreamedMatrix:
         if not self._all_checked:
             self._all_checked = bool(self._checked.all())
         return np.ascontiguousarray(y_t.T).reshape(*x.shape[:-1], out_features)
+
+    def check_scales(self, start: int, stop: int, scale: np.ndarray, offset: np.ndarray | None) -> None:
+        """Rows start..stop multiplied without decoding: their numbers are finite when their
+        scales and offsets are (the integers are small), checked the first time."""
+        if self._all_checked or self._checked[start:stop].all():
+            return
+        if not (sum_is_finite(scale) and (offset is None or sum_is_finite(offset))):
+            error = self.codec.non_finite_error(self.stored, self.source)
+            if error is not None:
+                raise error
+        self._checked[start:stop] = True
 
     def widen_rows(self, start: int, stop: int, tile: np.ndarray, scaled: bool = False) -> None:
         """Rows start..stop of W into ``tile`` (float16 times 2**-112 if ``scaled``).
