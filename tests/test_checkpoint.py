@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ def entry(shape, begin, end, dtype="F32"):
     return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
 
 
+DATA = Path(__file__).resolve().parent / "data"
 HAS_FLOCK = sys.platform != "win32"
 if HAS_FLOCK:
     import fcntl
@@ -518,6 +520,42 @@ def test_model_refuses_a_checkpoint_that_shrank_between_calls(tmp_path, keep_wid
 
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr}"
     assert "model.safetensors changed since it was opened" in result.stdout
+
+
+# One memory-mapped reader of each format: safetensors shards of BF16 (streamed, read again in
+# every forward), a GGUF file of Q4_0 blocks, Meta's consolidated.00.pth. A file renamed over the
+# one the model uses (a re-download) is refused too: the model's header and tensors are the old
+# file's, and it would otherwise serve the old weights without a word (docs/checkpoints.md).
+@pytest.mark.parametrize("change", ["truncated", "replaced"])
+@pytest.mark.parametrize("source", ["fixtures/mha_bf16_sharded_4x", "gguf/gqa_f32-Q4_0.gguf",
+                                    "meta/mha_1shard"])
+def test_a_forward_after_a_weights_file_changed_on_disk_is_an_error_naming_it_not_sigbus(
+        tmp_path, source, change):
+    result = run_python("""
+        import os, shutil, sys
+        import numpy as np
+        from llama_np import CheckpointError, LlamaForCausalLM
+        source, copy, change = sys.argv[1:]
+        (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, copy)
+        model = LlamaForCausalLM.from_pretrained(copy, keep_widened=False)
+        model(np.arange(5)[None])                             # every file mapped and read
+        path = str(model.weights.checkpoint.files[-1])
+        print(path)
+        if change == "truncated":
+            os.truncate(path, os.path.getsize(path) // 2)
+        else:
+            shutil.copy(path, path + ".new")
+            os.replace(path + ".new", path)
+        try:
+            model(np.arange(5)[None])
+        except CheckpointError as error:
+            print(error)
+        """, DATA / source, tmp_path / Path(source).name, change)
+
+    assert result.returncode == 0, f"exit {result.returncode} (-7 is SIGBUS): {result.stderr}"
+    path, message = result.stdout.splitlines()
+    expected = {"truncated": "its size went from", "replaced": "another file has replaced it"}[change]
+    assert message.startswith(f"{path} changed since it was opened: {expected}"), message
 
 
 def test_check_unchanged_notices_a_file_replaced_or_rewritten_in_place(tmp_path):
