@@ -3,17 +3,20 @@
 Broken files are crafted byte by byte so that each header check is exercised on its own.
 """
 
+import errno
 import json
 import mmap
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +43,7 @@ def entry(shape, begin, end, dtype="F32"):
     return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
 
 
+DATA = Path(__file__).resolve().parent / "data"
 HAS_FLOCK = sys.platform != "win32"
 if HAS_FLOCK:
     import fcntl
@@ -518,6 +522,42 @@ def test_model_refuses_a_checkpoint_that_shrank_between_calls(tmp_path, keep_wid
     assert "model.safetensors changed since it was opened" in result.stdout
 
 
+# One memory-mapped reader of each format: safetensors shards of BF16 (streamed, read again in
+# every forward), a GGUF file of Q4_0 blocks, Meta's consolidated.00.pth. A file renamed over the
+# one the model uses (a re-download) is refused too: the model's header and tensors are the old
+# file's, and it would otherwise serve the old weights without a word (docs/checkpoints.md).
+@pytest.mark.parametrize("change", ["truncated", "replaced"])
+@pytest.mark.parametrize("source", ["fixtures/mha_bf16_sharded_4x", "gguf/gqa_f32-Q4_0.gguf",
+                                    "meta/mha_1shard"])
+def test_a_forward_after_a_weights_file_changed_on_disk_is_an_error_naming_it_not_sigbus(
+        tmp_path, source, change):
+    result = run_python("""
+        import os, shutil, sys
+        import numpy as np
+        from llama_np import CheckpointError, LlamaForCausalLM
+        source, copy, change = sys.argv[1:]
+        (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, copy)
+        model = LlamaForCausalLM.from_pretrained(copy, keep_widened=False)
+        model(np.arange(5)[None])                             # every file mapped and read
+        path = str(model.weights.checkpoint.files[-1])
+        print(path)
+        if change == "truncated":
+            os.truncate(path, os.path.getsize(path) // 2)
+        else:
+            shutil.copy(path, path + ".new")
+            os.replace(path + ".new", path)
+        try:
+            model(np.arange(5)[None])
+        except CheckpointError as error:
+            print(error)
+        """, DATA / source, tmp_path / Path(source).name, change)
+
+    assert result.returncode == 0, f"exit {result.returncode} (-7 is SIGBUS): {result.stderr}"
+    path, message = result.stdout.splitlines()
+    expected = {"truncated": "its size went from", "replaced": "another file has replaced it"}[change]
+    assert message.startswith(f"{path} changed since it was opened: {expected}"), message
+
+
 def test_check_unchanged_notices_a_file_replaced_or_rewritten_in_place(tmp_path):
     path = tmp_path / "model.safetensors"
     save_safetensors(path, {"w": np.ones(4, dtype=np.float32)})
@@ -747,12 +787,77 @@ def test_save_that_fails_on_a_new_path_creates_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def has_anonymous_files(directory) -> bool:
+    """Whether atomic_write can write into ``directory`` through a file with no name (O_TMPFILE)."""
+    handle = files._anonymous_file(directory)
+    if handle is not None:
+        os.close(handle)
+    return handle is not None
+
+
+@pytest.mark.skipif(not HAS_FLOCK, reason="O_TMPFILE is Linux's")
+def test_a_writer_killed_midway_leaves_the_old_file_whole_and_no_other(tmp_path):
+    if not has_anonymous_files(tmp_path):
+        pytest.skip("this filesystem has no O_TMPFILE; the named temporary file is tested below")
+    path = tmp_path / "out.npz"
+    path.write_bytes(b"the old output")
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import os, sys, time
+        from pathlib import Path
+        from llama_np.formats.files import atomic_write
+        def chunks():
+            yield b"half of the new output"
+            print(sorted(os.listdir(sys.argv[1])), flush=True)  # while the write is under way
+            time.sleep(60)
+            yield b"never written"
+        atomic_write(Path(sys.argv[1]) / "out.npz", chunks())
+        """), tmp_path], stdout=subprocess.PIPE, text=True)
+    try:
+        listed_while_writing = writer.stdout.readline()
+    finally:
+        writer.kill()
+        writer.wait(timeout=60)
+        writer.stdout.close()
+
+    assert writer.returncode == -signal.SIGKILL
+    assert listed_while_writing == "['out.npz']\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]
+    assert path.read_bytes() == b"the old output"
+
+
+@pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL])
+def test_where_anonymous_files_are_refused_a_named_temporary_file_does_the_write(
+        tmp_path, monkeypatch, refusal):
+    real_open = files.os.open
+
+    def open_without_tmpfile(path, flags, *args, **kwargs):
+        if flags & getattr(os, "O_TMPFILE", 0) == getattr(os, "O_TMPFILE", -1):
+            raise OSError(refusal, os.strerror(refusal))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", open_without_tmpfile)
+    made = []
+    real_mkstemp = files.tempfile.mkstemp
+    monkeypatch.setattr(files.tempfile, "mkstemp", lambda **kwargs: made.append(1) or real_mkstemp(**kwargs))
+    path = tmp_path / "model.safetensors"
+    save_safetensors(path, {"w": np.ones(2, np.float32)})
+
+    assert made == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    np.testing.assert_array_equal(Checkpoint.open(path)["w"].numpy(), [1, 1])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
 def test_next_save_removes_the_temporary_file_a_killed_writer_left_and_nothing_else(tmp_path):
     path = tmp_path / "model.safetensors"
     result = run_python("""
         import os, signal, sys
         import numpy as np
         from llama_np.formats import safetensors
+        if hasattr(os, "O_TMPFILE"):
+            del os.O_TMPFILE  # a system without anonymous files: the temporary file has a name
         real_stored_bytes = safetensors._stored_bytes
         def killed_after_the_first_tensor(array, dtype):
             if array.shape == (3,):
@@ -791,6 +896,7 @@ def test_a_temporary_file_a_live_writer_holds_is_left_alone(tmp_path):
 @pytest.mark.skipif(not HAS_FLOCK, reason="needs flock to tell live writers apart")
 def test_a_write_whose_new_temporary_file_is_taken_by_a_cleanup_makes_another(tmp_path,
                                                                             monkeypatch):
+    monkeypatch.delattr(files.os, "O_TMPFILE", raising=False)  # the named temporary file only
     real_mkstemp = files.tempfile.mkstemp
     made = []
 

@@ -5,14 +5,17 @@ caller's error type: CheckpointError, ConfigError, TokenizerError). Every file i
 ``open_regular``: a FIFO, a device or a socket where a file was expected is refused before
 anything waits on it, and the readers read at most ``MAX_READ_BYTES``. ``atomic_write`` writes
 to a locked temporary file beside the target and renames it into place, so a crash, a full disk
-or a second writer never leaves a half-written file.
+or a second writer never leaves a half-written file; on Linux that file has no name until its
+data is on disk, so a killed writer leaves nothing at all.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import secrets
 import stat
 import tempfile
 from pathlib import Path
@@ -125,31 +128,77 @@ def read_json_object(path, error: type[Exception] = CheckpointError) -> dict:
 def atomic_write(path: Path, chunks: Iterable[bytes]) -> None:
     """Write the chunks to ``path`` so that readers see the old file or the new, never half.
 
-    The data goes to a temporary ``.<name>.<random>.tmp`` beside ``path``, which is then renamed
-    over it. A writer killed midway (SIGKILL, power loss) leaves its temporary file behind; the
-    next write of the same ``path`` removes those, and only those no live writer holds.
+    On Linux the data goes to an anonymous file in ``path``'s directory (``O_TMPFILE``): nothing
+    is in the directory while it is written, and a writer killed midway (SIGKILL, power loss)
+    leaves nothing. Once the data is on disk the file is given a temporary name
+    ``.<name>.<random>.tmp`` and at once renamed over ``path``. Where the system or filesystem
+    has no anonymous files, the temporary file has its name from the start: a killed writer leaves
+    it behind, and the next write of the same ``path`` removes those, and only those no live
+    writer holds.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    handle, temporary = _locked_temporary(path)
+    temporary = None
+    handle = _anonymous_file(path.parent)
+    if handle is None:
+        handle, temporary = _locked_temporary(path)
     try:
         with os.fdopen(handle, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-            # mkstemp creates the file private (0600); give it the permissions open() would
-            os.chmod(temporary, 0o666 & ~_current_umask())
+            if temporary is None:
+                temporary = _link_temporary(f.fileno(), path)
+            else:  # mkstemp creates the file private (0600); give it the permissions open() would
+                os.chmod(temporary, 0o666 & ~_current_umask())
             os.replace(temporary, path)  # while still locked, so no cleaner can take it
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
 
 
+def _anonymous_file(directory: Path) -> int | None:
+    """An open, locked file in ``directory`` with no name (Linux's ``O_TMPFILE``), or None where
+    the system or the filesystem has none. Its mode is 0o666 less the umask, as open() gives."""
+    if fcntl is None or not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        handle = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        # EISDIR: a kernel older than O_TMPFILE; EOPNOTSUPP, EINVAL: a filesystem without it
+        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+    fcntl.flock(handle, fcntl.LOCK_EX)  # so the name it gets is seen as a live writer's
+    return handle
+
+
+def _link_temporary(handle: int, path: Path) -> str:
+    """Give the anonymous file ``handle`` a temporary name beside ``path``, to rename over it.
+
+    Python's os.link calls linkat, which follows the /proc/self/fd link to the file itself, only
+    when given a directory descriptor.
+    """
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        while True:
+            name = f".{path.name}.{secrets.token_hex(4)}.tmp"  # what _temporary_pattern matches
+            try:
+                os.link(f"/proc/self/fd/{handle}", name, dst_dir_fd=directory)
+                return str(path.parent / name)
+            except FileExistsError:
+                continue
+    finally:
+        os.close(directory)
+
+
 def _temporary_pattern(path: Path) -> re.Pattern:
-    """The names ``tempfile.mkstemp`` gives our temporary files for ``path``: 8 random letters,
-    digits or underscores between ``.<name>.`` and ``.tmp``."""
+    """The names our temporary files for ``path`` have (``tempfile.mkstemp``'s, or
+    ``_link_temporary``'s): 8 random letters, digits or underscores between ``.<name>.`` and
+    ``.tmp``."""
     return re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
 
 
