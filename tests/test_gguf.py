@@ -123,8 +123,9 @@ def test_streamed_quantised_product_equals_the_product_with_the_decoded_matrix(n
     np.testing.assert_array_equal(matrix[2, 5:9], decoded[2, 5:9])
 
 
+@pytest.mark.parametrize("rows_of_x", [1, 5])
 @pytest.mark.parametrize("name", [name for name, codec in CODECS.items() if codec.dots is not None])
-def test_a_product_with_one_row_of_x_sums_each_groups_integers_and_gives_the_decoded_products_numbers(name, monkeypatch):
+def test_a_product_without_decoding_gives_the_decoded_products_numbers(name, rows_of_x, monkeypatch):
     codec = CODECS[name]
     rng = np.random.default_rng(1)
     rows, columns = 40, 3 * codec.block_size
@@ -135,8 +136,8 @@ def test_a_product_with_one_row_of_x_sums_each_groups_integers_and_gives_the_dec
     decoded = codec.decode(raw).astype(np.float64)
     monkeypatch.setattr(workers, "TILE_ELEMENTS", 7 * columns)  # 6 tiles of 7 rows, the last short
     matrix = streaming.StreamedMatrix(raw, name, "w")
-    monkeypatch.setattr(codec, "decode_rows", None)  # one row of x never decodes a tile
-    x = rng.standard_normal((1, columns)).astype(np.float32)
+    monkeypatch.setattr(codec, "decode_rows", None)  # a float32 x never decodes a tile
+    x = rng.standard_normal((rows_of_x, columns)).astype(np.float32)
     # the same sum in another order: float32 rounding apart (a sum of 768 products)
     assert_close(x @ matrix.T, x.astype(np.float64) @ decoded.T, name, tolerance=REPEATED_TOLERANCE)
 

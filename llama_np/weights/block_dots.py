@@ -1,4 +1,4 @@
-"""x @ W.T for a block-quantised W and one or a few rows of x, without decoding W to float.
+"""x @ W.T for a block-quantised W without decoding W to float32 numbers.
 
 A quantised number is ``scale · q + offset`` with q a small integer and one scale and offset
 per group of 16 or 32 numbers (weights/quants.py, ``DotForm``). Then each output is
@@ -7,28 +7,35 @@ per group of 16 or 32 numbers (weights/quants.py, ``DotForm``). Then each output
 
 For a tile of W's rows, each ``Plane`` of the type turns every byte into a small integer, in
 place (a nibble, two bits, the byte itself), and the integers are cast to float32 with the
-bytes where they are. x is laid out the same way once per product: ``weights[p]`` is, for each
-block b, a (block bytes, groups) matrix holding x's number j (times the run's weight) at the
-byte of plane p that holds q_j, in the column of j's group, and zeros at every other byte
-(scales, or another plane's). One batched product over the blocks then gives every group's
-``q · x`` at once, and the scales and offsets are applied to those sums, not to the numbers.
+bytes where they are: nothing is moved into the numbers' order. x is laid out on the same bytes
+instead, once per product, with zeros at every byte that holds no q of the plane (a scale, or
+another plane's). Two ways on from there:
 
-Why: decoding a tile means multiplying every number by its group's scale, a NumPy pass whose
-inner loop is only 16 or 32 numbers long, and unpacking nibbles into their places, both far
-slower than a cast of contiguous bytes. Measured here (one core, a 256 × 4096 tile, one row of
-x), the product went from 0.6-1.1 to 1.3-2.0 G numbers/s for Q8_0, Q4_0 and Q4_K
-(docs/gguf.md). With many rows of x (a prompt) decoding once and one BLAS product is faster, so
-this is used for up to ``DOT_ROWS`` rows.
+- ``multiply`` (one row of x, ``DOT_ROWS``: decoding a token): one batched product over the
+  blocks gives every group's ``q · x``, and only those sums are scaled — a scale is applied once
+  per group, not once per number.
+- ``multiply_scaled`` (a few rows, up to ``SCALED_ROWS``: a short prompt): the integers are
+  multiplied by their group's scale where they are, and one BLAS product with the laid-out x
+  sums everything, as a decoded tile's product would.
 
-The result is the same sum computed in another order: within float32 rounding of the decoded
-product, not equal to its last bit (docs/gguf.md, "Numbers").
+Why: decoding a tile means unpacking nibbles into their places and multiplying every number by
+its scale in NumPy passes whose inner loops are only 16 or 32 numbers long; both ways here skip
+the unpacking, and the first also the per-number scaling. docs/gguf.md has the measurements
+(tests/benchmarks/bench_block_dots.py). The results are the same sums in another order: within
+float32 rounding of the decoded product, not equal to its last bit.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-DOT_ROWS = 1  # rows of x up to which a product takes the dots, not the decoded tile
+DOT_ROWS = 1  # rows of x up to which a product takes each group's dots (``multiply``)
+# ... and up to which it multiplies the scaled integers (``multiply_scaled``). Above, with a long
+# prompt, the product is bound by BLAS, and the integers' layout, up to twice as wide as the
+# numbers (Q6_K), costs more than decoding the tile once for all the rows.
+SCALED_ROWS = 16
 SKIP_BELOW = 0.75  # a plane reading less than this part of a block reads only its own bytes
 
 
@@ -52,6 +59,17 @@ class BlockDots:
             number_at = np.concatenate([np.arange(j, j + n) for _, j, n, _ in plane.runs])
             weight = np.concatenate([np.full(n, w, dtype=np.float32) for _, _, n, w in plane.runs])
             self.places.append((slice(first, end), byte_at, number_at, weight))
+        # For ``multiply_scaled``: the bytes a plane uses are consecutive chunks of ``chunk``
+        # bytes whose numbers share a group: which group, per chunk.
+        self.chunks = []
+        for read, byte_at, number_at, _ in self.places:
+            order = np.argsort(byte_at)
+            used, groups = byte_at[order], number_at[order] // form.group
+            chunk = math.gcd(form.group, *(n for _, _, n, _ in form.planes[len(self.chunks)].runs))
+            assert np.array_equal(used, np.arange(used[0], used[0] + len(used))), "a plane's bytes have gaps"
+            chunk_groups = groups[::chunk]
+            assert np.array_equal(groups, np.repeat(chunk_groups, chunk)), "a chunk spans two groups"
+            self.chunks.append((slice(int(used[0]), int(used[-1]) + 1), chunk, chunk_groups))
 
     def prepare(self, x: np.ndarray) -> tuple[list, np.ndarray]:
         """x (M, columns) float32 laid out for the tiles: per plane (blocks, block bytes, groups·M),
@@ -67,6 +85,21 @@ class BlockDots:
             weights.append(w.reshape(blocks, width, self.groups * m))
         sums = x.reshape(m, -1, self.form.group).sum(axis=-1)
         return weights, sums
+
+    def prepare_scaled(self, x: np.ndarray) -> tuple[list, np.ndarray]:
+        """x (M, columns) laid out for ``multiply_scaled``: per plane (blocks · bytes read, M),
+        x's number j (times its run's weight) at the byte holding q_j, zeros elsewhere; and x's
+        sums over each group, (M, columns / group)."""
+        m, columns = x.shape
+        blocks = columns // self.block_size
+        x_blocks = x.reshape(m, blocks, self.block_size)
+        layouts = []
+        for read, byte_at, number_at, weight in self.places:
+            width = read.stop - read.start
+            w = np.zeros((blocks, width, m), dtype=np.float32)
+            w[:, byte_at, :] = (x_blocks[:, :, number_at] * weight).transpose(1, 2, 0)
+            layouts.append(w.reshape(blocks * width, m))
+        return layouts, x.reshape(m, -1, self.form.group).sum(axis=-1)
 
     def scales(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(rows, blocks, block bytes) -> scale and offset (rows, blocks · groups), or offset None."""
@@ -95,6 +128,33 @@ class BlockDots:
             dots += np.matmul(floats.transpose(1, 0, 2), w)  # (blocks, rows, groups · M)
         dots = dots.reshape(blocks, rows, self.groups, m).transpose(1, 0, 2, 3).reshape(rows, -1, m)
         y = np.einsum("rgm,rg->rm", dots, scale)
+        if offset is not None:
+            y += offset @ sums.T
+        return y
+
+    def multiply_scaled(self, stored: np.ndarray, prepared: tuple, integers: np.ndarray, numbers: np.ndarray,
+                        scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+        """(rows, blocks, block bytes) tile times many rows of x -> (rows, M).
+
+        Each plane's integers, cast where their bytes are, are multiplied by their group's scale
+        (``scale · q``, the decoded number less its offset) and then by x laid out on the same
+        bytes (``prepare_scaled``) in one BLAS product; the offsets go in through x's group sums."""
+        layouts, sums = prepared
+        rows, blocks, _ = stored.shape
+        scale = scale.reshape(rows, blocks, self.groups)
+        y = np.zeros((rows, sums.shape[0]), dtype=np.float32)
+        for plane, (read, *_), (used, chunk, chunk_groups), x_layout in zip(
+                self.form.planes, self.places, self.chunks, layouts):
+            raw = stored[..., read]  # (rows, blocks, bytes read)
+            size = raw.size
+            floats = numbers[:size].reshape(raw.shape)
+            if plane.take is None:
+                np.copyto(floats, raw.view(np.int8))
+            else:
+                np.copyto(floats, plane.take(raw, integers[:size].reshape(raw.shape)))
+            q = floats[..., used].reshape(rows, blocks, -1, chunk)
+            np.multiply(q, scale[:, :, chunk_groups, None], out=q)
+            y += floats.reshape(rows, -1) @ x_layout
         if offset is not None:
             y += offset @ sums.T
         return y

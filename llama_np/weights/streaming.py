@@ -44,7 +44,7 @@ import threading
 import numpy as np
 
 from llama_np.weights import workers
-from llama_np.weights.block_dots import DOT_ROWS
+from llama_np.weights.block_dots import DOT_ROWS, SCALED_ROWS
 from llama_np.weights.codecs import CODECS, F16_EXPONENT_SCALE, sum_is_finite
 from llama_np.weights.workers import one_blas_thread, product_workers, run_parallel
 
@@ -156,8 +156,13 @@ class StreamedMatrix:
                   and float(np.abs(x2).max()) < F16_SCALED_INPUT_LIMIT)
         if scaled:
             x2 = x2 * F16_EXPONENT_SCALE
-        dots = (self.codec.dots if dtype == np.float32 and 0 < x2.shape[0] <= DOT_ROWS else None)
-        prepared = dots.prepare(x2) if dots else None
+        # A block-quantised W is multiplied without decoding it (weights/block_dots.py): one row of
+        # x by each group's dots, a few rows by its integers times their scales in one BLAS call.
+        dots = self.codec.dots if dtype == np.float32 and 0 < x2.shape[0] <= SCALED_ROWS else None
+        if dots is not None:
+            one_row = x2.shape[0] <= DOT_ROWS
+            prepared = dots.prepare(x2) if one_row else dots.prepare_scaled(x2)
+            multiply = dots.multiply if one_row else dots.multiply_scaled
         # W_tile @ xᵀ fills whole rows of yᵀ: one BLAS call per tile with a contiguous output,
         # several times faster here than x @ W_tileᵀ into a column block of y.
         y_t = np.empty((out_features, x2.shape[0]), dtype=dtype)  # (out, M)
@@ -176,7 +181,7 @@ class StreamedMatrix:
                 return None if failed else next(tiles, None)
 
         def multiply_tiles(worker: int) -> None:
-            if dots:
+            if dots is not None:
                 return multiply_quantised_tiles(worker)
             buffer = tile_buffer(worker, rows * in_features)
             try:
@@ -201,7 +206,7 @@ class StreamedMatrix:
                     stored = self.stored[start:stop]
                     scale, offset = dots.scales(stored)
                     self.check_scales(start, stop, scale, offset)
-                    y_t[start:stop] = dots.multiply(stored, prepared, integers, numbers, scale, offset)
+                    y_t[start:stop] = multiply(stored, prepared, integers, numbers, scale, offset)
             except BaseException:
                 failed.append(worker)
                 raise

@@ -1,11 +1,14 @@
-"""A streamed matrix times one row of x, per storage type: decoded tile by tile, or by its dots.
+"""A streamed matrix times x, per storage type: decoded tile by tile, or without decoding.
 
     env -u OPENBLAS_L2_SIZE OPENBLAS_CORETYPE=Haswell python tests/benchmarks/bench_block_dots.py
 
 A 4096 × 4096 matrix of N(0, 0.02²) weights in each type (the k-quants, which llama_np does not
-write, as random blocks with scales of about 1e-2), multiplied by one float32 row with both
-cores; the best of 3 repeats of 5 products, in G numbers of W per second. docs/gguf.md keeps a
-table of these figures. Not a test: the numbers depend on the machine.
+write, as random blocks with scales of about 1e-2), multiplied by 1, 8, 16 and 128 float32 rows of x
+with both cores, each way: decoding every tile, and (for the types with a ``DotForm``) the way
+a product takes without decoding — each group's dots for one row, the integers times their
+scales in one BLAS product for more. The best of 3 repeats of 5 products, in G numbers of W per
+second (for 128 rows, G multiply-adds per second / 128 would be the rate of rows). docs/gguf.md
+keeps a table of these figures. Not a test: the numbers depend on the machine.
 """
 
 import timeit
@@ -13,8 +16,10 @@ import timeit
 import numpy as np
 
 from llama_np.weights import streaming
+from llama_np.weights.block_dots import SCALED_ROWS
 from llama_np.weights.codecs import CODECS
 
+ROWS = (1, 8, 16, 128)
 SCALE_OFFSETS = {"Q4_K": [0, 2], "Q6_K": [208]}
 
 
@@ -40,16 +45,20 @@ def per_second(matrix, x) -> float:
 def main():
     rng = np.random.default_rng(0)
     weights = (rng.standard_normal((4096, 4096)) * 0.02).astype(np.float32)
-    x = rng.standard_normal((1, 4096)).astype(np.float32)
-    print(f"{'type':6} {'decoded':>8} {'dots':>8}   (G numbers of W per second, one row of x)")
+    print("G numbers of W per second, decoded tile by tile / without decoding, for 1, 8, 16, 128 rows of x")
+    print(f"{'type':6} " + " ".join(f"{f'{m} rows':>15}" for m in ROWS))
     for name in ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"):
         matrix = streaming.StreamedMatrix(stored(name, weights, rng), name, "w")
-        x @ matrix.T  # the first product checks the rows for inf and NaN
-        dots = per_second(matrix, x) if matrix.codec.dots is not None else None
-        rows, streaming.DOT_ROWS = streaming.DOT_ROWS, 0  # decode every tile
-        decoded = per_second(matrix, x)
-        streaming.DOT_ROWS = rows
-        print(f"{name:6} {decoded:8.2f} {'-' if dots is None else f'{dots:.2f}':>8}")
+        cells = []
+        for m in ROWS:
+            x = rng.standard_normal((m, 4096)).astype(np.float32)
+            x @ matrix.T  # the first product checks the rows for inf and NaN
+            dots, matrix.codec.dots = matrix.codec.dots, None  # decode every tile
+            decoded = per_second(matrix, x)
+            matrix.codec.dots = dots
+            without = dots is not None and m <= SCALED_ROWS  # more rows: the product decodes
+            cells.append(f"{decoded:.2f}" + (f" / {per_second(matrix, x):.2f}" if without else ""))
+        print(f"{name:6} " + " ".join(f"{cell:>15}" for cell in cells))
 
 
 if __name__ == "__main__":

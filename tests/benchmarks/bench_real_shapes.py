@@ -2,7 +2,8 @@
 
     OPENBLAS_CORETYPE=Haswell python tests/benchmarks/bench_real_shapes.py \\
         [--torch-python /path/to/venv-with-torch/bin/python] [--dir /tmp/llama-np-shapes] \\
-        [--shapes tinyllama,llama2-7b,llama2-70b-2l] [--model llama2-7b=/models/Llama-2-7b-hf]
+        [--shapes tinyllama,llama2-7b,llama2-70b-2l] [--model llama2-7b=/models/Llama-2-7b-hf] \\
+        [--gguf F16,Q8_0,Q4_0,Q4_K_M --llama-cpp /path/to/llama.cpp/build/bin]
 
 Writes (once, under --dir) random-weight checkpoints with the shapes of TinyLlama-1.1B
 (bfloat16), Llama-2-7B (float16) and a 2-layer Llama-2-70B (float16: GQA with 8 key/value
@@ -13,6 +14,14 @@ load time, first and warm forward over 8 and 128 tokens, greedy decoding in new 
 second (the cached steps after the prompt), and the peak private (anonymous) memory. In the
 same run it measures the machine's limits — float32 GEMM GFLOP/s and memory read bandwidth —
 and prints each llama_np figure as a fraction of the limit it could reach.
+
+With --gguf TYPES (say F16,Q8_0,Q4_0,Q4_K_M), each shape is also written as GGUF files of those
+types (``llama-np quantize``; the k-quant mixes by llama.cpp's ``llama-quantize`` from the F16
+file) and run by llama_np with its matrices streamed quantised (keep_widened=False) and, when
+--llama-cpp names a build directory holding ``llama-bench`` (or it is on PATH), by llama.cpp's
+``llama-bench`` on the same files and threads: forward over 8 and 128 tokens (its pp8, pp128),
+greedy decoding (tg), and the peak private memory of its process. The checkpoints get a made-up
+vocabulary of the shape's size so that llama.cpp loads them; the prompts are random ids.
 
 Transformers is optional: its rows are measured by --torch-python (default: this interpreter
 if it can import torch). Install it with
@@ -25,6 +34,7 @@ depend on the machine; docs/performance.md keeps a table of them.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,9 +66,13 @@ LENGTHS = (8, 128)
 # ---------------------------------------------------------------------------- memory
 
 
-def status_kib(field: str) -> int:
-    """A /proc/self/status field in KiB: RssAnon is the private (anonymous) resident memory."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def status_kib(field: str, pid="self") -> int:
+    """A /proc/<pid>/status field in KiB: RssAnon is the private (anonymous) resident memory."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # the process has just ended
+        return 0
+    for line in status.splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
@@ -150,6 +164,40 @@ def write_checkpoint(directory: Path, shape: dict) -> None:
     (directory / "config.json").write_text(json.dumps(config_json, indent=2))
 
 
+def write_vocabulary(directory: Path, size: int) -> None:
+    """A sentencepiece tokenizer.model of ``size`` pieces beside the checkpoint: Llama 2's special
+    and byte pieces, then made-up words. Only so that llama.cpp loads the GGUF files."""
+    from llama_np.formats.sentencepiece_model import BYTE, CONTROL, NORMAL, UNKNOWN, model_proto
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256
+    pieces += [f"\u2581w{i}" for i in range(size - len(pieces))]
+    types += [NORMAL] * (size - len(types))
+    scores = [0.0] * 259 + [-float(i) for i in range(size - 259)]
+    (directory / "tokenizer.model").write_bytes(model_proto(pieces, scores, types, unk_id=0, bos_id=1, eos_id=2))
+
+
+def write_gguf(checkpoint: Path, gguf_type: str, directory: Path, llama_cpp: Path | None) -> Path | str:
+    """The shape's GGUF file of ``gguf_type`` (written once), or why there is none."""
+    path = directory / f"model-{gguf_type}.gguf"
+    if path.exists():
+        return path
+    start = time.perf_counter()
+    if gguf_type.startswith("Q") and "_K" in gguf_type:  # a k-quant mix: only llama.cpp writes them
+        if llama_cpp is None:
+            return "needs llama.cpp's llama-quantize (--llama-cpp)"
+        f16 = write_gguf(checkpoint, "F16", directory, llama_cpp)
+        command = [str(llama_cpp / "llama-quantize"), str(f16), str(path), gguf_type, "2"]
+    else:
+        command = [sys.executable, "-m", "llama_np", "quantize", str(checkpoint), str(path), "--type", gguf_type]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        path.unlink(missing_ok=True)
+        return "could not write it: " + ((done.stderr.strip().splitlines() or ["failed"])[-1])[:80]
+    print(f"wrote {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return path
+
+
 def full_model_policy(config: dict, layers: int = 80) -> str:
     """What from_pretrained would choose for the whole model whose first layers a shape holds."""
     from llama_np.weights.memory import keep_widened_limit, streamed_widened_budget
@@ -168,15 +216,15 @@ def evict_files(directory: Path) -> None:
     every fresh allocation of a run first waits for the kernel to reclaim some of it. Each shape
     is measured as a user holding just that checkpoint would run it: the others evicted first.
     """
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("gguf/*.gguf")):
         with open(path, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def read_files_once(directory: Path) -> float:
+def read_files_once(directory: Path, pattern: str = "*.safetensors") -> float:
     """Read every weight file once so it is in the page cache; seconds taken."""
     start = time.perf_counter()
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in sorted(directory.glob(pattern)):
         with open(path, "rb") as f:
             while f.read(64 * 1024**2):
                 pass
@@ -227,9 +275,8 @@ def measure_llama_np(path: Path, threads: int, repeats: int, new_tokens: int, fi
     for name in weights.tensors:
         if name == "model.embed_tokens.weight":
             continue  # only the rows of the new tokens are read
-        elements = int(np.prod(weights.shape(name)))
         kept = name in weights._widened
-        read += elements * (4 if kept else weights.tensors[name].nbytes // max(elements, 1))
+        read += int(np.prod(weights.shape(name))) * 4 if kept else weights.tensors[name].nbytes
     result["bytes_per_token"] = read
     result["matmul_parameters"] = sum(int(np.prod(weights.shape(n))) for n in weights.tensors
                                       if n != "model.embed_tokens.weight" and len(weights.shape(n)) == 2)
@@ -261,6 +308,85 @@ def measure_transformers(path: Path, dtype: str, threads: int, repeats: int, new
         result["tokens_per_second"] = (new_tokens - 1) / (time.perf_counter() - start)
     result["peak_private_gb"] = peak.stop()
     return result
+
+
+def measure_llama_cpp(bench: Path, path: Path, threads: int, new_tokens: int) -> dict:
+    """llama.cpp's llama-bench on the same file: pp8, pp128 and tg as forward seconds and tokens/s,
+    and the largest private memory of its process, sampled every 5 ms."""
+    import tempfile
+
+    command = [str(bench), "-m", str(path), "-t", str(threads), "-p", ",".join(map(str, LENGTHS)),
+               "-n", str(new_tokens), "-r", "3", "-o", "json"]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, status_kib("RssAnon", process.pid))
+            time.sleep(0.005)
+        out.seek(0), err.seek(0)
+        if process.returncode != 0:
+            return {"error": (err.read().strip().splitlines() or ["failed"])[-1]}
+        entries = json.loads(out.read())
+    result = {"library": f"llama.cpp {entries[0].get('build_commit', '')}", "load": None, "first8": None,
+              "first128": None, "peak_private_gb": peak * 1024 / 1e9}
+    for entry in entries:
+        if entry["n_gen"]:
+            result["tokens_per_second"] = entry["avg_ts"]
+        else:
+            result[f"warm{entry['n_prompt']}"] = entry["n_prompt"] / entry["avg_ts"]
+    return result
+
+
+def gguf_rows(shape_name: str, shape: dict, path: Path, types: list, llama_cpp: Path | None, all_dirs: list,
+              env: dict, threads: int) -> list:
+    """llama_np (streamed) and llama.cpp on the shape's GGUF files, one type at a time."""
+    rows = []
+    if not (path / "tokenizer.model").exists():
+        write_vocabulary(path, shape["config"]["vocab_size"])
+    for gguf_type in types:
+        file = write_gguf(path, gguf_type, path / "gguf", llama_cpp)
+        if isinstance(file, str):
+            rows.append(dict(shape=shape_name, implementation=f"{gguf_type} GGUF", skipped=file))
+            continue
+        for directory in all_dirs:
+            evict_files(directory)
+        print(f"{shape_name} {gguf_type}: page cache warmed in {read_files_once(file.parent, file.name):.0f} s",
+              file=sys.stderr)
+        common = ["--path", str(file), "--threads", str(threads), "--repeats", str(shape["repeats"]),
+                  "--new-tokens", str(shape["new_tokens"])]
+        r = child([sys.executable, __file__, "--child", "llama_np", "--stream"] + common, env)
+        rows.append(dict(r, shape=shape_name, implementation=f"llama_np {gguf_type} streamed", gguf=gguf_type))
+        print(f"  llama_np {gguf_type}: {r}", file=sys.stderr)
+        if llama_cpp is not None and (llama_cpp / "llama-bench").exists():
+            r = measure_llama_cpp(llama_cpp / "llama-bench", file, threads, shape["new_tokens"] * 4)
+            rows.append(dict(r, shape=shape_name, implementation=f"llama.cpp {gguf_type}", gguf=gguf_type))
+            print(f"  llama.cpp {gguf_type}: {r}", file=sys.stderr)
+    return rows
+
+
+def gguf_report(results: list) -> None:
+    """Each GGUF file: llama_np as a fraction of llama.cpp; each quantised type against F16 in llama_np."""
+    by = {(r["shape"], r["implementation"]): r for r in results if "gguf" in r and "error" not in r}
+    if not by:
+        return
+    print("\nGGUF, the same file: llama_np's time / llama.cpp's for a forward; for decoding, our tokens/s "
+          "as a fraction of theirs; peak private memory, ours and theirs:")
+    for (shape, implementation), ours in by.items():
+        theirs = by.get((shape, f"llama.cpp {ours['gguf']}"))
+        if not implementation.startswith("llama_np") or theirs is None:
+            continue
+        print(f"  {shape} {ours['gguf']}: fwd 8 {ours['warm8'] / theirs['warm8']:.2f}x, fwd 128 "
+              f"{ours['warm128'] / theirs['warm128']:.2f}x, decoding "
+              f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f} of their tokens/s, memory "
+              f"{ours['peak_private_gb']:.2f} GB / {theirs['peak_private_gb']:.2f} GB")
+    print("\nllama_np, each quantised file against the same shape's F16 file (both streamed):")
+    for (shape, implementation), ours in by.items():
+        f16 = by.get((shape, "llama_np F16 streamed"))
+        if not implementation.startswith("llama_np") or f16 is None or ours is f16:
+            continue
+        print(f"  {shape} {ours['gguf']}: decoding {ours['tokens_per_second'] / f16['tokens_per_second']:.2f}x "
+              f"F16's tokens/s, fwd 128 {ours['warm128'] / f16['warm128']:.2f}x F16's time, peak private "
+              f"{ours['peak_private_gb']:.2f} GB against {f16['peak_private_gb']:.2f} GB")
 
 
 # ---------------------------------------------------------------------------- the machine
@@ -318,13 +444,13 @@ def report(results: list, limits: dict) -> None:
             print(row([r["shape"], r["implementation"], r.get("skipped") or "error: " + r["error"][:60]]
                       + [""] * 6, widths))
             continue
-        print(row([r["shape"], r["implementation"], seconds(r["load"]), seconds(r["first8"]), seconds(r["warm8"]),
-                   seconds(r["first128"]), seconds(r["warm128"]), f"{r['tokens_per_second']:.2f}",
+        print(row([r["shape"], r["implementation"], seconds(r.get("load")), seconds(r.get("first8")),
+                   seconds(r["warm8"]), seconds(r.get("first128")), seconds(r["warm128"]), f"{r['tokens_per_second']:.2f}",
                    f"{r['peak_private_gb']:.2f} GB"], widths))
     print("\nllama_np against the machine's limits (forward: 2·params·T FLOPs at the GEMM rate; "
           "decoding: the weight bytes one step reads at the read bandwidth):")
     for r in results:
-        if not r["implementation"].startswith("llama_np") or "error" in r:
+        if not r["implementation"].startswith("llama_np") or "error" in r or "skipped" in r:
             continue
         flops = {T: 2 * r["matmul_parameters"] * T for T in LENGTHS}
         limit = {T: flops[T] / (limits["gemm_gflops"] * 1e9) for T in LENGTHS}
@@ -332,11 +458,12 @@ def report(results: list, limits: dict) -> None:
         print(f"  {r['shape']}: warm fwd 8 {limit[8] / r['warm8']:.0%} of {seconds(limit[8])}, "
               f"warm fwd 128 {limit[128] / r['warm128']:.0%} of {seconds(limit[128])}, decoding "
               f"{r['tokens_per_second'] / decode_limit:.0%} of {decode_limit:.2f} tokens/s "
-              f"({r['bytes_per_token'] / 1e9:.1f} GB a step); the first forward of a process, "
-              f"over 128 tokens, takes {r['first128'] / r['warm128']:.2f}x a warm one, over 8 tokens "
-              f"{r['first8'] / r['warm8']:.2f}x" + ("" if r["implementation"] == "llama_np" else " (streamed)"))
+              f"({r['bytes_per_token'] / 1e9:.1f} GB a step)"
+              + ("" if "first128" not in r else f"; the first forward of a process, over 128 tokens, takes "
+                 f"{r['first128'] / r['warm128']:.2f}x a warm one, over 8 tokens {r['first8'] / r['warm8']:.2f}x")
+              + ("" if r["implementation"] == "llama_np" else f" ({r['implementation'][9:]})"))
     print("\nratios: llama_np's time / Transformers' for a warm forward; for decoding, our tokens/s / theirs:")
-    by = {(r["shape"], r["implementation"]): r for r in results if "load" in r}
+    by = {(r["shape"], r["implementation"]): r for r in results if "load" in r and "gguf" not in r}
     for shape in dict.fromkeys(r["shape"] for r in results):
         ours = by.get((shape, "llama_np"))
         for key, theirs in by.items():
@@ -356,6 +483,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--gguf", default="", metavar="TYPES",
+                        help="also GGUF files of these types, e.g. F16,Q8_0,Q4_0,Q4_K_M")
+    parser.add_argument("--gguf-only", action="store_true", help="only the GGUF rows")
+    parser.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                        help="llama.cpp's build/bin (llama-bench, llama-quantize); default: found on PATH")
     parser.add_argument("--child", choices=["llama_np", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -381,6 +513,13 @@ def main():
               "(or pass --torch-python)", file=sys.stderr)
     limits = dict(machine_limits(args.threads), threads=args.threads)
     print(f"machine: {limits['gemm_gflops']:.0f} GFLOP/s, {limits['read_gb_per_s']:.1f} GB/s", file=sys.stderr)
+    gguf_types = [t for t in args.gguf.split(",") if t]
+    llama_cpp = args.llama_cpp
+    if llama_cpp is None and shutil.which("llama-bench"):
+        llama_cpp = Path(shutil.which("llama-bench")).parent
+    if gguf_types and (llama_cpp is None or not (llama_cpp / "llama-bench").exists()):
+        print("llama.cpp rows left out: no llama-bench (build llama.cpp as tests/reference/README.md says, "
+              "with --target llama-bench llama-quantize, and pass --llama-cpp DIR/build/bin)", file=sys.stderr)
     results = []
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
@@ -389,6 +528,12 @@ def main():
             start = time.perf_counter()
             write_checkpoint(path, shape)
             print(f"wrote {path} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if gguf_types:
+            all_dirs = [Path(given.get(other, args.dir / other)) for other in SHAPES]
+            results += gguf_rows(shape_name, shape, path, gguf_types, llama_cpp,
+                                 [d for d in all_dirs if d.is_dir()], env, args.threads)
+        if args.gguf_only:
+            continue
         common = ["--path", str(path), "--threads", str(args.threads), "--repeats", str(shape["repeats"]),
                   "--new-tokens", str(shape["new_tokens"])]
         for other in SHAPES:
@@ -427,6 +572,7 @@ def main():
                   f"{c['vocab_size'] * c['hidden_size'] * 4 / 1e9:.2f} GB", file=sys.stderr)
             print(f"  {full_model_policy(c)}", file=sys.stderr)
     report(results, limits)
+    gguf_report(results)
     if args.json:
         args.json.write_text(json.dumps({"limits": limits, "results": results}, indent=2))
 
