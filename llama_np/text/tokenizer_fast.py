@@ -88,7 +88,8 @@ def sentencepiece_merges(pieces: list[str], scores: list[float]) -> list[tuple[s
     return [(left, right) for left, right, _ in merges]
 
 
-def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: bool = True):
+def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: bool = True,
+                          model_bytes: bytes | None = None):
     """A ``tokenizers.Tokenizer`` equal to what Transformers 4.45.2's ``LlamaConverter`` builds.
 
     The first three pieces (``<unk>``, ``<s>``, ``</s>``) get score 0; control pieces (and
@@ -96,12 +97,14 @@ def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: boo
     ``Prepend("▁")`` (when ``add_prefix_space``) and ``Replace(" ", "▁")``; legacy=False has no
     normalizer but a ``Metaspace`` pre-tokenizer that prepends "▁" to the first chunk only
     (``prepend_scheme="first"``, or ``"never"`` without ``add_prefix_space``). The post-processor
-    is set by ``LlamaTokenizerFast.update_post_processor``.
+    is set by ``LlamaTokenizerFast.update_post_processor``. Given ``model_bytes`` (a GGUF file's
+    vocabulary as a sentencepiece model), they are converted and ``vocab_file`` only names
+    where they came from.
     """
     tokenizers = _tokenizers()
     from tokenizers import decoders, models, normalizers, pre_tokenizers  # optional extra llama-np[fast]
 
-    model = read_model(vocab_file)
+    model = read_model(vocab_file, model_bytes)
     if model.model_type != BPE_MODEL:
         raise TokenizerError(
             f"{vocab_file} is a sentencepiece model of type {model.model_type}, not BPE (type "
