@@ -7,7 +7,9 @@ stored files (tests/reference/make_gguf_reference.py, tests/data/gguf/manifest.j
 """
 
 import json
+import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -470,6 +472,124 @@ def test_a_gguf_file_without_a_llama_vocabulary_is_a_tokenizer_error(tmp_path):
                                        kv("tokenizer.ggml.model", 8, string("gpt2"))], []))
     with pytest.raises(TokenizerError, match="tokenizer.ggml.model is 'gpt2'"):
         LlamaTokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------- the fast tokenizer
+
+
+TINY_GGUF = GGUF_DATA / "tiny-shakespeare-Q4_0.gguf"
+# Beside the stored texts: newlines and tabs, characters the 2000-piece vocabulary lacks (spelled
+# as <0xNN> byte pieces), special-token strings inside text, the empty string.
+AWKWARD = ["\n", "a\n\nb\n", "x\ty", "🙂", "x 🙂 y", "é", "日本語テキスト", "", "Hello <s>.",
+           "a</s>b", "<unk>x", "ROMEO:\nTwo  spaces, then   three."]
+# Texts that start with a space, where Metaspace (Transformers' rule) and sentencepiece differ.
+LEADING_SPACE = ["  two", " lead", "   ", " ▁a", "  <s>  x  ", TEXTS[LEADING_SPACES]]
+
+
+@pytest.fixture(scope="module")
+def fast_gguf():
+    pytest.importorskip("tokenizers")
+    from llama_np import LlamaTokenizerFast
+
+    return LlamaTokenizerFast.from_pretrained(TINY_GGUF)
+
+
+@pytest.mark.parametrize("index", range(len(TEXTS)))
+def test_the_fast_tokenizer_of_a_gguf_file_gives_transformers_ids(fast_gguf, index):
+    """Every stored text, the leading spaces of TEXTS[2] included: Transformers' tokenizer of a
+    GGUF file is the tokenizers library's, as this one is."""
+    assert fast_gguf(TEXTS[index])["input_ids"] == REFERENCE[f"tokenizer/{index}"].tolist()
+
+
+def test_the_fast_tokenizer_of_a_gguf_file_encodes_and_decodes_as_the_slow_one(fast_gguf):
+    slow = LlamaTokenizer.from_pretrained(TINY_GGUF)
+    texts = [text for i, text in enumerate(TEXTS) if i != LEADING_SPACES] + AWKWARD
+    byte_pieces = 0
+    for text in texts:
+        ids = slow(text)["input_ids"]
+        assert fast_gguf(text)["input_ids"] == ids, text
+        assert fast_gguf.decode(ids) == slow.decode(ids), text
+        assert fast_gguf.decode(ids, skip_special_tokens=True) == slow.decode(ids, skip_special_tokens=True), text
+        if not any(token in text for token in slow.all_special_tokens):
+            assert fast_gguf.decode(ids, skip_special_tokens=True) == text
+        byte_pieces += sum(token.startswith("<0x") for token in fast_gguf.tokenize(text))
+    assert byte_pieces >= 10  # the byte fallback was exercised
+
+
+def test_the_fast_tokenizer_of_a_gguf_file_is_the_tokenizer_model_it_came_from_converted_with_legacy_false(fast_gguf):
+    """The whole tokenizer.json (tests/test_tokenizer_fast.py pins the conversion against
+    Transformers' converter); texts starting with a space follow Metaspace, which puts no "▁" in
+    front of a text that already starts with one, where sentencepiece does."""
+    from llama_np import LlamaTokenizerFast
+
+    original = LlamaTokenizerFast(vocab_file=LlamaTokenizer.from_pretrained("tiny-shakespeare").vocab_file,
+                                  legacy=False)
+    assert json.loads(fast_gguf.backend_tokenizer.to_str()) == json.loads(original.backend_tokenizer.to_str())
+    slow = LlamaTokenizer.from_pretrained(TINY_GGUF)
+    for text in LEADING_SPACE:
+        ids = fast_gguf(text)["input_ids"]
+        assert ids == original(text)["input_ids"], text
+        fast_spaces, slow_spaces = ("".join(t.tokenize(text)).count("▁") for t in (fast_gguf, slow))
+        assert fast_spaces == slow_spaces - 1, text  # one "▁" fewer than sentencepiece
+        assert fast_gguf.decode(ids, skip_special_tokens=True) == slow.decode(ids, skip_special_tokens=True)
+    assert (fast_gguf.bos_token, fast_gguf.eos_token, fast_gguf.unk_token, fast_gguf.pad_token) == ("<s>", "</s>", "<unk>", None)
+    assert (fast_gguf.add_bos_token, fast_gguf.add_eos_token, fast_gguf.legacy) == (True, False, False)
+
+
+def test_gguf_file_names_the_file_for_the_fast_tokenizer_as_in_transformers(fast_gguf):
+    from llama_np import LlamaTokenizerFast
+
+    also = LlamaTokenizerFast.from_pretrained(GGUF_DATA, gguf_file=TINY_GGUF.name)
+    assert json.loads(also.backend_tokenizer.to_str()) == json.loads(fast_gguf.backend_tokenizer.to_str())
+    assert [also(text)["input_ids"] for text in TEXTS] == [REFERENCE[f"tokenizer/{i}"].tolist() for i in range(len(TEXTS))]
+    overridden = LlamaTokenizerFast.from_pretrained(TINY_GGUF, add_eos_token=True)
+    assert overridden("Hello world")["input_ids"][-1] == overridden.eos_token_id == 2
+
+
+def test_save_pretrained_of_the_fast_tokenizer_of_a_gguf_file_loads_back_the_same(fast_gguf, tmp_path):
+    from llama_np import LlamaTokenizerFast
+    from llama_np.text.tokenizer_fast import read_gguf_vocabulary
+
+    paths = fast_gguf.save_pretrained(tmp_path)
+    assert sorted(Path(p).name for p in paths) == ["special_tokens_map.json", "tokenizer.json",
+                                                   "tokenizer.model", "tokenizer_config.json"]
+    # the vocabulary as a sentencepiece model, not a copy of the GGUF file it came from
+    assert (tmp_path / "tokenizer.model").read_bytes() == read_gguf_vocabulary(TINY_GGUF)[0]
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))["legacy"] is False
+    fast, slow = LlamaTokenizerFast.from_pretrained(tmp_path), LlamaTokenizer.from_pretrained(tmp_path)
+    slow_of_gguf = LlamaTokenizer.from_pretrained(TINY_GGUF)
+    for text in TEXTS + AWKWARD + LEADING_SPACE:
+        ids = fast_gguf(text)["input_ids"]
+        assert fast(text)["input_ids"] == ids, text
+        assert fast.decode(ids) == fast_gguf.decode(ids), text
+        assert slow(text)["input_ids"] == slow_of_gguf(text)["input_ids"], text
+
+
+def test_a_gguf_file_without_a_llama_vocabulary_is_a_tokenizer_error_naming_it_for_the_fast_tokenizer(tmp_path):
+    pytest.importorskip("tokenizers")
+    from llama_np import LlamaTokenizerFast
+
+    path = write(tmp_path, gguf_bytes([kv("general.architecture", 8, string("llama")),
+                                       kv("tokenizer.ggml.model", 8, string("gpt2"))], []))
+    with pytest.raises(TokenizerError, match=re.escape(f"{path}: tokenizer.ggml.model is 'gpt2'")):
+        LlamaTokenizerFast.from_pretrained(path)
+    with pytest.raises(TokenizerError, match=re.escape(f"{path}: tokenizer.ggml.model is 'gpt2'")):
+        LlamaTokenizerFast.from_pretrained(tmp_path, gguf_file=path.name)
+    no_tokenizer = GGUF_DATA / "gqa_f32-Q4_0.gguf"
+    with pytest.raises(TokenizerError, match=re.escape(f"{no_tokenizer}: holds no tokenizer")):
+        LlamaTokenizerFast.from_pretrained(no_tokenizer)
+    truncated = write(tmp_path, small_file()[:20])  # the reader's CheckpointError, as a TokenizerError
+    with pytest.raises(TokenizerError, match=re.escape(str(truncated))):
+        LlamaTokenizerFast.from_pretrained(truncated)
+
+
+def test_without_the_tokenizers_package_the_fast_tokenizer_of_a_gguf_file_names_the_extra(monkeypatch):
+    from llama_np import LlamaTokenizerFast
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # what an environment without it looks like
+    with pytest.raises(TokenizerError, match=re.escape("needs the 'tokenizers' package: pip install 'llama-np[fast]'")):
+        LlamaTokenizerFast.from_pretrained(TINY_GGUF)
+    assert LlamaTokenizer.from_pretrained(TINY_GGUF)("Hello world")["input_ids"] == REFERENCE["tokenizer/0"].tolist()
 
 
 # ---------------------------------------------------------------------------- the command line

@@ -134,17 +134,20 @@ class BPEModel:
         return ids
 
 
-def read_model(path: str | Path) -> BPEModel:
+def read_model(path: str | Path, model_bytes: bytes | None = None) -> BPEModel:
     """Read a sentencepiece ``tokenizer.model`` (a serialized ModelProto) into a BPEModel.
+
+    Given ``model_bytes`` (a model built from a GGUF file's vocabulary, which is no file), they
+    are read instead and ``path`` only names where they came from in errors.
 
     ModelProto fields used: 1 = repeated SentencePiece {1: piece, 2: score (float), 3: type},
     2 = TrainerSpec {3: model_type (default unigram), 45: unk_piece}, 3 = NormalizerSpec
     {3: add_dummy_prefix (default true)}.
     """
     path = Path(path)
-    if not is_file(path, TokenizerError):
+    if model_bytes is None and not is_file(path, TokenizerError):
         raise TokenizerError(f"{path} does not exist")
-    data = read_bytes(path, TokenizerError)
+    data = read_bytes(path, TokenizerError) if model_bytes is None else model_bytes
     pieces, scores, types, add_dummy_prefix = [], [], [], True
     model_type, unk_piece = UNIGRAM_MODEL, "<unk>"
     try:

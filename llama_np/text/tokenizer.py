@@ -32,12 +32,12 @@ from pathlib import Path
 import sentencepiece as spm
 
 from llama_np.formats.files import atomic_write, is_file, read_bytes
-from llama_np.formats.gguf import gguf_tokenizer, is_gguf_file, read_gguf
+from llama_np.formats.gguf import is_gguf_file
 from llama_np.formats.locate import resolve_model_path
 from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.inputs import is_integer
 from llama_np.text.base import SPECIAL_TOKEN_NAMES, TOKENIZER_CONFIG_NAME, VERY_LARGE_INTEGER, TokenizerBase, _check_ids, _check_settings, _check_side, _check_text, _check_token_string, check_added_tokens, clean_up_tokenization, read_pretrained_settings
-from llama_np.text.tokenizer_fast import TOKENIZER_FILE_NAME, LlamaTokenizerFast
+from llama_np.text.tokenizer_fast import TOKENIZER_FILE_NAME, LlamaTokenizerFast, read_gguf_vocabulary
 
 SPIECE_UNDERLINE = "▁"  # sentencepiece's visible space, U+2581
 VOCAB_FILE_NAME = "tokenizer.model"
@@ -617,15 +617,11 @@ class LlamaTokenizer(TokenizerBase):
 
     @classmethod
     def from_gguf(cls, path, **kwargs):
-        """The tokenizer of a GGUF file: its vocabulary as a sentencepiece model
-        (``formats.gguf.gguf_tokenizer``), bos/eos/unk/pad and ``add_bos_token`` from its
-        header, ``legacy=False`` as Transformers' tokenizer of a GGUF file behaves (keyword
-        arguments override these)."""
-        try:
-            model_bytes, settings = gguf_tokenizer(read_gguf(path))
-        except CheckpointError as error:
-            raise TokenizerError(str(error)) from None
-        settings.update(legacy=False)
+        """The tokenizer of a GGUF file: its vocabulary as a sentencepiece model, bos/eos/unk/pad
+        and ``add_bos_token`` from its header, ``legacy=False`` as Transformers' tokenizer of a
+        GGUF file behaves (``tokenizer_fast.read_gguf_vocabulary``, shared with
+        ``LlamaTokenizerFast.from_gguf``); keyword arguments override these."""
+        model_bytes, settings = read_gguf_vocabulary(path)
         settings.update(kwargs)
         return cls(path, model_bytes=model_bytes, **settings)
 

@@ -16,7 +16,9 @@ beside, sentencepiece's ``tokenizer.model``. That file spells out the whole pipe
 When a directory holds only ``tokenizer.model``, ``convert_sentencepiece`` builds that same
 ``tokenizer.json`` the way Transformers' Llama converter does: the merges come from the pieces'
 scores (a piece's score is minus its merge rank, see llama_np/text/bpe.py), which is why one BPE can be
-written both ways (notebook 01).
+written both ways (notebook 01). A GGUF file's ``tokenizer.ggml.*`` vocabulary is converted
+the same way from the sentencepiece model ``formats.gguf`` builds from it, with legacy=False as
+Transformers reads it (``from_gguf``, ``read_gguf_vocabulary``).
 
 The ``tokenizers`` library is the optional extra ``llama-np[fast]``; without it, building a
 ``LlamaTokenizerFast`` is a TokenizerError that says what to install.
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from llama_np.errors import CheckpointError, TokenizerError
 from llama_np.formats.files import atomic_write, atomic_write_text, is_file, read_bytes
+from llama_np.formats.gguf import gguf_tokenizer, is_gguf_file, read_gguf
 from llama_np.formats.locate import resolve_model_path
 from llama_np.inputs import is_integer
 from llama_np.text.base import (
@@ -88,7 +91,8 @@ def sentencepiece_merges(pieces: list[str], scores: list[float]) -> list[tuple[s
     return [(left, right) for left, right, _ in merges]
 
 
-def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: bool = True):
+def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: bool = True,
+                          model_bytes: bytes | None = None):
     """A ``tokenizers.Tokenizer`` equal to what Transformers 4.45.2's ``LlamaConverter`` builds.
 
     The first three pieces (``<unk>``, ``<s>``, ``</s>``) get score 0; control pieces (and
@@ -96,12 +100,14 @@ def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: boo
     ``Prepend("▁")`` (when ``add_prefix_space``) and ``Replace(" ", "▁")``; legacy=False has no
     normalizer but a ``Metaspace`` pre-tokenizer that prepends "▁" to the first chunk only
     (``prepend_scheme="first"``, or ``"never"`` without ``add_prefix_space``). The post-processor
-    is set by ``LlamaTokenizerFast.update_post_processor``.
+    is set by ``LlamaTokenizerFast.update_post_processor``. Given ``model_bytes`` (a GGUF file's
+    vocabulary as a sentencepiece model), they are converted and ``vocab_file`` only names
+    where they came from.
     """
     tokenizers = _tokenizers()
     from tokenizers import decoders, models, normalizers, pre_tokenizers  # optional extra llama-np[fast]
 
-    model = read_model(vocab_file)
+    model = read_model(vocab_file, model_bytes)
     if model.model_type != BPE_MODEL:
         raise TokenizerError(
             f"{vocab_file} is a sentencepiece model of type {model.model_type}, not BPE (type "
@@ -129,6 +135,25 @@ def convert_sentencepiece(vocab_file, legacy: bool = True, add_prefix_space: boo
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
     return tokenizer
+
+
+def read_gguf_vocabulary(path) -> tuple[bytes, dict]:
+    """A GGUF file's ``tokenizer.ggml.*`` vocabulary as a sentencepiece model (serialized
+    ModelProto) and the settings both tokenizer classes take from it: bos/eos/unk/pad,
+    ``add_bos_token``, ``add_eos_token``, the chat template, and ``legacy=False``.
+
+    legacy=False because that is how Transformers tokenizes a GGUF file's vocabulary: a
+    ``Metaspace`` pre-tokenizer and no normalizer, so "▁" goes in front of the text only, not in
+    front of each chunk after a special token ("<s> and" gives "<s>", "▁and", not "<s>", "▁",
+    "▁and"). Any failure, a file with no llama vocabulary included, is one TokenizerError
+    naming the file.
+    """
+    try:
+        model_bytes, settings = gguf_tokenizer(read_gguf(path))
+    except CheckpointError as error:
+        raise TokenizerError(str(error)) from None
+    settings.update(legacy=False)
+    return model_bytes, settings
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +185,8 @@ class LlamaTokenizerFast(TokenizerBase):
         tokenizer_file: ``tokenizer.json``.
         legacy, add_prefix_space: how a converted ``tokenizer.model`` places "▁" (see
             ``convert_sentencepiece``); a ``tokenizer.json`` already says it.
+        model_bytes: the sentencepiece model itself when it is not a file (built from a GGUF
+            file's vocabulary, see ``from_gguf``); ``vocab_file`` then names the file it came from.
         padding_side: "left" by default, Transformers' class default for the fast Llama
             tokenizer (the slow one pads on the right); checkpoints usually set it.
         The other arguments are those of ``LlamaTokenizer``.
@@ -183,6 +210,7 @@ class LlamaTokenizerFast(TokenizerBase):
         additional_special_tokens=None,
         clean_up_tokenization_spaces=False,
         chat_template=None,
+        model_bytes=None,
     ):
         _check_settings(dict(add_bos_token=add_bos_token, add_eos_token=add_eos_token, legacy=legacy,
                              add_prefix_space=add_prefix_space, model_max_length=model_max_length,
@@ -190,6 +218,7 @@ class LlamaTokenizerFast(TokenizerBase):
         self.legacy = True if legacy is None else legacy
         self.add_prefix_space = add_prefix_space
         self.vocab_file = None if vocab_file is None else str(vocab_file)
+        self._model_bytes = model_bytes
         self.tokenizer_file = None if tokenizer_file is None else str(tokenizer_file)
         self._tokenizer = self._build_backend()
         # Padding or truncation saved in tokenizer.json: Transformers takes the pad token from it
@@ -234,7 +263,8 @@ class LlamaTokenizerFast(TokenizerBase):
                 ) from None
         if self.vocab_file is not None:
             return convert_sentencepiece(self.vocab_file, self.legacy,
-                                         True if self.add_prefix_space is None else self.add_prefix_space)
+                                         True if self.add_prefix_space is None else self.add_prefix_space,
+                                         model_bytes=self._model_bytes)
         if self.tokenizer_file is not None:
             raise TokenizerError(
                 f"add_prefix_space={self.add_prefix_space!r} changes how tokenizer.json is built, "
@@ -521,16 +551,22 @@ class LlamaTokenizerFast(TokenizerBase):
     # files
 
     @classmethod
-    def from_pretrained(cls, name_or_path, revision=None, **kwargs) -> "LlamaTokenizerFast":
+    def from_pretrained(cls, name_or_path, revision=None, gguf_file=None, **kwargs) -> "LlamaTokenizerFast":
         """Load from a directory, a bundled model name or a repo id in the Hugging Face cache.
 
         Reads ``tokenizer.json`` when there is one, else converts ``tokenizer.model``;
         ``tokenizer_config.json`` and ``special_tokens_map.json`` as ``LlamaTokenizer`` does.
+        A GGUF file (its path, or its directory and ``gguf_file``) gives the tokenizer of its
+        ``tokenizer.ggml.*`` vocabulary (``from_gguf``).
         """
+        if gguf_file is None and is_gguf_file(name_or_path):
+            return cls.from_gguf(name_or_path, **kwargs)
         try:
             directory = resolve_model_path(name_or_path, revision=revision)
         except CheckpointError as error:
             raise TokenizerError(str(error)) from None
+        if gguf_file is not None:
+            return cls.from_gguf(directory / gguf_file, **kwargs)
         tokenizer_file, vocab_file = directory / TOKENIZER_FILE_NAME, directory / VOCAB_FILE_NAME
         files = {
             "tokenizer_file": tokenizer_file if is_file(tokenizer_file, TokenizerError) else None,
@@ -545,12 +581,30 @@ class LlamaTokenizerFast(TokenizerBase):
         check_added_tokens(tokenizer, added_tokens, directory / TOKENIZER_CONFIG_NAME)
         return tokenizer
 
-    def save_vocabulary(self, save_directory, filename_prefix=None) -> tuple[str]:
-        """Copy the sentencepiece model to ``save_directory/[prefix-]tokenizer.model``.
+    @classmethod
+    def from_gguf(cls, path, **kwargs) -> "LlamaTokenizerFast":
+        """The tokenizer of a GGUF file, as ``LlamaTokenizer.from_gguf`` reads it
+        (``read_gguf_vocabulary``): its vocabulary converted as a ``tokenizer.model`` is, with
+        ``legacy=False``; keyword arguments override the file's settings."""
+        _tokenizers()  # say what to install before reading the file
+        model_bytes, settings = read_gguf_vocabulary(path)
+        settings.update(kwargs)
+        return cls(vocab_file=path, model_bytes=model_bytes, **settings)
 
-        Only a tokenizer loaded with a ``tokenizer.model`` has one to copy (as in Transformers).
+    def _has_sentencepiece_model(self) -> bool:
+        """Whether there is a sentencepiece model to save: the bytes built from a GGUF file, or
+        the ``tokenizer.model`` the tokenizer was loaded with."""
+        return self._model_bytes is not None or (self.vocab_file is not None
+                                                 and os.path.isfile(self.vocab_file))
+
+    def save_vocabulary(self, save_directory, filename_prefix=None) -> tuple[str]:
+        """Write the sentencepiece model to ``save_directory/[prefix-]tokenizer.model``.
+
+        Only a tokenizer loaded with a ``tokenizer.model`` (copied) or a GGUF file (its
+        vocabulary as a sentencepiece model, never the GGUF file itself) has one, as in
+        Transformers.
         """
-        if self.vocab_file is None or not os.path.isfile(self.vocab_file):
+        if not self._has_sentencepiece_model():
             raise TokenizerError(
                 "this LlamaTokenizerFast was loaded without a tokenizer.model, so it has no "
                 "sentencepiece vocabulary to save; save_pretrained writes its tokenizer.json"
@@ -559,13 +613,16 @@ class LlamaTokenizerFast(TokenizerBase):
         if not directory.is_dir():
             raise TokenizerError(f"{directory} is not a directory")
         path = directory / ((filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE_NAME)
-        if os.path.abspath(path) != os.path.abspath(self.vocab_file):
+        if self._model_bytes is not None:
+            atomic_write(path, [self._model_bytes])
+        elif os.path.abspath(path) != os.path.abspath(self.vocab_file):
             atomic_write(path, [read_bytes(Path(self.vocab_file), TokenizerError)])
         return (str(path),)
 
     def save_pretrained(self, save_directory) -> tuple[str, ...]:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json, and
-        tokenizer.model when the tokenizer has one; Transformers reads the directory too."""
+        tokenizer.model when the tokenizer has one (``save_vocabulary``); Transformers reads the
+        directory too."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Transformers names the class without "Fast" in tokenizer_config.json.
@@ -573,7 +630,7 @@ class LlamaTokenizerFast(TokenizerBase):
         tokenizer_path = directory / TOKENIZER_FILE_NAME
         atomic_write_text(tokenizer_path, self._tokenizer.to_str(pretty=True))
         paths += (str(tokenizer_path),)
-        if self.vocab_file is not None and os.path.isfile(self.vocab_file):
+        if self._has_sentencepiece_model():
             paths += self.save_vocabulary(directory)
         return paths
 
