@@ -197,10 +197,13 @@ class StreamedMatrix:
                 failed.append(worker)
                 raise
 
-        if dots is not None:
-            # Every row's scales and offsets first, half the rows on each core, in a few large
-            # NumPy passes (4 or 8 bytes a group: 1/8 or 1/4 of a byte a number) rather than many
-            # small ones per tile, during which the workers would take turns holding the GIL.
+        scale = offset = None
+        if dots is not None and dots.groups > 1:
+            # A k-quant's 8 or 16 scales a block are unpacked from 6-bit fields in many small
+            # NumPy passes, during which the workers would take turns holding the GIL: every
+            # row's scales first, half the rows on each core, in a few large passes (8 bytes a
+            # group, 1/4 of a byte a number). A 32-number block's one scale is read with its tile,
+            # while the tile is in cache (a pass of its own touches every line of the matrix).
             parts = run_parallel([lambda part=part: dots.scales(self.stored[part.start:part.stop])
                                   for part in split(out_features, workers)])
             scale = np.concatenate([part[0] for part in parts])
@@ -213,8 +216,14 @@ class StreamedMatrix:
             try:
                 while (start := next_tile()) is not None:
                     stop = min(start + rows, out_features)
-                    y_t[start:stop] = multiply(self.stored[start:stop], prepared, integers, numbers,
-                                               scale[start:stop], None if offset is None else offset[start:stop])
+                    stored = self.stored[start:stop]
+                    if scale is None:
+                        tile_scale, tile_offset = dots.scales(stored)
+                        self.check_scales(start, stop, tile_scale, tile_offset)
+                    else:
+                        tile_scale = scale[start:stop]
+                        tile_offset = None if offset is None else offset[start:stop]
+                    y_t[start:stop] = multiply(stored, prepared, integers, numbers, tile_scale, tile_offset)
             except BaseException:
                 failed.append(worker)
                 raise
