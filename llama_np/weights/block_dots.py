@@ -59,8 +59,6 @@ class BlockDots:
             number_at = np.concatenate([np.arange(j, j + n) for _, j, n, _ in plane.runs])
             weight = np.concatenate([np.full(n, w, dtype=np.float32) for _, _, n, w in plane.runs])
             self.places.append((slice(first, end), byte_at, number_at, weight))
-        # the groups each plane's integers belong to, ascending
-        self.plane_groups = [np.unique(number_at // form.group) for _, _, number_at, _ in self.places]
         # For ``multiply_scaled``: the bytes a plane uses are consecutive chunks of ``chunk``
         # bytes whose numbers share a group: which group, per chunk.
         self.chunks = []
@@ -74,19 +72,17 @@ class BlockDots:
             self.chunks.append((slice(int(used[0]), int(used[-1]) + 1), chunk, chunk_groups))
 
     def prepare(self, x: np.ndarray) -> tuple[list, np.ndarray]:
-        """x (M, columns) float32 laid out for ``multiply``: per plane (blocks, bytes read,
-        groups of the plane · M), only the columns of the groups the plane's integers belong to
-        (Q6_K's two-bit planes: 4 of 16); and x's sums over each group, (M, columns / group)."""
+        """x (M, columns) float32 laid out for the tiles: per plane (blocks, block bytes, groups·M),
+        and x's sums over each group, (M, columns / group)."""
         m, columns = x.shape
         blocks = columns // self.block_size
         x_blocks = x.reshape(m, blocks, self.block_size)
         weights = []
-        for (read, byte_at, number_at, weight), groups in zip(self.places, self.plane_groups):
+        for read, byte_at, number_at, weight in self.places:
             width = read.stop - read.start
-            column = np.searchsorted(groups, number_at // self.form.group)  # of the plane's groups
-            w = np.zeros((blocks, width, len(groups), m), dtype=np.float32)
-            w[:, byte_at, column, :] = (x_blocks[:, :, number_at] * weight).transpose(1, 2, 0)
-            weights.append(w.reshape(blocks, width, len(groups) * m))
+            w = np.zeros((blocks, width, self.groups, m), dtype=np.float32)
+            w[:, byte_at, number_at // self.form.group, :] = (x_blocks[:, :, number_at] * weight).transpose(1, 2, 0)
+            weights.append(w.reshape(blocks, width, self.groups * m))
         sums = x.reshape(m, -1, self.form.group).sum(axis=-1)
         return weights, sums
 
@@ -120,8 +116,8 @@ class BlockDots:
         weights, sums = prepared
         rows, blocks, _ = stored.shape
         m = sums.shape[0]
-        dots = np.zeros((blocks, rows, self.groups, m), dtype=np.float32)
-        for plane, (read, *_), groups, w in zip(self.form.planes, self.places, self.plane_groups, weights):
+        dots = np.zeros((blocks, rows, self.groups * m), dtype=np.float32)
+        for plane, (read, *_), w in zip(self.form.planes, self.places, weights):
             raw = stored[..., read]  # (rows, blocks, bytes read)
             size = raw.size
             floats = numbers[:size].reshape(raw.shape)
@@ -129,12 +125,8 @@ class BlockDots:
                 np.copyto(floats, raw.view(np.int8))
             else:
                 np.copyto(floats, plane.take(raw, integers[:size].reshape(raw.shape)))
-            plane_dots = np.matmul(floats.transpose(1, 0, 2), w)  # (blocks, rows, plane's groups · M)
-            if len(groups) == self.groups:
-                dots += plane_dots.reshape(dots.shape)
-            else:
-                dots[:, :, groups] += plane_dots.reshape(blocks, rows, len(groups), m)
-        dots = dots.transpose(1, 0, 2, 3).reshape(rows, -1, m)
+            dots += np.matmul(floats.transpose(1, 0, 2), w)  # (blocks, rows, groups · M)
+        dots = dots.reshape(blocks, rows, self.groups, m).transpose(1, 0, 2, 3).reshape(rows, -1, m)
         y = np.einsum("rgm,rg->rm", dots, scale)
         if offset is not None:
             y += offset @ sums.T

@@ -46,7 +46,7 @@ import numpy as np
 from llama_np.weights import workers
 from llama_np.weights.block_dots import DOT_ROWS, SCALED_ROWS
 from llama_np.weights.codecs import CODECS, F16_EXPONENT_SCALE, sum_is_finite
-from llama_np.weights.workers import one_blas_thread, product_workers, run_parallel, split
+from llama_np.weights.workers import one_blas_thread, product_workers, run_parallel
 
 F16_SCALED_INPUT_LIMIT = 2.0**15  # see StreamedMatrix.product
 
@@ -197,19 +197,6 @@ class StreamedMatrix:
                 failed.append(worker)
                 raise
 
-        scale = offset = None
-        if dots is not None and dots.groups > 1:
-            # A k-quant's 8 or 16 scales a block are unpacked from 6-bit fields in many small
-            # NumPy passes, during which the workers would take turns holding the GIL: every
-            # row's scales first, half the rows on each core, in a few large passes (8 bytes a
-            # group, 1/4 of a byte a number). A 32-number block's one scale is read with its tile,
-            # while the tile is in cache (a pass of its own touches every line of the matrix).
-            parts = run_parallel([lambda part=part: dots.scales(self.stored[part.start:part.stop])
-                                  for part in split(out_features, workers)])
-            scale = np.concatenate([part[0] for part in parts])
-            offset = None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
-            self.check_scales(0, out_features, scale, offset)
-
         def multiply_quantised_tiles(worker: int) -> None:
             tile_bytes = rows * self.stored[0].size
             integers, numbers = tile_buffer(worker, tile_bytes, np.uint8), tile_buffer(worker, tile_bytes)
@@ -217,13 +204,9 @@ class StreamedMatrix:
                 while (start := next_tile()) is not None:
                     stop = min(start + rows, out_features)
                     stored = self.stored[start:stop]
-                    if scale is None:
-                        tile_scale, tile_offset = dots.scales(stored)
-                        self.check_scales(start, stop, tile_scale, tile_offset)
-                    else:
-                        tile_scale = scale[start:stop]
-                        tile_offset = None if offset is None else offset[start:stop]
-                    y_t[start:stop] = multiply(stored, prepared, integers, numbers, tile_scale, tile_offset)
+                    scale, offset = dots.scales(stored)
+                    self.check_scales(start, stop, scale, offset)
+                    y_t[start:stop] = multiply(stored, prepared, integers, numbers, scale, offset)
             except BaseException:
                 failed.append(worker)
                 raise
