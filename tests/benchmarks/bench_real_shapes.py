@@ -462,8 +462,9 @@ def report(results: list, limits: dict) -> None:
               + ("" if "first128" not in r else f"; the first forward of a process, over 128 tokens, takes "
                  f"{r['first128'] / r['warm128']:.2f}x a warm one, over 8 tokens {r['first8'] / r['warm8']:.2f}x")
               + ("" if r["implementation"] == "llama_np" else f" ({r['implementation'][9:]})"))
-    print("\nratios: llama_np's time / Transformers' for a warm forward; for decoding, our tokens/s / theirs:")
     by = {(r["shape"], r["implementation"]): r for r in results if "load" in r and "gguf" not in r}
+    if any(key[1].startswith("Transformers") for key in by):
+        print("\nratios: llama_np's time / Transformers' for a warm forward; for decoding, our tokens/s / theirs:")
     for shape in dict.fromkeys(r["shape"] for r in results):
         ours = by.get((shape, "llama_np"))
         for key, theirs in by.items():
