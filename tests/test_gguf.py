@@ -102,15 +102,23 @@ def test_float_codecs_carry_their_ggml_type_numbers():
         assert CODECS[name].ggml_type == int(gguf.GGMLQuantizationType[name])
 
 
+def random_blocks(name: str, rows: int, columns: int, rng) -> np.ndarray:
+    """A (rows, columns) matrix of ``name`` as raw blocks: random bytes, with finite float16
+    scales of about 1e-2."""
+    codec = CODECS[name]
+    raw = rng.integers(0, 256, size=(rows, columns // codec.block_size, codec.block_bytes), dtype=np.uint8)
+    for offset in F16_SCALE_OFFSETS[name]:
+        raw[..., offset:offset + 2] = (rng.uniform(1e-3, 1e-2, size=raw.shape[:2]).astype(np.float16)
+                                       .view(np.uint8).reshape(*raw.shape[:2], 2))
+    return raw
+
+
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K"])
 def test_streamed_quantised_product_equals_the_product_with_the_decoded_matrix(name, monkeypatch):
     codec = CODECS[name]
     rng = np.random.default_rng(0)
     rows, columns = 40, 2 * codec.block_size
-    raw = rng.integers(0, 256, size=(rows, columns // codec.block_size, codec.block_bytes), dtype=np.uint8)
-    for offset in F16_SCALE_OFFSETS[name]:  # finite scales of about 1e-2
-        raw[..., offset:offset + 2] = (rng.uniform(1e-3, 1e-2, size=raw.shape[:2]).astype(np.float16)
-                                       .view(np.uint8).reshape(*raw.shape[:2], 2))
+    raw = random_blocks(name, rows, columns, rng)
     monkeypatch.setattr(workers, "TILE_ELEMENTS", 7 * columns)  # 6 tiles of 7 rows, the last short
     matrix = streaming.StreamedMatrix(raw, name, "w")
     assert matrix.shape == (rows, columns) and matrix.rows_per_tile() == 7
@@ -130,10 +138,7 @@ def test_a_product_without_decoding_gives_the_decoded_products_numbers(name, row
     codec = CODECS[name]
     rng = np.random.default_rng(1)
     rows, columns = 40, 3 * codec.block_size
-    raw = rng.integers(0, 256, size=(rows, columns // codec.block_size, codec.block_bytes), dtype=np.uint8)
-    for offset in F16_SCALE_OFFSETS[name]:  # finite scales of about 1e-2
-        raw[..., offset:offset + 2] = (rng.uniform(1e-3, 1e-2, size=raw.shape[:2]).astype(np.float16)
-                                       .view(np.uint8).reshape(*raw.shape[:2], 2))
+    raw = random_blocks(name, rows, columns, rng)
     decoded = codec.decode(raw).astype(np.float64)
     monkeypatch.setattr(workers, "TILE_ELEMENTS", 7 * columns)  # 6 tiles of 7 rows, the last short
     matrix = streaming.StreamedMatrix(raw, name, "w")

@@ -107,6 +107,17 @@ class BlockDots:
         scale, offset = self.form.scales(stored.reshape(-1, self.block_bytes))
         return scale.reshape(rows, -1), None if offset is None else offset.reshape(rows, -1)
 
+    @staticmethod
+    def plane_numbers(plane, raw: np.ndarray, integers: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+        """A plane's integers of ``raw`` (rows, blocks, bytes read) as float32, in the buffer
+        ``numbers`` (through ``integers``, uint8), each at its byte's place."""
+        floats = numbers[:raw.size].reshape(raw.shape)
+        if plane.take is None:  # the bytes themselves, as int8 (Q8_0)
+            np.copyto(floats, raw.view(np.int8))
+        else:
+            np.copyto(floats, plane.take(raw, integers[:raw.size].reshape(raw.shape)))
+        return floats
+
     def multiply(self, stored: np.ndarray, prepared: tuple, integers: np.ndarray, numbers: np.ndarray,
                  scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
         """(rows, blocks, block bytes) tile times x -> (rows, M).
@@ -118,13 +129,7 @@ class BlockDots:
         m = sums.shape[0]
         dots = np.zeros((blocks, rows, self.groups * m), dtype=np.float32)
         for plane, (read, *_), w in zip(self.form.planes, self.places, weights):
-            raw = stored[..., read]  # (rows, blocks, bytes read)
-            size = raw.size
-            floats = numbers[:size].reshape(raw.shape)
-            if plane.take is None:
-                np.copyto(floats, raw.view(np.int8))
-            else:
-                np.copyto(floats, plane.take(raw, integers[:size].reshape(raw.shape)))
+            floats = self.plane_numbers(plane, stored[..., read], integers, numbers)
             dots += np.matmul(floats.transpose(1, 0, 2), w)  # (blocks, rows, groups · M)
         dots = dots.reshape(blocks, rows, self.groups, m).transpose(1, 0, 2, 3).reshape(rows, -1, m)
         y = np.einsum("rgm,rg->rm", dots, scale)
@@ -145,13 +150,7 @@ class BlockDots:
         y = np.zeros((rows, sums.shape[0]), dtype=np.float32)
         for plane, (read, *_), (used, chunk, chunk_groups), x_layout in zip(
                 self.form.planes, self.places, self.chunks, layouts):
-            raw = stored[..., read]  # (rows, blocks, bytes read)
-            size = raw.size
-            floats = numbers[:size].reshape(raw.shape)
-            if plane.take is None:
-                np.copyto(floats, raw.view(np.int8))
-            else:
-                np.copyto(floats, plane.take(raw, integers[:size].reshape(raw.shape)))
+            floats = self.plane_numbers(plane, stored[..., read], integers, numbers)
             q = floats[..., used].reshape(rows, blocks, -1, chunk)
             np.multiply(q, scale[:, :, chunk_groups, None], out=q)
             y += floats.reshape(rows, -1) @ x_layout
