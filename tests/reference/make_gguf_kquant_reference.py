@@ -46,7 +46,9 @@ import numpy as np
 import sentencepiece
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from make_gguf_reference import NEW_TOKENS, transformers_outputs  # this folder; Transformers' gguf_file= run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -61,8 +63,6 @@ KQUANT_CONFIG = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layer
                  "initializer_range": 0.05}
 LM_HEAD_STD = 0.25  # wider than the rest, so that greedy steps are not near-ties
 PROMPT = "ROMEO: But soft, what light"
-NEW_TOKENS = 8
-MIN_GREEDY_GAP = 1e-3  # refused below: see tests/reference/README.md
 
 
 def sha256(path: str) -> str:
@@ -127,19 +127,10 @@ def main(llama_cpp: str) -> None:
             name = f"kquant-{type_name}.gguf"
             path = os.path.join(OUT, name)
             subprocess.run([quantizer, f32, path, type_name], check=True, capture_output=True)
-            model = AutoModelForCausalLM.from_pretrained(OUT, gguf_file=name, dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
-            with torch.no_grad():
-                logits = model(torch.tensor(input_ids)).logits.numpy()
-                result = model.generate(torch.tensor(prompt_ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-            top_two = torch.stack(result.logits).topk(2, dim=-1).values
-            gap = float((top_two[..., 0] - top_two[..., 1]).min())
-            if gap < MIN_GREEDY_GAP:  # the stored ids would hinge on float rounding
-                raise SystemExit(f"{name}: a greedy step's top-1/top-2 logit gap is {gap:.2e}; pick another prompt")
+            logits, generated, gap = transformers_outputs(OUT, name, input_ids, prompt_ids)
             stem = name[: -len(".gguf")]
             arrays[f"{stem}/logits"] = logits.astype(np.float32)
-            arrays[f"{stem}/generated"] = result.sequences.numpy()
+            arrays[f"{stem}/generated"] = generated
             types = tensor_types(path)
             counts = {}
             for t in types.values():

@@ -219,6 +219,23 @@ def read_source(directory: str | None) -> tuple[dict, dict]:
     return config, {name: array.astype(np.float32) for name, array in tensors.items()}
 
 
+def transformers_outputs(directory: str, name: str, input_ids, prompt_ids) -> tuple:
+    """Transformers loading ``directory/name`` with ``gguf_file=``: its float32 logits for
+    ``input_ids``, its greedy ids after ``prompt_ids`` and the smallest top-1/top-2 logit gap of
+    those steps (refused below MIN_GREEDY_GAP: the stored ids would hinge on float rounding)."""
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(input_ids)).logits.numpy()
+        result = model.generate(torch.tensor(prompt_ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    top_two = torch.stack(result.logits).topk(2, dim=-1).values
+    gap = float((top_two[..., 0] - top_two[..., 1]).min())
+    if gap < MIN_GREEDY_GAP:
+        raise SystemExit(f"{name}: a greedy step's top-1/top-2 logit gap is {gap:.2e}; pick another prompt")
+    return logits, result.sequences.numpy(), gap
+
+
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -236,17 +253,7 @@ def main() -> None:
             name = f"{source}-{type_name}.gguf"
             write_gguf(os.path.join(OUT, name), config, tensors, type_name,
                        tokenizer_dir=directory if source == "tiny-shakespeare" else None)
-            model = AutoModelForCausalLM.from_pretrained(OUT, gguf_file=name, dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
-            with torch.no_grad():
-                logits = model(torch.tensor(input_ids)).logits.numpy()
-                result = model.generate(torch.tensor(prompt_ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-            generated = result.sequences.numpy()
-            top_two = torch.stack(result.logits).topk(2, dim=-1).values
-            gap = float((top_two[..., 0] - top_two[..., 1]).min())
-            if gap < MIN_GREEDY_GAP:  # the stored ids would hinge on float rounding
-                raise SystemExit(f"{name}: a greedy step's top-1/top-2 logit gap is {gap:.2e}; pick another prompt")
+            logits, generated, gap = transformers_outputs(OUT, name, input_ids, prompt_ids)
             stem = name[: -len(".gguf")]
             arrays[f"{stem}/logits"] = logits.astype(np.float32)
             arrays[f"{stem}/generated"] = generated
