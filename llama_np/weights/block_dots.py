@@ -71,35 +71,34 @@ class BlockDots:
             assert np.array_equal(groups, np.repeat(chunk_groups, chunk)), "a chunk spans two groups"
             self.chunks.append((slice(int(used[0]), int(used[-1]) + 1), chunk, chunk_groups))
 
-    def prepare(self, x: np.ndarray) -> tuple[list, np.ndarray]:
-        """x (M, columns) float32 laid out for the tiles: per plane (blocks, block bytes, groups·M),
-        and x's sums over each group, (M, columns / group)."""
-        m, columns = x.shape
-        blocks = columns // self.block_size
-        x_blocks = x.reshape(m, blocks, self.block_size)
-        weights = []
-        for read, byte_at, number_at, weight in self.places:
-            width = read.stop - read.start
-            w = np.zeros((blocks, width, self.groups, m), dtype=np.float32)
-            w[:, byte_at, number_at // self.form.group, :] = (x_blocks[:, :, number_at] * weight).transpose(1, 2, 0)
-            weights.append(w.reshape(blocks, width, self.groups * m))
-        sums = x.reshape(m, -1, self.form.group).sum(axis=-1)
-        return weights, sums
-
-    def prepare_scaled(self, x: np.ndarray) -> tuple[list, np.ndarray]:
-        """x (M, columns) laid out for ``multiply_scaled``: per plane (blocks · bytes read, M),
-        x's number j (times its run's weight) at the byte holding q_j, zeros elsewhere; and x's
-        sums over each group, (M, columns / group)."""
+    def x_on_bytes(self, x: np.ndarray) -> list:
+        """x (M, columns) float32 laid out on each plane's bytes: per plane (blocks, bytes read,
+        groups, M), x's number j (times its run's weight) at the byte holding q_j, in the column
+        of j's group, zeros elsewhere."""
         m, columns = x.shape
         blocks = columns // self.block_size
         x_blocks = x.reshape(m, blocks, self.block_size)
         layouts = []
         for read, byte_at, number_at, weight in self.places:
-            width = read.stop - read.start
-            w = np.zeros((blocks, width, m), dtype=np.float32)
-            w[:, byte_at, :] = (x_blocks[:, :, number_at] * weight).transpose(1, 2, 0)
-            layouts.append(w.reshape(blocks * width, m))
-        return layouts, x.reshape(m, -1, self.form.group).sum(axis=-1)
+            w = np.zeros((blocks, read.stop - read.start, self.groups, m), dtype=np.float32)
+            w[:, byte_at, number_at // self.form.group, :] = (x_blocks[:, :, number_at] * weight).transpose(1, 2, 0)
+            layouts.append(w)
+        return layouts
+
+    def group_sums(self, x: np.ndarray) -> np.ndarray:
+        """x's sums over each group, (M, columns / group): what the offsets multiply."""
+        return x.reshape(x.shape[0], -1, self.form.group).sum(axis=-1)
+
+    def prepare(self, x: np.ndarray) -> tuple[list, np.ndarray]:
+        """x laid out for ``multiply``: per plane (blocks, bytes read, groups·M); and its group sums."""
+        weights = [w.reshape(w.shape[0], w.shape[1], -1) for w in self.x_on_bytes(x)]
+        return weights, self.group_sums(x)
+
+    def prepare_scaled(self, x: np.ndarray) -> tuple[list, np.ndarray]:
+        """x laid out for ``multiply_scaled``: per plane (blocks · bytes read, M), the groups
+        summed away (a byte's number is in one group, so this adds only zeros); and its group sums."""
+        layouts = [w.sum(axis=2).reshape(-1, w.shape[3]) for w in self.x_on_bytes(x)]
+        return layouts, self.group_sums(x)
 
     def scales(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(rows, blocks, block bytes) -> scale and offset (rows, blocks · groups), or offset None."""
