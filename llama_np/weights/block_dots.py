@@ -62,10 +62,10 @@ class BlockDots:
         # For ``multiply_scaled``: the bytes a plane uses are consecutive chunks of ``chunk``
         # bytes whose numbers share a group: which group, per chunk.
         self.chunks = []
-        for read, byte_at, number_at, _ in self.places:
+        for plane, (_, byte_at, number_at, _) in zip(form.planes, self.places):
             order = np.argsort(byte_at)
             used, groups = byte_at[order], number_at[order] // form.group
-            chunk = math.gcd(form.group, *(n for _, _, n, _ in form.planes[len(self.chunks)].runs))
+            chunk = math.gcd(form.group, *(n for _, _, n, _ in plane.runs))
             assert np.array_equal(used, np.arange(used[0], used[0] + len(used))), "a plane's bytes have gaps"
             chunk_groups = groups[::chunk]
             assert np.array_equal(groups, np.repeat(chunk_groups, chunk)), "a chunk spans two groups"
